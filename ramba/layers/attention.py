@@ -1,0 +1,77 @@
+"""Softmax attention layers: causal / sliding-window self-attention and the transformer block."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ramba.layers.mlp import SwiGLU
+from ramba.layers.norm import RMSNorm
+from ramba.layers.rotary import apply_rotary, rotary_cos_sin
+from ramba.ops.attention import causal_attention
+
+
+class Attention(nn.Module):
+    """Multi-head attention with rotary positions and grouped KV heads.
+
+    ``causal=True``: causal attention, limited to the last ``window`` positions when ``window`` is set.
+    ``causal=False``: bidirectional attention over the whole input (used inside a chunk).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        window: int | None = None,
+        causal: bool = True,
+        rope_theta: float = 10000.0,
+    ):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.window, self.causal, self.rope_theta = window, causal, rope_theta
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [B, T, d]``, ``positions [T]`` -> rotated q ``[B, T, HQ, D]``, k and v ``[B, T, H, D]``."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q ``[B, T, HQ, D]`` against k, v ``[B, Tk, H, D]`` (the last T keys are the queries' own) -> ``[B, T, d]``."""
+        if self.causal:
+            o = causal_attention(q, k, v, self.window)
+        else:
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=self.n_heads != self.n_kv_heads
+            ).transpose(1, 2)
+        return self.o_proj(o.reshape(*q.shape[:2], self.n_heads * self.head_dim))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, T, d]`` -> ``[B, T, d]``; positions ``[T]`` default ``arange(T)``."""
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device)
+        return self.attend(*self.project(x, positions))
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, d_model: int, attention: Attention, mlp_hidden: int, eps: float = 1e-5):
+        super().__init__()
+        self.attn_norm = RMSNorm(d_model, eps=eps)
+        self.attn = attention
+        self.mlp_norm = RMSNorm(d_model, eps=eps)
+        self.mlp = SwiGLU(d_model, mlp_hidden)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), positions)
+        return x + self.mlp(self.mlp_norm(x))

@@ -1,0 +1,163 @@
+"""``RambaConfig``: every field of the RAMba model and its baselines (DESIGN §4)."""
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+ARCHITECTURES = ("ramba", "mamba2", "mamba2-swa", "transformer")
+LOCAL_MIXERS = ("mamba2", "swa")
+WEIGHT_NORMS = ("stick_breaking", "softmax")
+
+PRESETS: dict[str, dict] = {
+    # CPU-trainable, byte vocabulary (256 bytes + <pad> <bos> <eos> <sep>), ~4.7M parameters.
+    "tiny": dict(
+        vocab_size=260, d_model=256, n_lower_layers=4, n_upper_layers=4, mamba_per_hsa=2, retrieval_groups=1,
+        chunk_size=64, topk=8, n_heads=4, n_kv_heads=1, head_dim=64, retrieval_dim=256, encoder_layers=1,
+        d_state=64, ssm_head_dim=64, expand=2, conv_kernel=4, window=512,
+    ),
+    # The paper's 370M layout: 24 lower + 24 upper Mamba-2 layers, HSA every 8 (3 HSA layers), one group.
+    "370m": dict(
+        vocab_size=50288, d_model=1024, n_lower_layers=24, n_upper_layers=24, mamba_per_hsa=8, retrieval_groups=1,
+        chunk_size=64, topk=8, n_heads=16, n_kv_heads=1, head_dim=64, retrieval_dim=1024, encoder_layers=1,
+        d_state=128, ssm_head_dim=64, expand=2, conv_kernel=4, window=512,
+        pad_token_id=1, bos_token_id=0, eos_token_id=0,
+    ),
+}
+
+
+class RambaConfig(PreTrainedConfig):
+    """Configuration of RAMba and of the baselines built from the same parts.
+
+    Layout (``architecture="ramba"``): embeddings -> ``n_lower_layers`` local-mixer blocks -> chunk encoder ->
+    ``retrieval_groups`` x [retrieval layer -> k x (HSA layer -> ``mamba_per_hsa`` local-mixer blocks)] -> norm -> LM head,
+    where ``retrieval_groups * k * mamba_per_hsa = n_upper_layers``.
+
+    Fields:
+        vocab_size: vocabulary size. d_model: model width.
+        n_lower_layers / n_upper_layers: local-mixer blocks below / above the chunk encoder.
+        mamba_per_hsa: local-mixer blocks after each HSA layer. retrieval_groups: groups sharing one chunk selection.
+        chunk_size: tokens per chunk S (multiple of 16). topk: chunks per token K.
+        n_heads / n_kv_heads / head_dim: HSA (and attention) query heads HQ, kv heads H, head dim D (default d_model // n_heads).
+        retrieval_heads: retrieval heads R (1 or n_kv_heads; default n_kv_heads). retrieval_dim: Dr per retrieval head.
+        encoder_layers: bidirectional layers of the chunk encoder. weight_norm: "stick_breaking" or "softmax".
+        sm_n: extra softmax denominator inside each chunk (0 or 1). hsa_mlp: an MLP sub-block after each HSA layer.
+        d_state / ssm_head_dim / expand / conv_kernel / n_groups / ssm_chunk_size: the Mamba-2 mixer.
+        local_mixer: "mamba2" or "swa" (sliding-window attention with window ``window``, the SWA+HSA model).
+        architecture: "ramba", or a baseline: "mamba2" (Mamba-2 only), "mamba2-swa" (SWA in place of the HSA layers),
+            "transformer" (full causal attention in every layer).
+        mlp_hidden: SwiGLU width (default ~8/3 d_model rounded to 64). rope_theta, rms_norm_eps, initializer_range.
+        tie_embeddings: share the LM head with the embeddings.
+    """
+
+    model_type = "ramba"
+
+    vocab_size: int = 260
+    d_model: int = 256
+    n_lower_layers: int = 4
+    n_upper_layers: int = 4
+    mamba_per_hsa: int = 2
+    retrieval_groups: int = 1
+    chunk_size: int = 64
+    topk: int = 8
+    n_heads: int = 4
+    n_kv_heads: int = 1
+    head_dim: int | None = None
+    retrieval_heads: int | None = None
+    retrieval_dim: int = 256
+    encoder_layers: int = 1
+    weight_norm: str = "stick_breaking"
+    sm_n: float = 0.0
+    hsa_mlp: bool = False
+    d_state: int = 64
+    ssm_head_dim: int = 64
+    expand: int = 2
+    conv_kernel: int = 4
+    n_groups: int = 1
+    ssm_chunk_size: int = 64
+    local_mixer: str = "mamba2"
+    window: int = 512
+    architecture: str = "ramba"
+    mlp_hidden: int | None = None
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    tie_embeddings: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 256
+    bos_token_id: int | None = 257
+    eos_token_id: int | None = 258
+
+    def __post_init__(self, **kwargs):
+        self.tie_word_embeddings = self.tie_embeddings
+        if self.head_dim is None:
+            self.head_dim = self.d_model // self.n_heads if self.n_heads else 0
+        if self.retrieval_heads is None:
+            self.retrieval_heads = self.n_kv_heads
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 64 * -(-(8 * self.d_model // 3) // 64)
+        self._validate()
+        super().__post_init__(**kwargs)
+
+    def _validate(self) -> None:
+        def need(ok: bool, field: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"RambaConfig.{field}: {msg} (got {getattr(self, field)!r})")
+
+        for field in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "topk", "retrieval_dim",
+                      "d_state", "ssm_head_dim", "expand", "conv_kernel", "n_groups", "ssm_chunk_size", "window",
+                      "mamba_per_hsa", "retrieval_groups", "mlp_hidden"):
+            value = getattr(self, field)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, "must be a positive int")
+        for field in ("n_lower_layers", "n_upper_layers", "encoder_layers"):
+            value = getattr(self, field)
+            need(isinstance(value, int) and value >= 0, field, "must be an int >= 0")
+        need(self.architecture in ARCHITECTURES, "architecture", f"must be one of {ARCHITECTURES}")
+        need(self.local_mixer in LOCAL_MIXERS, "local_mixer", f"must be one of {LOCAL_MIXERS}")
+        need(self.weight_norm in WEIGHT_NORMS, "weight_norm", f"must be one of {WEIGHT_NORMS}")
+        need(isinstance(self.chunk_size, int) and self.chunk_size >= 16 and self.chunk_size % 16 == 0,
+             "chunk_size", "must be a positive multiple of 16")
+        need(self.n_heads % self.n_kv_heads == 0, "n_heads", f"must be a multiple of n_kv_heads={self.n_kv_heads}")
+        need(self.retrieval_heads in (1, self.n_kv_heads), "retrieval_heads",
+             f"must be 1 or n_kv_heads={self.n_kv_heads}")
+        need((self.d_model * self.expand) % self.ssm_head_dim == 0, "ssm_head_dim",
+             f"must divide d_model * expand = {self.d_model * self.expand}")
+        need(self.sm_n in (0, 1, 0.0, 1.0), "sm_n", "must be 0 or 1")
+        if self.architecture in ("ramba", "mamba2-swa"):
+            per_group = self.retrieval_groups * self.mamba_per_hsa
+            need(self.n_upper_layers % per_group == 0 and self.n_upper_layers > 0, "n_upper_layers",
+                 f"must be a positive multiple of retrieval_groups * mamba_per_hsa = {per_group}")
+        if self.architecture == "ramba":
+            need(self.encoder_layers >= 1, "encoder_layers", "must be >= 1 for RAMba")
+
+    @property
+    def n_hsa_layers(self) -> int:
+        """HSA layers in the whole model (0 for the baselines without HSA)."""
+        if self.architecture not in ("ramba", "mamba2-swa"):
+            return 0
+        return self.n_upper_layers // self.mamba_per_hsa
+
+    def layer_plan(self) -> list[str]:
+        """The kind of every layer after the embeddings, in order.
+
+        Kinds: "mamba2", "swa" (sliding-window attention block), "attention" (full causal block),
+        "chunk_encoder", "retrieval", "hsa".
+        """
+        lower, upper = self.n_lower_layers, self.n_upper_layers
+        if self.architecture == "mamba2":
+            return ["mamba2"] * (lower + upper)
+        if self.architecture == "transformer":
+            return ["attention"] * (lower + upper)
+        if self.architecture == "mamba2-swa":
+            return ["mamba2"] * lower + (["swa"] + ["mamba2"] * self.mamba_per_hsa) * self.n_hsa_layers
+        local = self.local_mixer
+        plan = [local] * lower + ["chunk_encoder"]
+        per_group = self.n_hsa_layers // self.retrieval_groups
+        for _ in range(self.retrieval_groups):
+            plan += ["retrieval"] + (["hsa"] + [local] * self.mamba_per_hsa) * per_group
+        return plan
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "RambaConfig":
+        """A named configuration (``"tiny"``, ``"370m"``) with fields overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"RambaConfig.preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})

@@ -1,0 +1,162 @@
+"""Streaming chunk selection (DESIGN §2): never builds the ``T × C`` score matrix.
+
+Tokens are processed in blocks; for each token block, chunks are scored one block at a time
+and merged into a running top-K. The selected scores are then recomputed by an autograd
+function that gathers only the K chosen landmarks per token, one token block at a time, in the
+forward and the backward, so peak memory is O(T·K + T_block·(C_block + K) + T_block·K·Dr).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ramba.ops.retrieval.naive import NORMALISERS, check_inputs, compute_dtype, resolve_positions
+
+DEFAULT_BLOCK_CHUNKS = 1024
+# elements in one tile (scores of a token block × chunk block, or gathered landmarks): 16 MiB in float32
+TILE_ELEMENTS = 1 << 22
+
+
+def _flat_index(indices: torch.Tensor, C: int) -> torch.Tensor:
+    """Row of ``landmarks.reshape(B * C * R, Dr)`` for each entry of ``indices [B, t, R, K]``."""
+    B, _, R, _ = indices.shape
+    b = torch.arange(B, device=indices.device)[:, None, None, None]
+    r = torch.arange(R, device=indices.device)[None, None, :, None]
+    return (b * C + indices) * R + r
+
+
+def _gather(landmarks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``landmarks [B, C, R, Dr]``, ``indices [B, t, R, K]`` in ``[0, C)`` -> ``[B, t, R, K, Dr]``."""
+    B, C, R, Dr = landmarks.shape
+    flat = _flat_index(indices, C).reshape(-1)
+    return landmarks.reshape(B * C * R, Dr).index_select(0, flat).view(*indices.shape, Dr)
+
+
+class _SelectedScores(torch.autograd.Function):
+    """``scores[b, t, r, k] = q_r[b, t, r] . landmarks[b, indices[b, t, r, k], r] / sqrt(Dr)``, 0 where not valid.
+
+    Saves only its inputs; the gathered landmarks are rebuilt per token block in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, q_r, landmarks, indices, valid, block_tokens):
+        B, T, R, Dr = q_r.shape
+        C = landmarks.shape[1]
+        acc = compute_dtype(q_r.dtype, landmarks.dtype)
+        out = torch.zeros(indices.shape, dtype=acc, device=q_r.device)
+        if C > 0:
+            for t0 in range(0, T, block_tokens):
+                t1 = min(T, t0 + block_tokens)
+                picked = _gather(landmarks, indices[:, t0:t1]).to(acc)
+                out[:, t0:t1] = torch.einsum("btrd,btrkd->btrk", q_r[:, t0:t1].to(acc), picked)
+        out = out.div_(math.sqrt(Dr)).masked_fill_(~valid, 0.0)
+        ctx.save_for_backward(q_r, landmarks, indices, valid)
+        ctx.block_tokens = block_tokens
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        q_r, landmarks, indices, valid = ctx.saved_tensors
+        B, T, R, Dr = q_r.shape
+        C = landmarks.shape[1]
+        acc = grad.dtype
+        need_q, need_lm = ctx.needs_input_grad[:2]
+        g = grad.masked_fill(~valid, 0.0) / math.sqrt(Dr)
+        dq = torch.zeros(q_r.shape, dtype=acc, device=q_r.device) if need_q else None
+        dlm = torch.zeros(B * C * R, Dr, dtype=acc, device=q_r.device) if need_lm else None
+        if C > 0 and (need_q or need_lm):
+            for t0 in range(0, T, ctx.block_tokens):
+                t1 = min(T, t0 + ctx.block_tokens)
+                gb = g[:, t0:t1]
+                if need_q:
+                    picked = _gather(landmarks, indices[:, t0:t1]).to(acc)
+                    dq[:, t0:t1] = torch.einsum("btrk,btrkd->btrd", gb, picked)
+                if need_lm:
+                    contrib = gb[..., None] * q_r[:, t0:t1, :, None, :].to(acc)  # [B, t, R, K, Dr]
+                    dlm.index_add_(0, _flat_index(indices[:, t0:t1], C).reshape(-1), contrib.reshape(-1, Dr))
+        dq = dq.to(q_r.dtype) if need_q else None
+        dlm = dlm.view(landmarks.shape).to(landmarks.dtype) if need_lm else None
+        return dq, dlm, None, None, None
+
+
+def _running_topk(
+    q_r: torch.Tensor, landmarks: torch.Tensor, n_vis: torch.Tensor, K: int, block_chunks: int
+) -> torch.Tensor:
+    """Top-K visible chunks of one token block, streamed over chunk blocks.
+
+    Args:
+        q_r: ``[B, t, R, Dr]`` in the compute dtype; landmarks ``[B, C, R, Dr]``;
+        n_vis: ``[B, t]`` visible chunks per token (chunks ``0 .. n_vis - 1``).
+    Returns:
+        ``[B, t, R, K]`` int64 chunk ids, most recent first, empty slots ``-1`` last.
+    """
+    B, t, R, Dr = q_r.shape
+    C, dev = landmarks.shape[1], q_r.device
+    run_s = torch.full((B, t, R, K), -math.inf, dtype=q_r.dtype, device=dev)
+    run_i = torch.full((B, t, R, K), -1, dtype=torch.long, device=dev)
+    # chunks at or beyond the block's largest visible count are masked for every token: skip them
+    for c0 in range(0, int(n_vis.max()) if n_vis.numel() else 0, block_chunks):
+        c1 = min(C, c0 + block_chunks)
+        cidx = torch.arange(c0, c1, device=dev)
+        s = torch.einsum("btrd,bcrd->btrc", q_r, landmarks[:, c0:c1].to(q_r.dtype)) / math.sqrt(Dr)
+        s = s.masked_fill(~(cidx < n_vis[:, :, None])[:, :, None, :], -math.inf)
+        # candidates in descending chunk order (the block reversed, then the running top-K, whose
+        # chunks are all older and whose ties are already recent-first): a stable sort then breaks
+        # score ties towards the more recent chunk, as the reference does
+        cand_s = torch.cat([s.flip(-1), run_s], dim=-1)
+        cand_i = torch.cat([cidx.flip(0).expand(B, t, R, c1 - c0), run_i], dim=-1)
+        sorted_s, order = torch.sort(cand_s, dim=-1, descending=True, stable=True)
+        run_s, run_i = sorted_s[..., :K], cand_i.gather(-1, order[..., :K])
+    n_valid = n_vis.clamp(max=K)[:, :, None, None]
+    run_i = torch.where(torch.arange(K, device=dev) < n_valid, run_i, -1)
+    return torch.sort(run_i, dim=-1, descending=True).values
+
+
+def select_chunks_streaming(
+    q_r: torch.Tensor,
+    landmarks: torch.Tensor,
+    chunk_size: int,
+    topk: int,
+    positions: torch.Tensor | None = None,
+    norm: str = "stick_breaking",
+    block_chunks: int | None = None,
+    block_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk selection streamed over blocks of tokens and chunks; same function as the reference.
+
+    Args:
+        q_r: ``[B, T, R, Dr]`` retrieval queries, any float dtype.
+        landmarks: ``[B, C, R, Dr]`` one vector per complete chunk.
+        chunk_size: tokens per chunk ``S``; chunk ``c`` is visible at position ``p`` iff ``(c + 1) * S <= p``.
+        topk: ``K`` slots per token.
+        positions: ``None`` (token ``t`` at position ``t``) or integer ``[T]`` / ``[B, T]``.
+        norm: ``"stick_breaking"`` or ``"softmax"``.
+        block_chunks: chunks scored at once (default 1024).
+        block_tokens: tokens per block (default: sized so a tile holds about ``TILE_ELEMENTS``).
+    Returns:
+        indices ``[B, T, R, K]`` int64, most recent chunk first, empty slots (index 0) last;
+        weights ``[B, T, R, K]`` float32 (float64 for float64 inputs), 0 on empty slots.
+    """
+    check_inputs("select_chunks", q_r, landmarks, chunk_size, topk, positions, norm)
+    for name, value in (("block_chunks", block_chunks), ("block_tokens", block_tokens)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"select_chunks: {name} must be None or a positive int, got {value!r}")
+    B, T, R, Dr = q_r.shape
+    C, K, dev = landmarks.shape[1], topk, q_r.device
+    acc = compute_dtype(q_r.dtype, landmarks.dtype)
+    block_chunks = block_chunks or DEFAULT_BLOCK_CHUNKS
+    tokens_topk = block_tokens or max(1, TILE_ELEMENTS // (B * R * (min(block_chunks, max(C, 1)) + K)))
+    tokens_gather = block_tokens or max(1, TILE_ELEMENTS // (B * R * K * Dr))
+    n_vis = resolve_positions(positions, B, T, dev).div(chunk_size, rounding_mode="floor").clamp(0, C)
+    indices = torch.empty(B, T, R, K, dtype=torch.long, device=dev)
+    with torch.no_grad():
+        for t0 in range(0, T, tokens_topk):
+            t1 = min(T, t0 + tokens_topk)
+            indices[:, t0:t1] = _running_topk(q_r[:, t0:t1].to(acc), landmarks, n_vis[:, t0:t1], K, block_chunks)
+    valid = indices >= 0
+    indices = indices.clamp_min(0)
+    selected = _SelectedScores.apply(q_r, landmarks, indices, valid, tokens_gather)
+    return indices, NORMALISERS[norm](selected, valid)

@@ -1,0 +1,210 @@
+"""RambaForCausalLM: causality, save/load, Auto classes, training, gradient checkpointing, Mamba-2 import, config errors."""
+import pytest
+import torch
+
+from ramba import RambaConfig, RambaForCausalLM
+
+SMALL = dict(
+    vocab_size=64, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, retrieval_dim=16, d_state=8, ssm_head_dim=16,
+    chunk_size=16, topk=2, n_lower_layers=1, n_upper_layers=2, mamba_per_hsa=1, window=8, mlp_hidden=64,
+    ssm_chunk_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+VARIANTS = {
+    "ramba": {},
+    "ramba-swa": dict(local_mixer="swa"),
+    "ramba-gqa-softmax-mlp": dict(n_heads=4, n_kv_heads=2, retrieval_heads=1, weight_norm="softmax", hsa_mlp=True, sm_n=1.0),
+    "ramba-2groups": dict(n_upper_layers=4, retrieval_groups=2, encoder_layers=2),
+    "mamba2": dict(architecture="mamba2"),
+    "mamba2-swa": dict(architecture="mamba2-swa"),
+    "transformer": dict(architecture="transformer"),
+}
+
+
+def small_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return RambaForCausalLM(RambaConfig(**{**SMALL, **overrides})).eval()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("T", [48, 53])
+def test_causal(variant, T):
+    """Changing tokens after position p never changes the logits at positions <= p."""
+    model = small_model(**VARIANTS[variant])
+    g = torch.Generator().manual_seed(T)
+    ids = torch.randint(3, 64, (2, T), generator=g)
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        for p in (0, 15, 16, 31, 40, T - 2):
+            changed = ids.clone()
+            changed[:, p + 1 :] = torch.randint(3, 64, (2, T - p - 1), generator=g)
+            out = model(input_ids=changed).logits
+            torch.testing.assert_close(out[:, : p + 1], base[:, : p + 1], atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(out[:, p + 1 :], base[:, p + 1 :]), "later tokens should matter"
+
+
+def test_retrieval_reaches_far_chunks():
+    """A token's logits depend on a chunk far behind it only through HSA (the SWA local mixer cannot see it)."""
+    model = small_model(local_mixer="swa", window=4)
+    ids = torch.randint(3, 64, (1, 64))
+    changed = ids.clone()
+    changed[0, :16] = torch.randint(3, 64, (16,))
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, model(input_ids=changed).logits
+    assert not torch.allclose(a[:, 40:], b[:, 40:])
+    with torch.no_grad():
+        a, b = small_model(architecture="mamba2-swa", window=4)(input_ids=ids).logits, None
+    assert a.shape == (1, 64, 64)
+
+
+def test_short_and_ragged_lengths():
+    model = small_model()
+    for T in (1, 5, 16, 17, 33):
+        assert model(input_ids=torch.randint(0, 64, (2, T))).logits.shape == (2, T, 64)
+
+
+def test_save_load_and_auto(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = small_model(seed=3)
+    ids = torch.randint(0, 64, (2, 40))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    for loaded in (RambaForCausalLM.from_pretrained(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)):
+        assert isinstance(loaded, RambaForCausalLM)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+    assert AutoConfig.from_pretrained(tmp_path).chunk_size == 16
+
+
+def test_tied_embeddings():
+    model = small_model()
+    assert model.lm_head.weight.data_ptr() == model.model.embeddings.weight.data_ptr()
+    untied = small_model(tie_embeddings=False)
+    assert untied.lm_head.weight.data_ptr() != untied.model.embeddings.weight.data_ptr()
+
+
+def test_tiny_model_trains_on_cpu():
+    """Loss on a fixed batch with learnable structure falls clearly within 100 steps."""
+    model = small_model(seed=1).train()
+    g = torch.Generator().manual_seed(0)
+    pattern = torch.randint(3, 64, (4, 8), generator=g)
+    ids = pattern.repeat(1, 8)  # [4, 64]: a repeated 8-token pattern
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(100):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_gradient_checkpointing_same_gradients():
+    model = small_model(seed=2).train()
+    ids = torch.randint(0, 64, (2, 40))
+    model(input_ids=ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    assert model.model.gradient_checkpointing
+    model(input_ids=ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        if n in plain:
+            torch.testing.assert_close(p.grad, plain[n], atol=1e-6, rtol=1e-5)
+
+
+def test_hsa_gets_gradient_through_retrieval():
+    """The LM loss reaches the landmarks and retrieval queries (through the chunk weights)."""
+    model = small_model(seed=4).train()
+    ids = torch.randint(0, 64, (2, 64))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    lm = [n for n in grads if n.endswith("landmark_proj.weight")][0]
+    rq = [n for n in grads if ".q_proj.weight" in n and "retrieval" not in n]
+    assert grads[lm] is not None and grads[lm].abs().sum() > 0
+    retrieval_q = [n for i, kind in enumerate(model.model.layer_kinds) if kind == "retrieval" for n in [f"model.layers.{i}.q_proj.weight"]]
+    assert all(grads[n].abs().sum() > 0 for n in retrieval_q) and rq
+
+
+def test_generate_greedy_matches_argmax():
+    model = small_model(seed=5)
+    ids = torch.randint(3, 64, (2, 20))
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(6):
+            seq = torch.cat((seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (dict(n_heads=3, n_kv_heads=2), "n_heads"),
+        (dict(chunk_size=24), "chunk_size"),
+        (dict(n_upper_layers=3, mamba_per_hsa=2), "n_upper_layers"),
+        (dict(local_mixer="lstm"), "local_mixer"),
+        (dict(architecture="rnn"), "architecture"),
+        (dict(weight_norm="sum"), "weight_norm"),
+        (dict(retrieval_heads=3, n_heads=4, n_kv_heads=2), "retrieval_heads"),
+        (dict(d_model=0), "d_model"),
+        (dict(ssm_head_dim=24), "ssm_head_dim"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=f"RambaConfig.{field}"):
+        RambaConfig(**{**SMALL, **overrides})
+
+
+def test_presets():
+    tiny = RambaConfig.preset("tiny")
+    n_params = sum(p.numel() for p in RambaForCausalLM(tiny).parameters())
+    assert n_params <= 10_000_000 and tiny.vocab_size >= 256 + 3
+    big = RambaConfig.preset("370m")
+    assert (big.d_model, big.n_lower_layers, big.n_upper_layers, big.n_hsa_layers) == (1024, 24, 24, 3)
+    assert (big.chunk_size, big.topk, big.n_heads, big.n_kv_heads, big.head_dim, big.retrieval_dim) == (64, 8, 16, 1, 64, 1024)
+    assert RambaConfig.preset("tiny", topk=4).topk == 4
+    with pytest.raises(ValueError, match="unknown preset"):
+        RambaConfig.preset("huge")
+
+
+def test_bad_input_ids():
+    model = small_model()
+    with pytest.raises(ValueError, match="input_ids"):
+        model(input_ids=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="exactly one"):
+        model()
+
+
+def test_load_mamba2_weights_matches_hf(tmp_path):
+    """A random HF Mamba2ForCausalLM, loaded into RAMba (new residual outputs zeroed), gives HF's logits."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    from ramba.model.mamba2_import import load_mamba2_weights, ramba_config_from_mamba2
+
+    torch.manual_seed(0)
+    hf_cfg = Mamba2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=4, state_size=8, head_dim=16, num_heads=4, n_groups=1,
+        expand=2, conv_kernel=4, chunk_size=16, tie_word_embeddings=False,
+    )
+    hf = Mamba2ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # make every parameter matter
+        for name, p in hf.named_parameters():
+            if name.endswith(("norm.weight", "norm_f.weight", ".D", "dt_bias")):
+                p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    cfg = ramba_config_from_mamba2(tmp_path, n_heads=2, n_kv_heads=1, head_dim=16, retrieval_dim=16, chunk_size=16,
+                                   topk=2, mamba_per_hsa=1, mlp_hidden=64, hsa_mlp=True)
+    model = RambaForCausalLM(cfg).eval()
+    report = load_mamba2_weights(model, tmp_path)
+    assert len(report.loaded) == 2 + 1 + 4 * 8  # embeddings, norm_f, lm_head, 4 layers x 8 tensors
+    assert any("landmark_proj" in n for n in report.new) and report.unused == []
+    assert len(report.zeroed) == 2 * cfg.n_hsa_layers
+    ids = torch.randint(0, 64, (2, 50))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    too_big = RambaForCausalLM(ramba_config_from_mamba2(tmp_path, n_lower_layers=4, n_upper_layers=2, n_heads=2,
+                                                        head_dim=16, retrieval_dim=16, chunk_size=16, mamba_per_hsa=1))
+    with pytest.raises(ValueError, match="Mamba-2 layers"):
+        load_mamba2_weights(too_big, tmp_path)
