@@ -4,11 +4,11 @@
 stays light (no ``transformers`` import).
 """
 __version__ = "0.1.0"
-__all__ = ["RambaConfig", "RambaModel", "RambaForCausalLM", "__version__"]
+__all__ = ["RambaConfig", "RambaModel", "RambaForCausalLM", "RambaCache", "__version__"]
 
 
 def __getattr__(name: str):
-    if name in ("RambaConfig", "RambaModel", "RambaForCausalLM"):
+    if name in ("RambaConfig", "RambaModel", "RambaForCausalLM", "RambaCache"):
         import ramba.model
 
         return getattr(ramba.model, name)

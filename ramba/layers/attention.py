@@ -1,6 +1,8 @@
 """Softmax attention layers: causal / sliding-window self-attention and the transformer block."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,6 +11,22 @@ from ramba.layers.mlp import SwiGLU
 from ramba.layers.norm import RMSNorm
 from ramba.layers.rotary import apply_rotary, rotary_cos_sin
 from ramba.ops.attention import causal_attention
+
+
+@dataclass
+class KVCache:
+    """Rotated keys and values of past positions for one attention layer (all, or the last ``window - 1``)."""
+
+    k: torch.Tensor | None = None  # [B, L, H, D]
+    v: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new ``k, v [B, T, H, D]``; return past + new, keep what later positions can still see."""
+        if self.k is not None:
+            k, v = torch.cat((self.k, k), dim=1), torch.cat((self.v, v), dim=1)
+        keep = k.shape[1] if window is None else min(k.shape[1], window - 1)
+        self.k, self.v = k[:, k.shape[1] - keep :], v[:, v.shape[1] - keep :]
+        return k, v
 
 
 class Attention(nn.Module):
@@ -55,11 +73,15 @@ class Attention(nn.Module):
             ).transpose(1, 2)
         return self.o_proj(o.reshape(*q.shape[:2], self.n_heads * self.head_dim))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [B, T, d]`` -> ``[B, T, d]``; positions ``[T]`` default ``arange(T)``."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """``x [B, T, d]`` -> ``[B, T, d]``; positions ``[T]`` default ``arange(T)``; ``cache`` holds the
+        past positions' keys and values and is extended in place."""
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)
-        return self.attend(*self.project(x, positions))
+        q, k, v = self.project(x, positions)
+        if cache is not None:
+            k, v = cache.extend(k, v, self.window)
+        return self.attend(q, k, v)
 
 
 class AttentionBlock(nn.Module):
@@ -72,6 +94,6 @@ class AttentionBlock(nn.Module):
         self.mlp_norm = RMSNorm(d_model, eps=eps)
         self.mlp = SwiGLU(d_model, mlp_hidden)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, cache)
         return x + self.mlp(self.mlp_norm(x))

@@ -122,10 +122,11 @@ class HSALayer(nn.Module):
         self.mlp_norm = RMSNorm(d_model, eps=eps) if mlp_hidden else None
         self.mlp = SwiGLU(d_model, mlp_hidden) if mlp_hidden else None
 
-    def forward(self, hidden: torch.Tensor, memory: ChunkMemory, selection: ChunkSelection) -> torch.Tensor:
-        """``hidden [B, T, d]`` -> ``[B, T, d]``; a token with no visible chunk gets only the residual (and MLP)."""
+    def forward(self, hidden: torch.Tensor, memory: ChunkMemory | None, selection: ChunkSelection | None) -> torch.Tensor:
+        """``hidden [B, T, d]`` -> ``[B, T, d]``. A token with no visible chunk gets only the residual (and MLP);
+        ``memory=None`` skips the attention term for every token (fast prefill)."""
         B, T, _ = hidden.shape
-        if memory.k.shape[1] > 0:
+        if memory is not None and memory.k.shape[1] > 0:
             q = self.q_proj(self.norm(hidden)).view(B, T, self.n_heads, self.head_dim)
             indices, weights = selection
             if indices.shape[2] != self.n_kv_heads:  # one retrieval head shared by every kv head

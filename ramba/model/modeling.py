@@ -14,6 +14,7 @@ from ramba.layers.attention import Attention, AttentionBlock
 from ramba.layers.hsa import ChunkEncoder, ChunkMemory, ChunkSelection, HSALayer, RetrievalLayer
 from ramba.layers.mamba2 import Mamba2Block
 from ramba.layers.norm import RMSNorm
+from ramba.model.cache import RambaCache
 from ramba.model.config import RambaConfig
 
 
@@ -46,7 +47,9 @@ def build_layer(kind: str, config: RambaConfig, layer_idx: int) -> nn.Module:
 class ForwardContext:
     """What flows beside the hidden states through one forward: positions, the chunk memory, the selection."""
 
-    positions: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T] absolute positions of the input tokens
+    cache: RambaCache | None = None
+    skip_hsa: bool = False  # fast prefill: no retrieval and no HSA attention for these tokens
     memory: ChunkMemory | None = None
     selection: ChunkSelection | None = None
 
@@ -88,19 +91,39 @@ class RambaModel(RambaPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embeddings = value
 
-    def _run_layer(self, kind: str, layer: nn.Module, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def _run_layer(self, i: int, kind: str, layer: nn.Module, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        cache = ctx.cache
         if kind == "chunk_encoder":
-            ctx.memory = layer(hidden)
+            if cache is None:
+                ctx.memory = layer(hidden)
+            else:  # complete chunks from the pending tail plus the new tokens go to the memory store
+                full = hidden if cache.pending is None else torch.cat((cache.pending, hidden), dim=1)
+                n = full.shape[1] // self.config.chunk_size * self.config.chunk_size
+                cache.memory.append(layer(full[:, :n]))
+                cache.pending = full[:, n:]
             return hidden
         if kind == "retrieval":
-            ctx.selection = layer(hidden, ctx.memory.landmarks, ctx.positions)
+            if not ctx.skip_hsa:
+                landmarks = ctx.memory.landmarks if cache is None else cache.memory.landmarks
+                ctx.selection = layer(hidden, landmarks, ctx.positions)
+                if cache is not None:
+                    ctx.memory, ctx.selection = cache.memory.fetch(ctx.selection)
             return hidden
+        if kind == "mamba2" and cache is not None:
+            state = cache.states[i]
+            if hidden.shape[1] == 1:
+                if state is None:
+                    state = layer.empty_state(hidden.shape[0], hidden.device, hidden.dtype)
+                out, cache.states[i] = layer.step(hidden[:, 0], state)
+                return out[:, None]
+            out, cache.states[i] = layer(hidden, state, return_state=True)
+            return out
         if kind == "hsa":
-            args = (hidden, ctx.memory, ctx.selection)
+            args = (hidden, None, None) if ctx.skip_hsa else (hidden, ctx.memory, ctx.selection)
         elif kind == "mamba2":
             args = (hidden,)
         else:
-            args = (hidden, ctx.positions)
+            args = (hidden, ctx.positions, None if cache is None else cache.states[i])
         if self.gradient_checkpointing and self.training:
             return checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)
@@ -109,13 +132,17 @@ class RambaModel(RambaPreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
+        past_key_values: RambaCache | None = None,
         use_cache: bool | None = None,
-        return_dict: bool | None = None,
+        skip_hsa: bool = False,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """``input_ids [B, T]`` (or ``inputs_embeds [B, T, d]``) -> ``last_hidden_state [B, T, d]``."""
+        """``input_ids [B, T]`` (or ``inputs_embeds [B, T, d]``) -> ``last_hidden_state [B, T, d]``.
+
+        With ``use_cache`` (or a ``past_key_values`` cache) the tokens continue the cached sequence and the
+        cache is updated in place and returned. ``skip_hsa`` leaves out retrieval and the HSA attention term
+        for these tokens (the chunk memory is still built): the fast prefill mode.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("RambaModel: pass exactly one of input_ids [B, T] or inputs_embeds [B, T, d_model]")
         if inputs_embeds is None:
@@ -123,10 +150,21 @@ class RambaModel(RambaPreTrainedModel):
                 raise ValueError(f"RambaModel: input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
             inputs_embeds = self.embeddings(input_ids)
         hidden = inputs_embeds
-        ctx = ForwardContext(positions=torch.arange(hidden.shape[1], device=hidden.device))
-        for kind, layer in zip(self.layer_kinds, self.layers):
-            hidden = self._run_layer(kind, layer, hidden, ctx)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm_f(hidden))
+        B, T = hidden.shape[:2]
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = RambaCache(self.config, B, hidden.device, hidden.dtype)
+        if cache is not None:
+            if not isinstance(cache, RambaCache):
+                raise TypeError(f"RambaModel: past_key_values must be a RambaCache, got {type(cache).__name__}")
+            cache.check(self.config, B, hidden.device, hidden.dtype)
+        start = 0 if cache is None else cache.seen_tokens
+        ctx = ForwardContext(positions=torch.arange(start, start + T, device=hidden.device), cache=cache, skip_hsa=skip_hsa)
+        for i, (kind, layer) in enumerate(zip(self.layer_kinds, self.layers)):
+            hidden = self._run_layer(i, kind, layer, hidden, ctx)
+        if cache is not None:
+            cache.seen_tokens += T
+        return BaseModelOutputWithPast(last_hidden_state=self.norm_f(hidden), past_key_values=cache)
 
 
 class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
@@ -162,15 +200,27 @@ class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
+        past_key_values: RambaCache | None = None,
         use_cache: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        skip_hsa: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """``input_ids [B, T]`` -> ``logits [B, T, V]``; with ``labels [B, T]`` also the mean next-token loss
-        (labels are shifted inside; -100 is ignored)."""
-        hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds).last_hidden_state
+        (labels are shifted inside; -100 is ignored).
+
+        ``attention_mask [B, T_total]`` with zeros marks left padding: each row then runs on its own tokens
+        only (its own cache row), so rows of different lengths give what they give alone.
+        ``past_key_values`` / ``use_cache`` / ``skip_hsa``: see :meth:`RambaModel.forward`.
+        """
+        if attention_mask is not None and not bool(attention_mask.all()):
+            hidden, cache = self._ragged_hidden(input_ids, attention_mask, past_key_values, skip_hsa)
+            if labels is not None:
+                labels = labels.masked_fill(attention_mask[:, -labels.shape[1]:] == 0, -100)
+        else:
+            out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
+                             use_cache=use_cache, skip_hsa=skip_hsa)
+            hidden, cache = out.last_hidden_state, out.past_key_values
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -179,4 +229,35 @@ class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    def _ragged_hidden(self, input_ids, attention_mask, cache, skip_hsa):
+        """Left-padded rows, each through the model alone: hidden ``[B, T, d]`` (zeros at padding) and a cache
+        whose ``rows`` are one-row caches."""
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError("RambaForCausalLM: a padding attention_mask needs input_ids [B, T]")
+        mask = attention_mask[:, -input_ids.shape[1]:].bool()
+        if bool((attention_mask.long().diff(dim=1) < 0).any()):
+            raise ValueError("RambaForCausalLM: only left padding is supported (attention_mask rows must be 0...0 1...1)")
+        B, T = input_ids.shape
+        if cache is None:
+            cache = RambaCache(self.config, B, input_ids.device, self.model.embeddings.weight.dtype)
+            cache.rows = [None] * B
+        elif cache.rows is None:
+            raise ValueError("RambaForCausalLM: a padding attention_mask needs the cache made with that mask")
+        hidden = self.model.embeddings.weight.new_zeros(B, T, self.config.d_model)
+        for b in range(B):
+            ids = input_ids[b, mask[b]][None]
+            if ids.shape[1] == 0:
+                continue
+            out = self.model(input_ids=ids, past_key_values=cache.rows[b], use_cache=True, skip_hsa=skip_hsa)
+            cache.rows[b] = out.past_key_values
+            hidden[b, mask[b]] = out.last_hidden_state[0]
+        cache.seen_tokens += T
+        return hidden, cache
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=True, **kwargs):
+        if past_key_values is not None:
+            input_ids = input_ids[:, past_key_values.seen_tokens :]
+        return {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
+                "use_cache": use_cache, "logits_to_keep": 1}

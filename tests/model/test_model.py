@@ -198,7 +198,7 @@ def test_load_mamba2_weights_matches_hf(tmp_path):
                                    topk=2, mamba_per_hsa=1, mlp_hidden=64, hsa_mlp=True)
     model = RambaForCausalLM(cfg).eval()
     report = load_mamba2_weights(model, tmp_path)
-    assert len(report.loaded) == 2 + 1 + 4 * 8  # embeddings, norm_f, lm_head, 4 layers x 8 tensors
+    assert len(report.loaded) == 3 + 4 * 9  # embeddings, norm_f, lm_head; 4 layers x 9 tensors
     assert any("landmark_proj" in n for n in report.new) and report.unused == []
     assert len(report.zeroed) == 2 * cfg.n_hsa_layers
     ids = torch.randint(0, 64, (2, 50))

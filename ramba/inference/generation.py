@@ -1,0 +1,108 @@
+"""Segmented prefill and token-by-token generation over contexts of millions of tokens (DESIGN §5)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ramba.model.cache import RambaCache
+
+PREFILL_MODES = ("exact", "fast")
+
+
+@torch.no_grad()
+def prefill(
+    model,
+    input_ids: torch.Tensor,
+    segment_len: int = 2048,
+    mode: str = "exact",
+    offload: bool = False,
+    cache: RambaCache | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, RambaCache]:
+    """Run a prompt through the model in segments of ``segment_len`` tokens, filling a cache.
+
+    ``mode="exact"`` gives what one full forward gives. ``mode="fast"`` skips retrieval and the HSA
+    attention term for every segment but the last (the chunk memory is still built from them): an
+    approximation, as in the paper's longest runs, that makes prefill cost independent of HSA.
+    ``offload`` keeps the chunk memory in CPU (pinned) memory; only landmarks stay on the device.
+
+    Args:
+        model: a ``RambaForCausalLM``. input_ids: ``[B, T]`` with ``T >= 1``.
+        progress: called with the number of tokens done after each segment.
+    Returns:
+        logits of the last position ``[B, V]`` (float32) and the cache.
+    """
+    if mode not in PREFILL_MODES:
+        raise ValueError(f"prefill: mode must be one of {PREFILL_MODES}, got {mode!r}")
+    if segment_len < 1:
+        raise ValueError(f"prefill: segment_len must be >= 1, got {segment_len}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"prefill: input_ids must be [B, T] with T >= 1, got {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    if cache is None:
+        weight = model.get_input_embeddings().weight
+        cache = RambaCache(model.config, B, weight.device, weight.dtype, offload=offload)
+    logits = None
+    for start in range(0, T, segment_len):
+        last = start + segment_len >= T
+        out = model(input_ids=input_ids[:, start : start + segment_len], past_key_values=cache, use_cache=True,
+                    logits_to_keep=1, skip_hsa=mode == "fast" and not last)
+        logits = out.logits[:, -1].float()
+        if progress is not None:
+            progress(min(start + segment_len, T))
+    return logits, cache
+
+
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    """Next tokens ``[B]`` from logits ``[B, V]``."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / max(temperature, 1e-6)
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    segment_len: int = 2048,
+    mode: str = "exact",
+    offload: bool = False,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    eos_token_id: int | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Prefill ``input_ids [B, T]`` (see :func:`prefill`), then decode one token at a time.
+
+    Greedy by default; ``do_sample`` draws from the softmax at ``temperature`` over the ``top_k`` best.
+    Rows that produced ``eos_token_id`` continue with it. ``on_token(ids [B])`` sees every new token.
+
+    Returns:
+        the new tokens ``[B, max_new_tokens]``.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    logits, cache = prefill(model, input_ids, segment_len, mode, offload)
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        token = _pick(logits, do_sample, temperature, top_k, generator)
+        if eos_token_id is not None:
+            token = token.masked_fill(done, eos_token_id)
+            done |= token == eos_token_id
+        new_tokens.append(token)
+        if on_token is not None:
+            on_token(token)
+        if step + 1 < max_new_tokens:
+            logits = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1].float()
+    if not new_tokens:
+        return input_ids.new_zeros(input_ids.shape[0], 0)
+    return torch.stack(new_tokens, dim=1)

@@ -1,0 +1,125 @@
+"""``RambaCache``: everything a RAMba model needs to continue a sequence (DESIGN §5)."""
+from __future__ import annotations
+
+import torch
+
+from ramba.layers.attention import KVCache
+from ramba.layers.hsa import ChunkMemory, ChunkSelection
+
+
+class ChunkMemoryStore:
+    """The chunk memory of all complete chunks, grown with amortised doubling (no per-step concatenation).
+
+    ``k, v`` live as ``[B, capacity, S, H, D]`` on the compute device, or in CPU pinned memory when
+    ``offload`` (then only the chunks a step selects are copied in, see :meth:`fetch`); the landmarks
+    ``[B, capacity, R, Dr]`` always stay on the compute device.
+    """
+
+    def __init__(self, batch: int, chunk_size: int, n_kv_heads: int, head_dim: int, retrieval_heads: int,
+                 retrieval_dim: int, dtype: torch.dtype, device: torch.device, offload: bool = False):
+        self.chunk_size, self.dtype, self.device, self.offload = chunk_size, dtype, torch.device(device), offload
+        self.n_chunks = 0
+        self.kv_device = torch.device("cpu") if offload else self.device
+        pin = offload and torch.cuda.is_available()
+        kv_shape = (batch, 0, chunk_size, n_kv_heads, head_dim)
+        self._k = torch.empty(kv_shape, dtype=dtype, device=self.kv_device, pin_memory=pin)
+        self._v = torch.empty(kv_shape, dtype=dtype, device=self.kv_device, pin_memory=pin)
+        self._landmarks = torch.empty(batch, 0, retrieval_heads, retrieval_dim, dtype=dtype, device=self.device)
+
+    @property
+    def landmarks(self) -> torch.Tensor:
+        """``[B, C, R, Dr]`` of the complete chunks so far."""
+        return self._landmarks[:, : self.n_chunks]
+
+    def _grow(self, needed: int) -> None:
+        capacity = self._k.shape[1]
+        if needed <= capacity:
+            return
+        new_capacity = max(needed, 2 * capacity, 16)
+        pin = self.offload and torch.cuda.is_available()
+
+        def grown(old: torch.Tensor, pin_memory: bool) -> torch.Tensor:
+            new = torch.empty((old.shape[0], new_capacity, *old.shape[2:]), dtype=old.dtype, device=old.device,
+                              pin_memory=pin_memory)
+            new[:, : self.n_chunks] = old[:, : self.n_chunks]
+            return new
+
+        self._k, self._v = grown(self._k, pin), grown(self._v, pin)
+        self._landmarks = grown(self._landmarks, False)
+
+    def append(self, memory: ChunkMemory) -> None:
+        """Add the memory of newly completed chunks: k, v ``[B, c*S, H, D]``, landmarks ``[B, c, R, Dr]``."""
+        c = memory.landmarks.shape[1]
+        if c == 0:
+            return
+        self._grow(self.n_chunks + c)
+        B, _, H, D = memory.k.shape
+        sl = slice(self.n_chunks, self.n_chunks + c)
+        self._k[:, sl] = memory.k.reshape(B, c, self.chunk_size, H, D).to(self.kv_device, self.dtype, non_blocking=True)
+        self._v[:, sl] = memory.v.reshape(B, c, self.chunk_size, H, D).to(self.kv_device, self.dtype, non_blocking=True)
+        self._landmarks[:, sl] = memory.landmarks.to(self.dtype)
+        self.n_chunks += c
+
+    def resident(self) -> ChunkMemory:
+        """All chunks as a :class:`ChunkMemory` on the compute device (views; not for offloaded stores)."""
+        B, C = self._k.shape[0], self.n_chunks
+        k = self._k[:, :C].reshape(B, C * self.chunk_size, *self._k.shape[3:])
+        v = self._v[:, :C].reshape(B, C * self.chunk_size, *self._v.shape[3:])
+        return ChunkMemory(k, v, self.landmarks)
+
+    def fetch(self, selection: ChunkSelection) -> tuple[ChunkMemory, ChunkSelection]:
+        """The selected chunks only, copied to the compute device, and the selection re-indexed into them.
+
+        The chunk ids are deduplicated across tokens, heads and batch rows: each step moves
+        ``B * U * S * H * D`` values for ``U`` distinct selected chunks, whatever the context length.
+        """
+        if not self.offload or self.n_chunks == 0:
+            return self.resident(), selection
+        indices, weights = selection
+        used = torch.unique(indices.masked_fill(weights == 0, 0))  # sorted distinct chunk ids, [U]
+        picked_k = self._k.index_select(1, used.to(self.kv_device))
+        picked_v = self._v.index_select(1, used.to(self.kv_device))
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            picked_k, picked_v = picked_k.pin_memory(), picked_v.pin_memory()
+        B, U = picked_k.shape[:2]
+        k = picked_k.to(self.device, non_blocking=True).reshape(B, U * self.chunk_size, *picked_k.shape[3:])
+        v = picked_v.to(self.device, non_blocking=True).reshape(B, U * self.chunk_size, *picked_v.shape[3:])
+        remapped = torch.searchsorted(used, indices.masked_fill(weights == 0, 0).contiguous())
+        return ChunkMemory(k, v, self.landmarks), ChunkSelection(remapped, weights)
+
+
+class RambaCache:
+    """Per-layer state of one batch of sequences: Mamba-2 conv/SSM states, attention key/values,
+    the chunk encoder's pending (< S) hidden states and the chunk memory.
+
+    Made by the model on ``model(input_ids, use_cache=True)`` and passed back as ``past_key_values``.
+    """
+
+    def __init__(self, config, batch_size: int, device: torch.device, dtype: torch.dtype, offload: bool = False):
+        self.layer_plan = config.layer_plan()
+        self.config_key = config.to_json_string(use_diff=False)
+        self.batch_size, self.device, self.dtype, self.offload = batch_size, torch.device(device), dtype, offload
+        self.seen_tokens = 0
+        self.rows: list[RambaCache | None] | None = None  # one-row caches, for left-padded batches
+        self.states: list = [KVCache() if kind in ("swa", "attention") else None for kind in self.layer_plan]
+        self.pending: torch.Tensor | None = None  # [B, P < S, d] hidden states of the unfinished chunk
+        self.memory: ChunkMemoryStore | None = None
+        if "chunk_encoder" in self.layer_plan:
+            self.memory = ChunkMemoryStore(
+                batch_size, config.chunk_size, config.n_kv_heads, config.head_dim, config.retrieval_heads,
+                config.retrieval_dim, dtype, device, offload,
+            )
+
+    def check(self, config, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Raise a clear error when this cache cannot continue a forward of ``config`` with these inputs."""
+        if config.to_json_string(use_diff=False) != self.config_key:
+            raise ValueError("RambaCache: this cache was made by a model with a different configuration")
+        if batch_size != self.batch_size:
+            raise ValueError(f"RambaCache: made for batch size {self.batch_size}, got input of batch size {batch_size}")
+        if torch.device(device) != self.device:
+            raise ValueError(f"RambaCache: lives on {self.device}, got input on {device}")
+        if dtype != self.dtype:
+            raise ValueError(f"RambaCache: made for dtype {self.dtype}, the model now computes in {dtype}")
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens

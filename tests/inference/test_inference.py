@@ -1,0 +1,148 @@
+"""Cache, segmented prefill (exact and fast), decoding, offload, ragged batches, bad caches."""
+import pytest
+import torch
+
+from ramba import RambaCache, RambaConfig, RambaForCausalLM
+from ramba.inference import generate, prefill
+
+SMALL = dict(
+    vocab_size=64, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, retrieval_dim=16, d_state=8, ssm_head_dim=16,
+    chunk_size=16, topk=2, n_lower_layers=1, n_upper_layers=2, mamba_per_hsa=1, window=8, mlp_hidden=64,
+    ssm_chunk_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+CONFIGS = {
+    "ramba": {},
+    "ramba-swa": dict(local_mixer="swa"),
+    "ramba-gqa-mlp": dict(n_heads=4, n_kv_heads=2, retrieval_heads=1, hsa_mlp=True, weight_norm="softmax", topk=3),
+    "mamba2-swa": dict(architecture="mamba2-swa"),
+    "transformer": dict(architecture="transformer"),
+}
+
+
+def small_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return RambaForCausalLM(RambaConfig(**{**SMALL, **overrides})).eval()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("n,m,segment_len", [(37, 12, 10), (16, 20, 16), (5, 30, 64)])
+@pytest.mark.parametrize("offload", [False, True])
+def test_prefill_then_decode_equals_full_forward(name, n, m, segment_len, offload):
+    model = small_model(**CONFIGS[name])
+    ids = torch.randint(3, 64, (2, n + m), generator=torch.Generator().manual_seed(n * m))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        last, cache = prefill(model, ids[:, :n], segment_len=segment_len, offload=offload)
+        torch.testing.assert_close(last, full[:, n - 1], atol=2e-5, rtol=2e-5)
+        for t in range(n, n + m):
+            step = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            torch.testing.assert_close(step, full[:, t], atol=2e-5, rtol=2e-5)
+    assert cache.seen_tokens == n + m
+    if cache.memory is not None:
+        assert cache.memory.n_chunks == (n + m) // 16 and cache.pending.shape[1] == (n + m) % 16
+
+
+def test_generate_equals_argmax_of_full_forwards():
+    model = small_model(seed=1, eos_token_id=None)  # no early stop: compare every step
+    ids = torch.randint(3, 64, (2, 40))
+    seen = []
+    out = generate(model, ids, max_new_tokens=8, segment_len=16, on_token=seen.append)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(8):
+            seq = torch.cat((seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(out, seq[:, 40:]) and len(seen) == 8
+    hf = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(hf, seq)
+
+
+def test_sampling_is_seeded_and_in_top_k():
+    model = small_model(seed=2)
+    ids = torch.randint(3, 64, (1, 20))
+    a = generate(model, ids, 6, do_sample=True, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, generate(model, ids, 6))  # top_k=1 sampling is greedy
+    b = generate(model, ids, 6, do_sample=True, temperature=2.0, generator=torch.Generator().manual_seed(3))
+    c = generate(model, ids, 6, do_sample=True, temperature=2.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(b, c)
+
+
+def test_eos_rows_stay_finished():
+    model = small_model(seed=3)
+    ids = torch.randint(3, 64, (2, 10))
+    first = generate(model, ids, 1)[:, 0]
+    out = generate(model, ids, 5, eos_token_id=int(first[0]))
+    assert (out[0] == first[0]).all()
+
+
+def test_fast_mode_is_exact_mode_without_early_hsa():
+    """fast = exact with the HSA attention term removed for the tokens of every segment but the last."""
+    model = small_model(seed=4)
+    ids = torch.randint(3, 64, (1, 70))
+    exact, _ = prefill(model, ids, segment_len=32, mode="exact")
+    fast, fast_cache = prefill(model, ids, segment_len=32, mode="fast")
+    assert not torch.allclose(exact, fast)
+    one_segment, _ = prefill(model, ids, segment_len=128, mode="fast")
+    torch.testing.assert_close(one_segment, exact, atol=2e-5, rtol=2e-5)
+    # the chunk memory depends only on the lower layers, so it is the same in both modes
+    _, exact_cache = prefill(model, ids, segment_len=32, mode="exact")
+    torch.testing.assert_close(fast_cache.memory.landmarks, exact_cache.memory.landmarks)
+    # with the HSA outputs zeroed, skipping them changes nothing
+    with torch.no_grad():
+        for kind, layer in zip(model.model.layer_kinds, model.model.layers):
+            if kind == "hsa":
+                layer.o_proj.weight.zero_()
+    torch.testing.assert_close(prefill(model, ids, 32, "fast")[0], prefill(model, ids, 32, "exact")[0])
+
+
+def test_left_padded_batch_matches_rows_alone():
+    model = small_model(seed=5)
+    a = torch.randint(3, 64, (1, 30))
+    b = torch.randint(3, 64, (1, 19))
+    batch = torch.cat((a, torch.cat((torch.zeros(1, 11, dtype=torch.long), b), dim=1)))
+    mask = torch.ones_like(batch)
+    mask[1, :11] = 0
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    alone_a = model.generate(a, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    alone_b = model.generate(b, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[0, 30:], alone_a[0, 30:]) and torch.equal(out[1, 30:], alone_b[0, 19:])
+    with pytest.raises(ValueError, match="left padding"):
+        model(input_ids=batch, attention_mask=mask.flip(1))
+
+
+def test_bad_cache_use():
+    model = small_model()
+    ids = torch.randint(3, 64, (2, 20))
+    cache = model(input_ids=ids, use_cache=True).past_key_values
+    assert isinstance(cache, RambaCache)
+    with pytest.raises(ValueError, match="batch size"):
+        model(input_ids=ids[:1, :1], past_key_values=cache)
+    other = small_model(topk=3)
+    with pytest.raises(ValueError, match="different configuration"):
+        other(input_ids=ids[:, :1], past_key_values=cache)
+    with pytest.raises(ValueError, match="dtype"):
+        model.double()(input_ids=ids[:, :1], past_key_values=cache)
+    with pytest.raises(TypeError, match="RambaCache"):
+        small_model()(input_ids=ids[:, :1], past_key_values=(1, 2))
+    with pytest.raises(ValueError, match="mode"):
+        prefill(small_model(), ids, mode="quick")
+
+
+def test_offload_moves_only_selected_chunks():
+    from ramba.model.cache import ChunkMemoryStore
+    from ramba.layers.hsa import ChunkMemory, ChunkSelection
+
+    store = ChunkMemoryStore(2, 4, 1, 3, 1, 5, torch.float32, torch.device("cpu"), offload=True)
+    for c in (3, 1, 6):  # growth across appends
+        k = torch.randn(2, c * 4, 1, 3)
+        store.append(ChunkMemory(k, k + 1, torch.randn(2, c, 1, 5)))
+    assert store.n_chunks == 10
+    full_k = store._k[:, :10].reshape(2, 40, 1, 3)
+    indices = torch.tensor([[[[7, 2]]], [[[9, 2]]]])
+    weights = torch.tensor([[[[0.5, 0.25]]], [[[0.5, 0.0]]]])
+    memory, (remapped, w) = store.fetch(ChunkSelection(indices, weights))
+    assert memory.k.shape[1] == 4 * 4  # chunks {0 (empty slot), 2, 7, 9}
+    for b in range(2):
+        for slot in range(2):
+            if weights[b, 0, 0, slot] > 0:
+                c, r = int(indices[b, 0, 0, slot]), int(remapped[b, 0, 0, slot])
+                torch.testing.assert_close(memory.k[b, r * 4 : r * 4 + 4], full_k[b, c * 4 : c * 4 + 4])
