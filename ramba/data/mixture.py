@@ -1,0 +1,113 @@
+"""Training examples from a weighted mixture of token files and synthetic tasks.
+
+Every example is a pure function of `(seed, global index)`: which source it comes from, which
+window of a token file or which task sample. The data position of a run is therefore one integer
+(examples consumed), resuming is exact, and ranks read disjoint indices (`DistributedSampler`).
+
+A token-file source cuts its token range into non-overlapping windows of `seq_len` tokens and
+visits them in a fresh random order every epoch. A task source generates a sample of exactly
+`seq_len` tokens, with loss only on the answer tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .tasks import Task
+from .tokens import DataError, TokenFile
+
+__all__ = ["TokenWindows", "TaskStream", "Mixture", "DistributedSampler", "collate"]
+
+
+class TokenWindows:
+    """Windows of `seq_len` tokens from `tokens[start:end]` of a token file, shuffled per epoch."""
+
+    def __init__(self, token_file: TokenFile, seq_len: int, seed: int, start: int = 0, end: int | None = None):
+        self.file, self.seq_len, self.seed = token_file, seq_len, seed
+        self.start, self.end = start, len(token_file) if end is None else end
+        self.n_windows = (self.end - self.start) // seq_len
+        if self.n_windows < 1:
+            raise DataError(
+                f"token file {token_file.path}: its range holds {self.end - self.start} tokens, "
+                f"fewer than one sequence of {seq_len}; use more text or a shorter seq_len"
+            )
+        self._epoch, self._perm = -1, None
+
+    def example(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(input_ids [seq_len], labels [seq_len])` int64 for the `index`-th draw."""
+        epoch, i = divmod(index, self.n_windows)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            self._epoch = epoch
+        off = self.start + int(self._perm[i]) * self.seq_len
+        ids = np.asarray(self.file.tokens[off : off + self.seq_len], dtype=np.int64)
+        return ids, ids.copy()
+
+
+class TaskStream:
+    """Samples of a synthetic task at `seq_len` tokens; `depth` None draws a depth per sample."""
+
+    def __init__(self, task: Task, seq_len: int, seed: int, depth: float | None = None, loss_on_prompt: bool = False):
+        self.task, self.seq_len, self.seed, self.depth = task, seq_len, seed, depth
+        self.loss_on_prompt = loss_on_prompt
+        task.generate(seq_len, depth, seed)  # fails now, with the task's message, if seq_len is too short
+
+    def example(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        sample = self.task.generate(self.seq_len, self.depth, seed=self.seed * 1_000_003 + index)
+        labels = sample.input_ids.copy() if self.loss_on_prompt else sample.labels()
+        return sample.input_ids, labels
+
+
+class Mixture:
+    """Draws example `index` from source `i` with probability `weights[i]` (normalised)."""
+
+    def __init__(self, sources: list, weights: list[float], seed: int):
+        if not sources or len(sources) != len(weights):
+            raise ValueError(
+                f"sources, weights: need at least one source and one weight per source, "
+                f"got {len(sources)}, {len(weights)}"
+            )
+        w = np.asarray(weights, dtype=np.float64)
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights: need non-negative weights with a positive sum, got {weights}")
+        self.sources, self.cdf, self.seed = sources, np.cumsum(w / w.sum()), seed
+
+    def source_of(self, index: int) -> int:
+        u = np.random.default_rng([self.seed, index]).random()
+        return min(int(np.searchsorted(self.cdf, u, side="right")), len(self.sources) - 1)
+
+    def example(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.sources[self.source_of(index)].example(index)
+
+
+@dataclass
+class DistributedSampler:
+    """Global example indices of one micro-batch on `rank` of `world_size`.
+
+    One optimizer step consumes `examples_per_step = world_size * grad_accum * micro_batch`
+    examples starting at `base` (the examples consumed so far, i.e. the data position); rank `r`
+    takes its own contiguous slice of each micro-step, so ranks never see the same example.
+    """
+
+    micro_batch: int
+    grad_accum: int = 1
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    def indices(self, base: int, micro_step: int) -> range:
+        start = base + (micro_step * self.world_size + self.rank) * self.micro_batch
+        return range(start, start + self.micro_batch)
+
+
+def collate(examples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids [B, T], labels [B, T])` long tensors; labels use -100 where no loss is taken."""
+    ids = torch.from_numpy(np.stack([e[0] for e in examples]))
+    labels = torch.from_numpy(np.stack([e[1] for e in examples]))
+    return ids, labels

@@ -1,0 +1,21 @@
+"""Training: configuration, the loop, checkpoints, the learning-rate schedule, distributed helpers."""
+
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
+from .config import ConfigError, ConfigTypeError, TrainConfig, describe, load_config
+from .loop import train
+from .schedule import WarmupCosine
+
+__all__ = [
+    "TrainConfig",
+    "load_config",
+    "describe",
+    "ConfigError",
+    "ConfigTypeError",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "verify_checkpoint",
+    "train",
+    "WarmupCosine",
+]

@@ -1,0 +1,267 @@
+"""Training end to end on the CPU: the loss falls; kill -9 then --resume reproduces the uninterrupted
+losses exactly; torchrun with 2 gloo ranks trains and checkpoints; bad inputs fail with clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ramba.cli.main import main
+from ramba.data import ByteTokenizer, make_task, prepare
+from ramba.train import CheckpointError, load_config, train
+from ramba.train.config import config_from_dict
+from ramba.train.evaluate import eval_task, teacher_forced_answers
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def losses(out_dir) -> dict[int, float]:
+    """step -> loss; a later line for the same step (after a resume) wins."""
+    out = {}
+    for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def test_training_lowers_the_loss(config_dict, tmp_path):
+    config_dict.update(max_steps=30, eval={"every": 15, "batches": 2})
+    config_dict["log"]["tensorboard"] = True
+    final = train(config_from_dict(config_dict))
+    run = Path(config_dict["out_dir"])
+    curve = losses(run)
+    assert sorted(curve) == list(range(1, 31))
+    first, last = curve[1], np.mean([curve[s] for s in (28, 29, 30)])
+    assert first > 5.0  # about ln(260) at initialisation
+    assert last < first - 1.5, (first, last)
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval/loss" in line]
+    assert [e["step"] for e in evals] == [15, 30] and evals[1]["eval/loss"] < evals[0]["eval/loss"] < first
+    assert final["eval/loss"] == evals[1]["eval/loss"]
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step-00000028", "step-00000030"]  # every 4, keep 2, plus the end
+    assert json.loads((run / "config.json").read_text())["max_steps"] == 30
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_gradient_checkpointing_and_accumulation(config_dict, tmp_path):
+    config_dict.update(max_steps=3)
+    config_dict["checkpoint"] = {"every": 0, "keep": 1}
+    base = losses_of(config_dict, tmp_path / "base")
+    assert losses_of({**config_dict, "grad_checkpointing": True}, tmp_path / "ckpt") == base
+    # Two micro-batches of 2 see the same 4 sequences as one of 4: same losses up to float rounding.
+    accum = losses_of({**config_dict, "micro_batch": 2, "grad_accum": 2}, tmp_path / "accum")
+    assert np.allclose(list(accum.values()), list(base.values()), rtol=1e-5, atol=1e-6)
+
+
+def losses_of(config: dict, out_dir) -> dict[int, float]:
+    train(config_from_dict({**config, "out_dir": str(out_dir)}))
+    return losses(out_dir)
+
+
+def _cli(config_file, *args):
+    return [sys.executable, "-m", "ramba", "train", str(config_file), "--set", "log.progress=false", *args]
+
+
+def test_kill9_then_resume_gives_the_uninterrupted_losses(config_dict, tmp_path):
+    config_dict.update(max_steps=16, eval={"every": 0})
+    config_dict["checkpoint"] = {"every": 3, "keep": 2}
+    config_file = tmp_path / "cfg.json"
+    config_file.write_text(json.dumps(config_dict))
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cli(config_file, "--set", f"out_dir={killed}"),
+        env=ENV,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    metrics = killed / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    reached = max(losses(killed))
+    assert 8 <= reached < 16, reached
+
+    r = subprocess.run(
+        _cli(config_file, "--set", f"out_dir={killed}", "--resume"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    start = int(r.stderr.split("at step ")[1].split()[0])
+    assert 6 <= start <= reached and start % 3 == 0
+    # The uninterrupted run, in this process (one thread, like the subprocesses).
+    config_dict["out_dir"] = str(tmp_path / "full")
+    train(config_from_dict(config_dict))
+    a, b = losses(tmp_path / "full"), losses(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 17))
+    for step in range(1, 17):
+        assert a[step] == b[step], (step, a[step], b[step])  # bit-identical, not approximately equal
+
+
+def test_torchrun_two_gloo_ranks_ddp_then_fsdp(config_dict, tmp_path):
+    config_dict.update(max_steps=4, micro_batch=2)
+    config_dict["checkpoint"] = {"every": 2, "keep": 3}
+    config_dict["distributed"] = {"backend": "gloo"}
+    config_file = tmp_path / "cfg.json"
+    config_file.write_text(json.dumps(config_dict))
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ramba",
+        "train",
+    ]
+    r = subprocess.run(
+        [*torchrun, str(config_file)], env=ENV, capture_output=True, text=True, cwd=tmp_path, timeout=240
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = Path(config_dict["out_dir"])
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # rank 0 alone logs
+    assert json.loads(lines[-1])["tokens"] == 4 * 2 * 2 * 64  # steps * ranks * micro_batch * seq_len
+    state = torch.load(run / "checkpoints" / "step-00000004" / "trainer.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["examples"] == 16
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    # FSDP continues the DDP run (checkpoints hold full, unsharded state), then a single process continues that.
+    r = subprocess.run(
+        [*torchrun, str(config_file), "--resume", "--set", "distributed.strategy=fsdp", "--set", "max_steps=6"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 4" in r.stderr and (run / "checkpoints" / "step-00000006").is_dir()
+    config_dict.update(max_steps=7)
+    final = train(config_from_dict(config_dict), resume=True)
+    curve = losses(run)
+    assert sorted(curve) == list(range(1, 8)) and np.isfinite(final["loss"])
+    assert all(4.0 < curve[s] < 6.0 for s in curve)
+
+
+def test_eval_task_scores_a_perfect_predictor():
+    tok = ByteTokenizer()
+    task = make_task("passkey", tok)
+    samples = [task.generate(300, d, seed=10**6 + i) for i, d in enumerate(np.linspace(0, 1, 3))]
+
+    class Oracle(torch.nn.Module):
+        """Puts all mass on the true next token of the sample it recognises."""
+
+        def forward(self, input_ids):
+            logits = torch.zeros(*input_ids.shape, 260)
+            logits[:, :-1].scatter_(2, input_ids[:, 1:, None], 1.0)
+            return type("Out", (), {"logits": logits})()
+
+    assert eval_task(Oracle(), task, 300, 3, 2, "cpu") == 1.0
+    logits = torch.zeros(1, 6, 260)
+    logits[0, torch.arange(6), torch.tensor([10, 11, 12, 13, 14, 15])] = 1
+    assert teacher_forced_answers(logits, [3])[0].tolist() == [12, 13, 14]
+    assert len(samples) == 3
+
+
+def _run_cli(args, capsys):
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_bad_inputs_give_clear_errors(config_dict, tmp_path, capsys):
+    config_file = tmp_path / "cfg.json"
+    config_file.write_text(json.dumps(config_dict))
+    cases = [
+        (["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+        (["--set", "max_steps=many"], "config key 'max_steps': expected int"),
+        (["--set", "model.overrides.d_modle=8"], "unknown RambaConfig fields ['d_modle']"),
+        (["--set", "model.overrides.vocab_size=200"], "smaller than the tokenizer's 260"),
+        (["--set", f"data.sources.0.path={tmp_path / 'nope'}"], "no such token file"),
+        (["--set", "data.seq_len=100000"], "fewer than one sequence of 100000"),
+        (["--set", "eval.tasks=[passkey]"], "too short for task passkey"),
+        (["--resume", str(tmp_path / "nothing")], "no such checkpoint folder"),
+    ]
+    for extra, message in cases:
+        code, err = _run_cli(["train", str(config_file), *extra], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)
+        assert not Path(config_dict["out_dir"]).exists()
+    code, err = _run_cli(["train", str(tmp_path / "missing.yaml")], capsys)
+    assert code == 2 and "no such file" in err
+
+
+def test_token_file_from_another_tokenizer(config_dict, tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    t = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1, "a": 2, "b": 3}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.save(str(tmp_path / "words.json"))
+    (tmp_path / "ab.txt").write_text("a b " * 500)
+    prepare(
+        [tmp_path / "ab.txt"],
+        tmp_path / "ab",
+        __import__("ramba.data", fromlist=["x"]).load_tokenizer(tmp_path / "words.json"),
+        progress=False,
+    )
+    config_dict["data"]["sources"] = [{"path": str(tmp_path / "ab")}]
+    config_file = tmp_path / "cfg.json"
+    config_file.write_text(json.dumps(config_dict))
+    code, err = _run_cli(["train", str(config_file)], capsys)
+    assert code == 2 and "was written by tokenizer" in err and "vocab_size 4" in err
+    code, err = _run_cli(
+        [
+            "train",
+            str(config_file),
+            "--set",
+            f"data.tokenizer={tmp_path / 'words.json'}",
+            "--set",
+            "max_steps=1",
+            "--set",
+            "checkpoint.every=0",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+
+
+def test_empty_corpus_and_corrupt_checkpoint_via_cli(config_dict, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err = _run_cli(["prepare", str(tmp_path / "empty"), "-o", str(tmp_path / "out"), "--no-progress"], capsys)
+    assert code == 2 and "empty corpus" in err and not (tmp_path / "out").exists()
+
+    config_dict.update(max_steps=2)
+    config_dict["checkpoint"] = {"every": 1, "keep": 2}
+    config_file = tmp_path / "cfg.json"
+    config_file.write_text(json.dumps(config_dict))
+    assert main(["train", str(config_file)]) == 0
+    newest = Path(config_dict["out_dir"]) / "checkpoints" / "step-00000002"
+    weights = newest / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, err = _run_cli(["train", str(config_file), "--resume"], capsys)
+    assert code == 2 and "step-00000002" in err and "truncated or corrupt" in err
+    code, err = _run_cli(["train", str(config_file)], capsys)  # a fresh run must not mix with the old one
+    assert code == 2 and "already holds checkpoints (step-00000002); pass --resume" in err
+    with pytest.raises(CheckpointError):
+        train(load_config(config_file), resume=str(newest))
+    # The previous checkpoint is still good: resuming from it explicitly works.
+    assert (
+        main(["train", str(config_file), "--resume", str(newest.parent / "step-00000001"), "--set", "max_steps=3"]) == 0
+    )
