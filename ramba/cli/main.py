@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-COMMANDS = ["prepare", "train"]
+COMMANDS = ["prepare", "train", "eval", "bench", "generate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,10 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, printed as one line instead of a traceback."""
     from ramba.data.tokens import DataError
+    from ramba.eval.results import EvalError
     from ramba.train.checkpoint import CheckpointError
     from ramba.train.config import ConfigError
 
-    return (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError)
+    return (ConfigError, DataError, CheckpointError, EvalError, FileNotFoundError, FileExistsError)
 
 
 def main(argv: list[str] | None = None) -> int:

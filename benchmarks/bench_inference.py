@@ -1,0 +1,190 @@
+"""Inference speed and memory by context length: segmented prefill, decoding, chunk memory offloaded.
+
+Usage:
+    python benchmarks/bench_inference.py --preset 370m --lengths 4k,64k,1m,16m [--no-offload] [--out DIR]
+    python benchmarks/bench_inference.py --model runs/x/checkpoints/step-N --lengths 4k,64k
+    python benchmarks/bench_inference.py --preset tiny --set d_model=64 --lengths 100,300 --segment-len 64   (CPU)
+
+For every (architecture, length): random prompt tokens `[batch, length]` go through
+`ramba.inference.generate` with `decode_tokens` new tokens; the time to the first new token is the
+prefill (tokens/s = batch x length / seconds), the mean gap between later tokens is the decode time
+per token (ms). Peak GPU memory is torch.cuda.max_memory_allocated during that call (weights
+included; `gpu_weights_gib` says how much of it they are). Host memory: the process RSS when the
+prefill ends, and the process's peak RSS so far (a running maximum over the whole run, since the
+lengths go up). Random weights are fine for speed: nothing here depends on what the model says.
+A short warm-up call per architecture comes first (kernel compilation). A configuration that fails
+(e.g. out of memory) is recorded with its error, and longer lengths of that architecture are skipped.
+
+Writes <out>/<name>.json (machine, date, versions, settings, every number) and <out>/<name>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+from ramba import RambaConfig, RambaForCausalLM
+from ramba.eval.loading import load_model, resolve_device, resolve_dtype
+from ramba.eval.measure import free_memory, parse_overrides, peak_rss_bytes, rss_bytes, synchronized_time
+from ramba.eval.plots import Panel, line_plots
+from ramba.eval.results import format_length, parse_lengths, write_results
+
+logger = logging.getLogger("bench_inference")
+GIB = 2**30
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="a trained model folder (default: random weights from --preset)")
+    src.add_argument("--preset", default="370m", help="RambaConfig preset for random weights (default 370m)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a RambaConfig field of the preset (repeatable)")
+    p.add_argument("--architectures", default="ramba,mamba2,transformer",
+                   help="with --preset: comma-separated architectures (default ramba,mamba2,transformer)")
+    p.add_argument("--lengths", default="4k,64k,1m,16m", help="prompt lengths (default 4k,64k,1m,16m)")
+    p.add_argument("--batch", type=int, default=1, help="prompts per call (default 1)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="new tokens per call (default 32)")
+    p.add_argument("--segment-len", type=int, default=2048, help="prefill segment length (default 2048)")
+    p.add_argument("--mode", choices=["exact", "fast"], default="exact", help="prefill mode (default exact)")
+    p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True,
+                   help="chunk memory in CPU pinned memory (default on; --no-offload keeps it on the GPU)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
+    p.add_argument("--name", default="bench_inference", help="file name stem (default bench_inference)")
+    return p
+
+
+def measure(model, length: int, args, device: torch.device) -> dict:
+    """One generate call on `[batch, length]` random tokens: prefill tokens/s, decode ms/token, memory."""
+    from ramba.inference import generate
+
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, length), generator=gen).to(device)
+    times: list[float] = []
+    rss_after_prefill: list[int] = []
+
+    def on_token(_):
+        times.append(synchronized_time(device))
+        if len(times) == 1:
+            rss_after_prefill.append(rss_bytes())
+
+    free_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = synchronized_time(device)
+    generate(model, ids, args.decode_tokens, segment_len=args.segment_len, mode=args.mode, offload=args.offload,
+             on_token=on_token)
+    prefill_s = times[0] - start
+    row = {"prefill_s": prefill_s, "prefill_tokens_per_s": args.batch * length / prefill_s,
+           "decode_ms_per_token": 1e3 * (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
+           "rss_after_prefill_gib": rss_after_prefill[0] / GIB, "peak_rss_gib": peak_rss_bytes() / GIB}
+    if device.type == "cuda":
+        row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+    return row
+
+
+def _models(args, device, dtype):
+    """`(label, model)` pairs, built one at a time so only one is in memory."""
+    if args.model is not None:
+        yield Path(args.model).name, load_model(args.model, device, dtype)
+        return
+    overrides = parse_overrides(args.overrides)
+    for arch in (a.strip() for a in args.architectures.split(",") if a.strip()):
+        torch.manual_seed(args.seed)
+        config = RambaConfig.preset(args.preset, architecture=arch, **overrides)
+        yield arch, RambaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    lengths = sorted(parse_lengths(args.lengths))
+    rows, configs = [], {}
+    for label, model in _models(args, device, dtype):
+        configs[label] = model.config.to_dict()
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        failed = None
+        try:
+            from ramba.inference import generate
+
+            warm = torch.zeros(args.batch, min(lengths[0], 2 * args.segment_len), dtype=torch.long, device=device)
+            generate(model, warm, 2, segment_len=args.segment_len, mode=args.mode, offload=args.offload)
+        except Exception as exc:
+            failed = f"warm-up: {type(exc).__name__}: {exc}"[:500]
+        for length in lengths:
+            row = {"model": label, "length": length, "batch": args.batch, "gpu_weights_gib": weights / GIB}
+            if failed is not None:
+                row["error"] = f"skipped ({failed})"
+            else:
+                try:
+                    row.update(measure(model, length, args, device))
+                    logger.info("%s %s: prefill %.0f tokens/s, decode %.2f ms/token", label, format_length(length),
+                                row["prefill_tokens_per_s"], row["decode_ms_per_token"])
+                except Exception as exc:  # record the failure (e.g. out of memory) and skip longer lengths
+                    row["error"] = failed = f"{type(exc).__name__}: {exc}"[:500]
+                    failed = f"failed at {format_length(length)}: {failed}"
+                    logger.warning("%s %s failed: %s", label, length, row["error"])
+                    logger.debug("%s", traceback.format_exc())
+            rows.append(row)
+        del model
+        free_memory(device)
+    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "rows": rows,
+            "settings": dict(vars(args)), "configs": configs}
+
+
+def table(result: dict) -> str:
+    lines = [f"{'model':>12} {'length':>7} {'prefill tok/s':>14} {'decode ms/tok':>14} {'peak GPU GiB':>13} {'RSS GiB':>8}"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"{r['model']:>12} {format_length(r['length']):>7}  {r['error'][:90]}")
+            continue
+        gpu = f"{r['peak_gpu_gib']:13.3f}" if "peak_gpu_gib" in r else f"{'-':>13}"
+        lines.append(f"{r['model']:>12} {format_length(r['length']):>7} {r['prefill_tokens_per_s']:14.0f} "
+                     f"{r['decode_ms_per_token']:14.2f} {gpu} {r['rss_after_prefill_gib']:8.2f}")
+    return "\n".join(lines)
+
+
+def save(result: dict, out: str, name: str, seed: int) -> tuple[Path, Path]:
+    rows = result["rows"]
+    labels = list(dict.fromkeys(r["model"] for r in rows))
+
+    def series(key):
+        return {m: ([r["length"] for r in rows if r["model"] == m], [r.get(key) for r in rows if r["model"] == m])
+                for m in labels}
+
+    x = "context length (tokens)"
+    panels = [Panel("prefill", x, "tokens/s", series("prefill_tokens_per_s"), length_axis=True, logy=True),
+              Panel("decode", x, "ms / token", series("decode_ms_per_token"), length_axis=True)]
+    if result["device"].startswith("cuda"):
+        panels.append(Panel("peak GPU memory", x, "GiB", series("peak_gpu_gib"), length_axis=True))
+    panels.append(Panel("host memory (RSS after prefill)", x, "GiB", series("rss_after_prefill_gib"), length_axis=True))
+    s = result["settings"]
+    title = f"inference ({result['device']}, {result['dtype']}, mode {s['mode']}, offload {'on' if s['offload'] else 'off'})"
+    json_path = write_results(Path(out) / f"{name}.json", result, s, seed)
+    png_path = line_plots(panels, Path(out) / f"{name}.png", title=title)
+    return json_path, png_path
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.decode_tokens < 2:
+        parser.error("--decode-tokens: need >= 2 to time decoding")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    result = run(args)
+    print(table(result))
+    for path in save(result, args.out, args.name, args.seed):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Training throughput: RAMba vs Mamba-2 only vs Transformer (SDPA), built from the same preset, in one run.
+
+Usage:
+    python benchmarks/bench_train.py --presets 370m --lengths 4096,16384 --batch-tokens 32768 [--out DIR]
+    python benchmarks/bench_train.py --presets tiny --set d_model=64 --lengths 64,128 --batch-tokens 256 --steps 2 --warmup 1
+
+For every (preset, architecture, length): a model with random weights, AdamW, random tokens, batch
+`max(1, batch_tokens // length)` sequences of `length` tokens; `warmup` full training steps
+(forward + backward + optimizer) are run untimed, then `steps` timed ones. tokens/s = tokens per
+step x steps / seconds. bf16 autocast on CUDA (fp32 weights, as in training), fp32 on the CPU.
+Peak GPU memory is torch.cuda.max_memory_allocated over the run of that model. A configuration
+that fails (e.g. out of memory) is recorded with its error and the run goes on.
+
+Writes <out>/<name>.json (machine, date, versions, settings, every number, the RAMba/baseline
+ratios and the issue's goals: RAMba >= 0.8x Mamba-2 tokens/s at 4K, faster than the Transformer at
+16K) and <out>/<name>.png, and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from ramba import RambaConfig, RambaForCausalLM
+from ramba.eval.loading import resolve_device
+from ramba.eval.measure import free_memory, parse_overrides, synchronized_time
+from ramba.eval.plots import Panel, line_plots
+from ramba.eval.results import format_length, parse_lengths, write_results
+
+logger = logging.getLogger("bench_train")
+ARCH_LABELS = {"ramba": "RAMba", "mamba2": "Mamba-2", "transformer": "Transformer (SDPA)", "mamba2-swa": "Mamba-2 + SWA"}
+GOALS = [("mamba2", 4096, 0.8, ">="), ("transformer", 16384, 1.0, ">")]
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default="370m", help="comma-separated RambaConfig presets (default 370m)")
+    p.add_argument("--architectures", default="ramba,mamba2,transformer", help="comma-separated (default ramba,mamba2,transformer)")
+    p.add_argument("--lengths", default="4096,16384", help="context lengths, e.g. 4k,16k (default 4096,16384)")
+    p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per step (default 32768)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a RambaConfig field of every preset (repeatable)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
+    p.add_argument("--name", default="bench_train", help="file name stem (default bench_train)")
+    return p
+
+
+def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: int, device: torch.device,
+            grad_checkpointing: bool, seed: int) -> dict:
+    """Times `steps` training steps on `[batch, length]` random tokens; returns tokens/s and memory."""
+    torch.manual_seed(seed)
+    model = RambaForCausalLM(config).to(device).train()
+    if grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+
+    try:
+        for _ in range(warmup):
+            step()
+        start = synchronized_time(device)
+        for _ in range(steps):
+            step()
+        seconds = synchronized_time(device) - start
+        row = {"params": n_params, "batch": batch, "tokens_per_step": batch * length, "seconds": seconds,
+               "step_ms": 1e3 * seconds / steps, "tokens_per_s": batch * length * steps / seconds}
+        if device.type == "cuda":
+            row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        return row
+    finally:
+        del model, opt, ids
+        free_memory(device)
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    lengths = parse_lengths(args.lengths)
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    archs = [a.strip() for a in args.architectures.split(",") if a.strip()]
+    overrides = parse_overrides(args.overrides)
+    configs = {(p, a): RambaConfig.preset(p, architecture=a, **overrides) for p in presets for a in archs}
+    rows = []
+    for preset in presets:
+        for length in lengths:
+            for arch in archs:
+                row = {"preset": preset, "architecture": arch, "length": length}
+                try:
+                    row.update(measure(configs[preset, arch], length, max(1, args.batch_tokens // length), args.steps,
+                                       args.warmup, device, args.grad_checkpointing, args.seed))
+                    logger.info("%s %s %s: %.0f tokens/s", preset, arch, format_length(length), row["tokens_per_s"])
+                except Exception as exc:  # record the failure (e.g. out of memory) and measure the rest
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                    logger.warning("%s %s %s failed: %s", preset, arch, length, row["error"])
+                    logger.debug("%s", traceback.format_exc())
+                    free_memory(device)
+                rows.append(row)
+    return {"device": str(device), "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+            "rows": rows, "ratios": ratios(rows), "goals": goals(rows),
+            "settings": {k: v for k, v in vars(args).items()}, "configs": {f"{p}/{a}": c.to_dict() for (p, a), c in configs.items()}}
+
+
+def _tps(rows, preset, arch, length):
+    for r in rows:
+        if (r["preset"], r["architecture"], r["length"]) == (preset, arch, length):
+            return r.get("tokens_per_s")
+    return None
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """RAMba tokens/s divided by each baseline's, per (preset, length)."""
+    out = []
+    for preset, length in dict.fromkeys((r["preset"], r["length"]) for r in rows):
+        ours = _tps(rows, preset, "ramba", length)
+        for r in rows:
+            if (r["preset"], r["length"]) == (preset, length) and r["architecture"] != "ramba":
+                base = r.get("tokens_per_s")
+                out.append({"preset": preset, "length": length, "baseline": r["architecture"],
+                            "ramba_over_baseline": ours / base if ours and base else None})
+    return out
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    """The issue's targets, checked where this run measured both sides."""
+    out = []
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        for base, length, target, op in GOALS:
+            ours, theirs = _tps(rows, preset, "ramba", length), _tps(rows, preset, base, length)
+            if ours and theirs:
+                ratio = ours / theirs
+                out.append({"preset": preset, "length": length, "baseline": base, "ratio": ratio, "target": f"{op} {target}",
+                            "met": ratio >= target if op == ">=" else ratio > target})
+    return out
+
+
+def table(result: dict) -> str:
+    lines = [f"{'preset':>8} {'arch':>12} {'length':>7} {'batch':>5} {'tokens/s':>11} {'step ms':>9} {'peak GiB':>9}"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"{r['preset']:>8} {r['architecture']:>12} {format_length(r['length']):>7}  failed: {r['error'][:80]}")
+            continue
+        mem = f"{r['peak_gpu_gib']:9.2f}" if "peak_gpu_gib" in r else f"{'-':>9}"
+        lines.append(f"{r['preset']:>8} {r['architecture']:>12} {format_length(r['length']):>7} {r['batch']:>5} "
+                     f"{r['tokens_per_s']:11.0f} {r['step_ms']:9.1f} {mem}")
+    for g in result["goals"]:
+        lines.append(f"goal {g['preset']}: RAMba/{g['baseline']} at {format_length(g['length'])} = {g['ratio']:.2f} "
+                     f"(target {g['target']}): {'met' if g['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def save(result: dict, out: str, name: str, seed: int) -> tuple[Path, Path]:
+    rows = result["rows"]
+    panels = []
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        series = {}
+        for arch in dict.fromkeys(r["architecture"] for r in rows):
+            pts = [r for r in rows if r["preset"] == preset and r["architecture"] == arch]
+            series[ARCH_LABELS.get(arch, arch)] = ([r["length"] for r in pts], [r.get("tokens_per_s") for r in pts])
+        panels.append(Panel(f"training tokens/s, {preset}", "context length (tokens)", "tokens/s", series, length_axis=True))
+    json_path = write_results(Path(out) / f"{name}.json", result, result["settings"], seed)
+    png_path = line_plots(panels, Path(out) / f"{name}.png", title=f"training throughput ({result['device']}, {result['precision']})")
+    return json_path, png_path
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    result = run(args)
+    print(table(result))
+    for path in save(result, args.out, args.name, args.seed):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""`ramba eval passkey|tasks|ppl`: long-context evaluations writing JSON + PNG results and a printed table."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+ALL_TASKS = "niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking"
+
+
+def _arg(parse):
+    """An argparse `type=` that reports the parser's own message (e.g. a bad length) as a usage error."""
+
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _common(p: argparse.ArgumentParser, out: str) -> None:
+    from ramba.eval.results import parse_lengths
+
+    p.add_argument("--model", required=True, help="model folder, checkpoint folder (step-N) or training run folder")
+    p.add_argument("--tokenizer", default=None,
+                   help="'byte' or a tokenizer path (default: tokenizer.json beside the model, else the run's, else byte)")
+    p.add_argument("--lengths", type=_arg(parse_lengths), required=True, help="context lengths, e.g. 4k,64k,1m,16m (k = 1024)")
+    p.add_argument("--out", default=out, help=f"output folder for the JSON and PNG (default {out})")
+    p.add_argument("--name", default=None, help="file name stem of the outputs (default: the command name)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples (sample i of every cell uses seed + i)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _generation(p: argparse.ArgumentParser, depths: str) -> None:
+    from ramba.eval.results import parse_depths
+
+    p.add_argument("--depths", type=_arg(parse_depths), default=depths, help=f"needle depths in [0, 1] (default {depths})")
+    p.add_argument("--samples", type=int, default=5, help="samples per (length, depth) cell (default 5)")
+    p.add_argument("--mode", choices=["exact", "fast"], default="exact",
+                   help="prefill mode: exact (HSA on every prompt token) or fast (HSA only in the last segment)")
+    p.add_argument("--offload", action="store_true", help="keep the chunk memory in CPU pinned memory")
+    p.add_argument("--segment-len", type=int, default=2048, help="prefill segment length in tokens (default 2048)")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts generated together (default 1)")
+    p.add_argument("--extra-tokens", type=int, default=8,
+                   help="new tokens allowed beyond the reference answer's length (default 8)")
+    p.add_argument("--haystack", default=None, help="token file whose text fills the haystack (default: a repeated template)")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a model: passkey, synthetic tasks, perplexity",
+                              description="Long-context evaluations. Every command writes <out>/<name>.json "
+                                          "(with machine, date, versions, config, seed) and <out>/<name>.png. See docs/evaluation.md.")
+    sub = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+
+    pk = sub.add_parser("passkey", help="passkey retrieval accuracy over lengths x depths (heatmap)")
+    _common(pk, "eval_results")
+    _generation(pk, "0,0.25,0.5,0.75,1")
+    pk.add_argument("--digits", type=int, default=5, help="digits of the pass key (default 5)")
+    pk.set_defaults(func=run_passkey)
+
+    tk = sub.add_parser("tasks", help="needle-in-a-haystack / variable-tracking accuracy by length")
+    _common(tk, "eval_results")
+    _generation(tk, "0,0.25,0.5,0.75,1")
+    tk.add_argument("--tasks", default=ALL_TASKS,
+                    help=f"comma-separated tasks, each NAME or NAME:key=value:... (e.g. variable_tracking:num_hops=2); "
+                         f"default {ALL_TASKS}")
+    tk.set_defaults(func=run_tasks)
+
+    pp = sub.add_parser("ppl", help="perplexity by context length and by position")
+    _common(pp, "eval_results")
+    pp.add_argument("--data", required=True, help="token file (made by `ramba prepare`) to read the windows from")
+    pp.add_argument("--windows", type=int, default=4, help="windows per length, at evenly spaced offsets (default 4)")
+    pp.add_argument("--buckets", type=int, default=8, help="position buckets per length (default 8)")
+    pp.add_argument("--bucket-scale", choices=["log", "linear"], default="log", help="bucket widths (default log)")
+    pp.add_argument("--batch-size", type=int, default=1, help="windows per forward (default 1)")
+    pp.add_argument("--segment-len", type=int, default=2048, help="tokens per forward segment (default 2048)")
+    pp.add_argument("--offload", action="store_true", help="keep the chunk memory in CPU pinned memory")
+    pp.set_defaults(func=run_ppl)
+
+
+def _load(args):
+    import torch
+
+    from ramba.eval.loading import load_model_tokenizer
+
+    torch.manual_seed(args.seed)
+    return load_model_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
+
+
+def _settings(args):
+    from ramba.eval.tasks import GenerationSettings
+
+    return GenerationSettings(segment_len=args.segment_len, mode=args.mode, offload=args.offload,
+                              batch_size=args.batch_size, extra_tokens=args.extra_tokens)
+
+
+def _haystack(args, tokenizer):
+    from ramba.data.tasks import TokenFileHaystack
+
+    return TokenFileHaystack(args.haystack, tokenizer) if args.haystack else None
+
+
+def _config(args, model, **extra) -> dict:
+    skip = {"func"}
+    settings = {k: v for k, v in vars(args).items() if k not in skip}
+    return {"model_path": str(Path(args.model)), "model": model.config.to_dict(), "eval": {**settings, **extra}}
+
+
+def _done(paths) -> None:
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def run_passkey(args: argparse.Namespace) -> int:
+    from ramba.eval.passkey import evaluate_passkey, passkey_table, save_passkey
+
+    model, tok = _load(args)
+    result = evaluate_passkey(model, tok, args.lengths, args.depths, args.samples, _settings(args), args.seed,
+                              _haystack(args, tok), args.digits, progress=not args.no_progress)
+    print(f"passkey accuracy ({args.samples} samples per cell, mode {args.mode}{', offload' if args.offload else ''}):")
+    print(passkey_table(result))
+    print(f"mean accuracy: {result['mean']:.3f}")
+    _done(save_passkey(result, args.out, _config(args, model, tokenizer=tok.name), args.seed, args.name or "passkey"))
+    return 0
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    from ramba.eval.results import format_grid
+    from ramba.eval.tasks import evaluate_tasks, save_tasks
+
+    model, tok = _load(args)
+    specs = [s.strip() for s in args.tasks.split(",") if s.strip()]
+    result = evaluate_tasks(model, tok, specs, args.lengths, args.depths, args.samples, _settings(args), args.seed,
+                            _haystack(args, tok), progress=not args.no_progress)
+    for spec, r in result["tasks"].items():
+        print(f"{spec} (mean {r['mean']:.3f}):")
+        print(format_grid(r["scores"], args.lengths, args.depths))
+    _done(save_tasks(result, args.out, _config(args, model, tokenizer=tok.name), args.seed, args.name or "tasks"))
+    return 0
+
+
+def run_ppl(args: argparse.Namespace) -> int:
+    from ramba.data.tokens import TokenFile
+    from ramba.eval.ppl import evaluate_ppl, ppl_table, save_ppl
+
+    model, tok = _load(args)
+    data = TokenFile(args.data)
+    data.check_tokenizer(tok)
+    result = evaluate_ppl(model, data, args.lengths, args.windows, args.buckets, args.bucket_scale,
+                          args.batch_size, args.segment_len, args.offload, progress=not args.no_progress)
+    print(ppl_table(result))
+    _done(save_ppl(result, args.out, _config(args, model, tokenizer=tok.name), args.seed, args.name or "ppl"))
+    return 0

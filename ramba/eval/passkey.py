@@ -1,0 +1,44 @@
+"""Passkey retrieval accuracy over context length x needle depth (JSON + heatmap PNG + text table).
+
+A 5-digit pass key is hidden at each depth of a haystack of each length (`ramba.data.tasks.PasskeyTask`);
+the model continues the prompt "... What is the pass key? The pass key is" greedily, and a sample
+scores 1 when the first number it writes is the key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from ramba.data.tasks import make_task
+from ramba.eval.plots import heatmap
+from ramba.eval.results import format_grid, write_results
+from ramba.eval.tasks import GenerationSettings, evaluate_task, summarize
+
+__all__ = ["evaluate_passkey", "save_passkey", "passkey_table"]
+
+
+def evaluate_passkey(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], samples: int,
+                     settings: GenerationSettings | None = None, seed: int = 0, haystack=None, digits: int = 5,
+                     progress: bool = False) -> dict:
+    """`{"lengths", "depths", "samples", "accuracy" [lengths, depths], "mean", "mean_by_length", "cells"}`."""
+    task = make_task("passkey", tokenizer, haystack, digits=digits)
+    cells = evaluate_task(model, task, lengths, depths, samples, settings, seed, progress)
+    summary = summarize(cells, lengths, depths)
+    accuracy = summary.pop("scores")
+    return {"task": "passkey", "lengths": list(lengths), "depths": list(depths), "samples": samples,
+            "accuracy": accuracy, **summary}
+
+
+def passkey_table(result: dict) -> str:
+    """The accuracy grid as text: a row per length, a column per depth."""
+    return format_grid(result["accuracy"], result["lengths"], result["depths"])
+
+
+def save_passkey(result: dict, out_dir, config: dict | None = None, seed: int | None = None,
+                 name: str = "passkey") -> tuple[Path, Path]:
+    """Writes `<name>.json` and the heatmap `<name>.png` into `out_dir`; returns both paths."""
+    out_dir = Path(out_dir)
+    json_path = write_results(out_dir / f"{name}.json", result, config, seed)
+    png_path = heatmap(result["accuracy"], result["lengths"], result["depths"], out_dir / f"{name}.png",
+                       title=f"passkey retrieval ({result['samples']} samples per cell)")
+    return json_path, png_path

@@ -1,0 +1,115 @@
+"""Plots of evaluation and benchmark results, drawn on matplotlib `Figure`s with the Agg canvas
+(no pyplot, no display, no global backend change), saved as PNG.
+
+- `heatmap`: a score over context length x needle depth, as in the long-context papers
+  (x: length, y: depth from 0% at the top to 100% at the bottom, red = 0, green = 1);
+- `line_plots`: one or more panels of lines, e.g. perplexity by length, tokens/s by length.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ramba.eval.results import format_length
+
+__all__ = ["heatmap", "Panel", "line_plots"]
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def heatmap(
+    scores: np.ndarray,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    path: str | os.PathLike,
+    title: str = "",
+    label: str = "accuracy",
+) -> Path:
+    """Saves a PNG of `scores [len(lengths), len(depths)]` in [0, 1] (NaN: not run) and returns its path."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != (len(lengths), len(depths)):
+        raise ValueError(f"scores: expected shape [{len(lengths)}, {len(depths)}] (lengths x depths), got {scores.shape}")
+    cmap = LinearSegmentedColormap.from_list(
+        "score", ["#d7191c", "#fdae61", "#ffffbf", "#a6d96a", "#1a9641"]).with_extremes(bad="#dddddd")
+    fig = _figure(max(4.0, 1.0 + 0.7 * len(lengths)), max(3.0, 1.2 + 0.45 * len(depths)))
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(scores.T), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{100 * d:g}%" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("depth")
+    if len(lengths) * len(depths) <= 400:
+        for i in range(len(lengths)):
+            for j in range(len(depths)):
+                if not math.isnan(scores[i, j]):
+                    ax.text(i, j, f"{scores[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=ax, label=label)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+@dataclass
+class Panel:
+    """One subplot: `series` maps a line's label to `(xs, ys)`; None / NaN points are left out.
+    `length_axis`: x values are token counts, labelled 4K, 1M, ... on a log2 axis."""
+
+    title: str
+    xlabel: str
+    ylabel: str
+    series: dict[str, tuple[Sequence[float], Sequence[float | None]]] = field(default_factory=dict)
+    length_axis: bool = False
+    logy: bool = False
+
+
+def line_plots(panels: Sequence[Panel], path: str | os.PathLike, title: str = "") -> Path:
+    """Saves a PNG with the panels side by side and returns its path."""
+    if not panels:
+        raise ValueError("panels: need at least one Panel")
+    fig = _figure(4.8 * len(panels), 3.8)
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ticks: set[float] = set()
+        for name, (xs, ys) in panel.series.items():
+            pts = [(float(x), float(y)) for x, y in zip(xs, ys) if y is not None and math.isfinite(float(y))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+                ticks.update(x for x, _ in pts)
+        if panel.length_axis and ticks:
+            if min(ticks) > 0:
+                ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(ticks), [format_length(int(t)) for t in sorted(ticks)])
+            ax.minorticks_off()
+        if panel.logy and ticks:
+            ax.set_yscale("log")
+        ax.set_title(panel.title)
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        if ticks:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

