@@ -14,6 +14,13 @@ PRESETS: dict[str, dict] = {
         chunk_size=64, topk=8, n_heads=4, n_kv_heads=1, head_dim=64, retrieval_dim=256, encoder_layers=1,
         d_state=64, ssm_head_dim=64, expand=2, conv_kernel=4, window=512,
     ),
+    # A middle size for benchmarks: 57M parameters with the 370M layout's proportions.
+    "small": dict(
+        vocab_size=50288, d_model=512, n_lower_layers=8, n_upper_layers=8, mamba_per_hsa=4, retrieval_groups=1,
+        chunk_size=64, topk=8, n_heads=8, n_kv_heads=1, head_dim=64, retrieval_dim=512, encoder_layers=1,
+        d_state=64, ssm_head_dim=64, expand=2, conv_kernel=4, window=512,
+        pad_token_id=1, bos_token_id=0, eos_token_id=0,
+    ),
     # The paper's 370M layout: 24 lower + 24 upper Mamba-2 layers, HSA every 8 (3 HSA layers), one group.
     "370m": dict(
         vocab_size=50288, d_model=1024, n_lower_layers=24, n_upper_layers=24, mamba_per_hsa=8, retrieval_groups=1,
@@ -157,7 +164,7 @@ class RambaConfig(PreTrainedConfig):
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "RambaConfig":
-        """A named configuration (``"tiny"``, ``"370m"``) with fields overridden by keyword."""
+        """A named configuration (``"tiny"``, ``"small"``, ``"370m"``) with fields overridden by keyword."""
         if name not in PRESETS:
             raise ValueError(f"RambaConfig.preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
