@@ -1,0 +1,65 @@
+"""RMS normalisations (weights named ``weight``, as in Hugging Face's Mamba-2 / LLaMA)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # float64 stays exact (for tests against float64 references); everything else runs in float32
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim, computed in float32
+    (float64 for float64 input).
+
+    Input ``[..., dim]``; output in the input dtype, times ``weight`` (so promoted to weight's
+    dtype when they differ, as in Hugging Face's RMSNorm).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.weight.shape[0]:
+            raise ValueError(f"RMSNorm: input must be [..., {self.weight.shape[0]}], got {tuple(x.shape)}")
+        h = x.to(_compute_dtype(x))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba-2's output norm: ``RMSNorm(x * silu(z))`` with the RMS taken per group of ``group_size``
+    channels (``n_groups`` groups of the ``dim`` channels), computed in float32 (float64 for float64 input).
+
+    Input x, z ``[..., dim]``; output in x's dtype times ``weight``.
+    """
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
+        super().__init__()
+        if group_size <= 0 or dim % group_size != 0:
+            raise ValueError(f"GatedRMSNorm: dim={dim} must be a positive multiple of group_size={group_size}")
+        self.eps = eps
+        self.group_size = group_size
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if x.shape != z.shape or x.shape[-1] != self.weight.shape[0]:
+            raise ValueError(
+                f"GatedRMSNorm: x and z must both be [..., {self.weight.shape[0]}], got {tuple(x.shape)} and {tuple(z.shape)}"
+            )
+        acc = _compute_dtype(x)
+        h = x.to(acc) * F.silu(z.to(acc))
+        hg = h.unflatten(-1, (-1, self.group_size))
+        hg = hg * torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * hg.flatten(-2).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"

@@ -1,0 +1,192 @@
+"""Mamba-2 mixer/block: equal to Hugging Face's Mamba2 with the same weights; segmented prefill,
+full forward and the one-token step agree."""
+import math
+
+import pytest
+import torch
+from transformers import Mamba2Config
+from transformers.models.mamba2.modeling_mamba2 import Mamba2Block as HFBlock
+from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as HFMixer
+
+from ramba.layers.mamba2 import Mamba2Block, Mamba2Mixer, Mamba2State
+from ramba.layers.norm import GatedRMSNorm, RMSNorm
+
+D_MODEL = 16
+
+
+def mixer_kwargs(n_groups=1, use_bias=False, use_conv_bias=True, limit=(0.0, float("inf")), d_conv=4):
+    return dict(d_state=8, d_conv=d_conv, expand=2, head_dim=8, n_groups=n_groups, chunk_size=8,
+                use_conv_bias=use_conv_bias, use_bias=use_bias, time_step_limit=limit)
+
+
+def hf_config(kw):
+    return Mamba2Config(
+        hidden_size=D_MODEL, state_size=kw["d_state"], expand=kw["expand"], head_dim=kw["head_dim"],
+        num_heads=kw["expand"] * D_MODEL // kw["head_dim"], n_groups=kw["n_groups"], chunk_size=kw["chunk_size"],
+        conv_kernel=kw["d_conv"], use_conv_bias=kw["use_conv_bias"], use_bias=kw["use_bias"],
+        layer_norm_epsilon=1e-5, time_step_limit=kw["time_step_limit"], num_hidden_layers=1, vocab_size=8,
+    )
+
+
+def randomize(module, seed):
+    """Random weights everywhere (norm weights and biases included) so every parameter matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "weight" in name else 0.5))
+            if name.endswith("A_log"):
+                p.copy_(torch.rand(p.shape, generator=g) * 1.5 - 1.0)
+    return module
+
+
+HF_CASES = [
+    dict(),
+    dict(n_groups=2, use_bias=True),
+    dict(n_groups=4, use_conv_bias=False, limit=(0.05, 0.8)),
+    dict(n_groups=2, d_conv=2),
+]
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+@pytest.mark.parametrize("T", [5, 21])
+def test_mixer_matches_hugging_face(case, T):
+    kw = mixer_kwargs(**case)
+    ours = randomize(Mamba2Mixer(D_MODEL, **kw), seed=T).eval()
+    hf = HFMixer(hf_config(kw), layer_idx=0).eval()
+    assert {k: v.shape for k, v in hf.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    hf.load_state_dict(ours.state_dict())
+    x = torch.randn(2, T, D_MODEL, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y_hf, y = hf(x), ours(x)
+    assert y.abs().max() > 0.1
+    torch.testing.assert_close(y, y_hf, rtol=1e-4, atol=1e-5)
+
+
+def test_block_matches_hugging_face():
+    kw = mixer_kwargs(n_groups=2)
+    ours = randomize(Mamba2Block(D_MODEL, **kw), seed=3).eval()
+    hf = HFBlock(hf_config(kw), layer_idx=0).eval()
+    assert {k: v.shape for k, v in hf.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    hf.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 13, D_MODEL)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+@pytest.mark.parametrize("cuts", [(10,), (1, 2, 3, 17), (8, 16)])
+def test_segmented_full_and_step_agree(n_groups, cuts):
+    m = randomize(Mamba2Mixer(D_MODEL, **mixer_kwargs(n_groups=n_groups, use_bias=True)), seed=7).double()
+    x = torch.randn(2, 21, D_MODEL, dtype=torch.float64)
+    y_full, s_full = m(x, return_state=True)
+    assert m(x).shape == y_full.shape == (2, 21, D_MODEL)
+    # segmented prefill, segments shorter than d_conv included
+    state, ys = None, []
+    for a, b in zip((0,) + cuts, cuts + (21,)):
+        y, state = m(x[:, a:b], state, return_state=True)
+        ys.append(y)
+    torch.testing.assert_close(torch.cat(ys, 1), y_full, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state.ssm, s_full.ssm, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state.conv, s_full.conv, rtol=1e-12, atol=1e-12)
+    # token by token
+    state, ys = m.empty_state(2), []
+    for t in range(21):
+        y, state = m.step(x[:, t], state)
+        assert y.shape == (2, D_MODEL)
+        ys.append(y)
+    torch.testing.assert_close(torch.stack(ys, 1), y_full, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state.ssm, s_full.ssm, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state.conv, s_full.conv, rtol=1e-12, atol=1e-12)
+
+
+def test_block_segmented_and_step():
+    blk = randomize(Mamba2Block(D_MODEL, **mixer_kwargs(n_groups=2)), seed=2).double()
+    x = torch.randn(1, 12, D_MODEL, dtype=torch.float64)
+    y_full = blk(x)
+    y1, s = blk(x[:, :7], return_state=True)
+    y2, s = blk(x[:, 7:11], s, return_state=True)
+    y3, s = blk.step(x[:, 11], s)
+    torch.testing.assert_close(torch.cat([y1, y2, y3[:, None]], 1), y_full, rtol=1e-10, atol=1e-10)
+
+
+def test_gradients_through_segment_state():
+    m = randomize(Mamba2Mixer(D_MODEL, **mixer_kwargs(n_groups=2)), seed=4).double()
+    x = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
+    w = torch.randn(2, 19, D_MODEL, dtype=torch.float64)
+    (m(x) * w).sum().backward()
+    full = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad()
+    y1, s = m(x[:, :9], return_state=True)
+    y2 = m(x[:, 9:], s)
+    (torch.cat([y1, y2], 1) * w).sum().backward()
+    for k, p in m.named_parameters():
+        assert full[k].abs().max() > 0, k
+        torch.testing.assert_close(p.grad, full[k], rtol=1e-9, atol=1e-10, msg=k)
+
+
+def test_shapes_state_and_init():
+    m = Mamba2Mixer(32, d_state=16, head_dim=16, n_groups=2, dt_min=0.01, dt_max=0.05)
+    H, P, N = 4, 16, 16
+    conv_dim = 64 + 2 * 2 * N
+    assert (m.n_heads, m.conv_dim) == (H, conv_dim)
+    assert m.in_proj.weight.shape == (64 + conv_dim + H, 32)
+    assert m.conv1d.weight.shape == (conv_dim, 1, 4)
+    assert m.norm.weight.shape == (64,) and m.out_proj.weight.shape == (32, 64)
+    torch.testing.assert_close(m.A_log.data, torch.log(torch.arange(1.0, H + 1)))
+    torch.testing.assert_close(m.D.data, torch.ones(H))
+    dt = torch.nn.functional.softplus(m.dt_bias.data)
+    assert ((dt >= 0.01 * (1 - 1e-5)) & (dt <= 0.05 * (1 + 1e-5))).all()
+    s = m.empty_state(3)
+    assert isinstance(s, Mamba2State)
+    assert s.conv.shape == (3, conv_dim, 4) and s.ssm.shape == (3, H, P, N)
+    assert s.ssm.dtype == torch.float32 and not s.conv.any() and not s.ssm.any()
+    y, s2 = m(torch.randn(3, 2, 32), return_state=True)  # shorter than d_conv: state zero-padded on the left
+    assert y.shape == (3, 2, 32) and s2.conv.shape == (3, conv_dim, 4) and not s2.conv[..., :2].any()
+    assert all(getattr(p, "_no_weight_decay", False) for p in (m.A_log, m.D, m.dt_bias))
+
+
+def test_bfloat16_close_to_float32():
+    m = randomize(Mamba2Mixer(D_MODEL, **mixer_kwargs(n_groups=2)), seed=5)
+    x = torch.randn(2, 13, D_MODEL)
+    with torch.no_grad():
+        y32 = m(x)
+        y16 = m.to(torch.bfloat16)(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    assert (y16.float() - y32).norm() / y32.norm() < 3e-2
+
+
+def test_norms():
+    x = torch.randn(3, 8, dtype=torch.float64)
+    n = RMSNorm(8, eps=1e-6).double()
+    torch.testing.assert_close(n(x), x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    z = torch.randn(3, 8, dtype=torch.float64)
+    gn = GatedRMSNorm(8, group_size=4, eps=1e-6).double()
+    h = (x * torch.sigmoid(z) * z).view(3, 2, 4)
+    torch.testing.assert_close(gn(x, z), (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).view(3, 8))
+    with pytest.raises(ValueError, match="RMSNorm"):
+        n(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="group_size"):
+        GatedRMSNorm(8, group_size=3)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="head_dim"):
+        Mamba2Mixer(16, head_dim=5)
+    with pytest.raises(ValueError, match="n_groups"):
+        Mamba2Mixer(16, head_dim=8, n_groups=3)
+    m = Mamba2Mixer(D_MODEL, **mixer_kwargs())
+    with pytest.raises(ValueError, match=r"\[B, T, d_model\]"):
+        m(torch.randn(2, 5, D_MODEL + 1))
+    with pytest.raises(ValueError, match=r"\[B, T, d_model\]"):
+        m(torch.randn(5, D_MODEL))
+    with pytest.raises(TypeError, match="Mamba2State"):
+        m(torch.randn(2, 5, D_MODEL), state=(1, 2))
+    with pytest.raises(ValueError, match="state.conv"):
+        m(torch.randn(2, 5, D_MODEL), state=m.empty_state(3))
+    bad = m.empty_state(2)
+    bad.ssm = bad.ssm[..., :-1]
+    with pytest.raises(ValueError, match="state.ssm"):
+        m.step(torch.randn(2, D_MODEL), bad)
+    with pytest.raises(ValueError, match=r"\[B, d_model\]"):
+        m.step(torch.randn(2, 1, D_MODEL), m.empty_state(2))
+    assert math.isinf(m.time_step_limit[1])
