@@ -12,8 +12,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from ramba.layers.attention import Attention, AttentionBlock
 from ramba.layers.hsa import ChunkEncoder, ChunkMemory, ChunkSelection, HSALayer, RetrievalLayer
-from ramba.layers.mamba2 import Mamba2Block
-from ramba.layers.norm import RMSNorm
+from ramba.layers.mamba2 import Mamba2Block, Mamba2Mixer
+from ramba.layers.norm import GatedRMSNorm, RMSNorm
 from ramba.model.cache import RambaCache
 from ramba.model.config import RambaConfig
 
@@ -71,6 +71,12 @@ class RambaPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, ChunkEncoder):
             nn.init.normal_(module.cls, mean=0.0, std=std)
+        elif isinstance(module, Mamba2Mixer):
+            module.reset_ssm_parameters()
+        elif isinstance(module, (RMSNorm, GatedRMSNorm)):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, nn.Conv1d):
+            module.reset_parameters()
 
 
 class RambaModel(RambaPreTrainedModel):

@@ -2,5 +2,6 @@
 from ramba.ops.attention import causal_attention
 from ramba.ops.hsa import hsa
 from ramba.ops.retrieval import select_chunks
+from ramba.ops.ssd import ssd, ssd_step
 
-__all__ = ["hsa", "select_chunks", "causal_attention"]
+__all__ = ["hsa", "select_chunks", "causal_attention", "ssd", "ssd_step"]

@@ -53,6 +53,11 @@ def _triton_available() -> bool:
     return True
 
 
+def _triton_supports(head_dim: int, chunk_size: int) -> bool:
+    """The Triton kernels tile D and S as powers of 2 of at least 16."""
+    return all(n >= 16 and n & (n - 1) == 0 for n in (head_dim, chunk_size))
+
+
 def hsa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -79,12 +84,13 @@ def hsa(
         scale: score scale, ``D ** -0.5`` by default.
         sm_n: extra softmax denominator term (0 plain softmax, 1 softmax-off-by-one).
         backend: ``"reference"``, ``"torch"`` or ``"triton"``; ``None`` picks ``"triton"`` for
-            CUDA tensors when Triton imports, else ``"torch"``.
+            CUDA tensors when Triton imports and D and chunk_size are powers of 2 >= 16, else ``"torch"``.
     Returns:
         ``[B, T, HQ, D]`` in q's dtype. Differentiable in q, k, v and weights.
     """
     if backend is None:
-        backend = "triton" if q.is_cuda and _triton_available() else "torch"
+        use_triton = q.is_cuda and _triton_available() and _triton_supports(q.shape[-1], chunk_size)
+        backend = "triton" if use_triton else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"hsa: backend must be one of {BACKENDS} or None, got {backend!r}")
     _check_inputs(q, k, v, weights, indices, chunk_size, backend)
