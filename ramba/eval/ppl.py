@@ -154,7 +154,7 @@ def save_ppl(result: dict, out_dir, config: dict | None = None, seed: int | None
                    {"whole window": ([r["length"] for r in rows], [r["ppl"] for r in rows])}, length_axis=True)
     by_pos = Panel("perplexity by position", "position (bucket end)", "perplexity",
                    {f"L={format_length(r['length'])}": ([b["end"] for b in r["buckets"]], [b["ppl"] for b in r["buckets"]])
-                    for r in rows}, length_axis=True)
+                    for r in rows}, length_axis=True, logy=True)
     json_path = write_results(out_dir / f"{name}.json", result, config, seed)
     png_path = line_plots([by_len, by_pos], out_dir / f"{name}.png")
     return json_path, png_path
