@@ -74,7 +74,7 @@ def heatmap(
 @dataclass
 class Panel:
     """One subplot: `series` maps a line's label to `(xs, ys)`; None / NaN points are left out.
-    `length_axis`: x values are token counts, labelled 4K, 1M, ... on a log2 axis."""
+    `length_axis`: x values are token counts, labelled 4K, 1M, ... on a log2 axis; `ylim`: fixed y range."""
 
     title: str
     xlabel: str
@@ -82,6 +82,7 @@ class Panel:
     series: dict[str, tuple[Sequence[float], Sequence[float | None]]] = field(default_factory=dict)
     length_axis: bool = False
     logy: bool = False
+    ylim: tuple[float, float] | None = None
 
 
 def line_plots(panels: Sequence[Panel], path: str | os.PathLike, title: str = "") -> Path:
@@ -104,6 +105,8 @@ def line_plots(panels: Sequence[Panel], path: str | os.PathLike, title: str = ""
             ax.minorticks_off()
         if panel.logy and ticks:
             ax.set_yscale("log")
+        if panel.ylim is not None:
+            ax.set_ylim(*panel.ylim)
         ax.set_title(panel.title)
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)

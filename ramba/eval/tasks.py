@@ -209,5 +209,5 @@ def save_tasks(result: dict, out_dir, config: dict | None = None, seed: int | No
               for spec, r in result["tasks"].items()}
     json_path = write_results(out_dir / f"{name}.json", result, config, seed)
     png_path = line_plots([Panel("task accuracy by context length", "context length (tokens)", "mean score",
-                                 series, length_axis=True)], out_dir / f"{name}.png")
+                                 series, length_axis=True, ylim=(-0.02, 1.02))], out_dir / f"{name}.png")
     return json_path, png_path
