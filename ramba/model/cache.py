@@ -97,6 +97,7 @@ class RambaCache:
 
     def __init__(self, config, batch_size: int, device: torch.device, dtype: torch.dtype, offload: bool = False):
         self.layer_plan = config.layer_plan()
+        self.config = config
         self.config_key = config.to_json_string(use_diff=False)
         self.batch_size, self.device, self.dtype, self.offload = batch_size, torch.device(device), dtype, offload
         self.seen_tokens = 0
@@ -112,7 +113,7 @@ class RambaCache:
 
     def check(self, config, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
         """Raise a clear error when this cache cannot continue a forward of ``config`` with these inputs."""
-        if config.to_json_string(use_diff=False) != self.config_key:
+        if config is not self.config and config.to_json_string(use_diff=False) != self.config_key:
             raise ValueError("RambaCache: this cache was made by a model with a different configuration")
         if batch_size != self.batch_size:
             raise ValueError(f"RambaCache: made for batch size {self.batch_size}, got input of batch size {batch_size}")
