@@ -55,8 +55,9 @@ class ChunkMemoryStore:
         self._grow(self.n_chunks + c)
         B, _, H, D = memory.k.shape
         sl = slice(self.n_chunks, self.n_chunks + c)
-        self._k[:, sl] = memory.k.reshape(B, c, self.chunk_size, H, D).to(self.kv_device, self.dtype, non_blocking=True)
-        self._v[:, sl] = memory.v.reshape(B, c, self.chunk_size, H, D).to(self.kv_device, self.dtype, non_blocking=True)
+        # a blocking copy: a non-blocking device-to-host copy could still be in flight when fetch() reads it
+        self._k[:, sl].copy_(memory.k.reshape(B, c, self.chunk_size, H, D))
+        self._v[:, sl].copy_(memory.v.reshape(B, c, self.chunk_size, H, D))
         self._landmarks[:, sl] = memory.landmarks.to(self.dtype)
         self.n_chunks += c
 

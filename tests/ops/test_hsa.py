@@ -99,13 +99,68 @@ def test_torch_backend_small_blocks_and_fp32(monkeypatch):
     """Several token blocks (the block loop and the index_add_ scatter), fp32 inputs."""
     blocked = importlib.import_module("ramba.ops.hsa.blocked")
 
-    monkeypatch.setattr(blocked, "_BLOCK_ELEMS", 1)  # one token per block
+    monkeypatch.setattr(blocked, "_BLOCK_ELEMS", 1)  # one group of pairs per block
     inputs = make_inputs(2, 9, 4, 2, 16, 16, 3, 4, dtype=torch.float32, seed=3)
     ref = forward_backward("reference", *inputs, 16, 1.0)
     got = forward_backward("torch", *inputs, 16, 1.0)
     for name, a, b in zip(("o", "dq", "dk", "dv", "dw"), got, ref):
         assert a.dtype == torch.float32
         assert rel(a, b) < 1e-5, name
+
+
+@pytest.mark.parametrize("group_rows,block_elems", [(1, 1), (8, 1), (64, 1 << 12), (1 << 12, 1 << 30)])
+@pytest.mark.parametrize("sm_n", [0.0, 1.0])
+def test_torch_backend_groups_and_blocks(monkeypatch, group_rows, block_elems, sm_n):
+    """Chunk groups of one pair up to all of a chunk's pairs, partly filled (padded) groups, one to
+    many groups per block; duplicate indices and zero-weight slots (make_inputs), float64."""
+    blocked = importlib.import_module("ramba.ops.hsa.blocked")
+
+    monkeypatch.setattr(blocked, "_GROUP_ROWS", group_rows)
+    monkeypatch.setattr(blocked, "_BLOCK_ELEMS", block_elems)
+    inputs = make_inputs(2, 13, 4, 2, 8, 4, 3, 5, seed=11)
+    plan = blocked._Plan(inputs[4], 5, 2, group_rows)
+    pads = int((plan.table == inputs[4].numel()).sum())
+    assert sorted(plan.table[plan.table < inputs[4].numel()].tolist()) == list(range(inputs[4].numel()))
+    assert pads <= inputs[4].numel() and (group_rows < 4 or pads > 0)
+    ref = forward_backward("reference", *inputs, 4, sm_n)
+    got = forward_backward("torch", *inputs, 4, sm_n)
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dw"), got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("sm_n", [0.0, 1.0])
+def test_torch_backend_one_chunk_all_duplicates_and_zero_weights(sm_n):
+    """Every slot of every token picks chunk 0; all weights zero gives o = 0 but dw != 0."""
+    q, k, v, w, idx, do = make_inputs(2, 6, 4, 1, 8, 4, 4, 2, seed=5)
+    idx = torch.zeros_like(idx)
+    for weights in (w, torch.zeros_like(w)):
+        ref = forward_backward("reference", q, k, v, weights, idx, do, 4, sm_n)
+        got = forward_backward("torch", q, k, v, weights, idx, do, 4, sm_n)
+        for name, a, b in zip(("o", "dq", "dk", "dv", "dw"), got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+    assert got[0].abs().max() == 0 and got[4].abs().min() > 0
+
+
+@pytest.mark.parametrize("sm_n", [0.0, 1.0])
+def test_torch_backend_extreme_scores(sm_n):
+    """Scores of several hundred either sign: softmax1's extra term must neither overflow nor vanish wrongly."""
+    q, k, v, w, idx, do = make_inputs(1, 7, 2, 1, 16, 4, 3, 4, seed=9)
+    k = k * torch.tensor([40.0, -40.0, 1e-3, 3.0]).repeat_interleave(4)[None, :, None, None]
+    ref = forward_backward("reference", q, k, v, w, idx, do, 4, sm_n, scale=1.0)
+    got = forward_backward("torch", q, k, v, w, idx, do, 4, sm_n, scale=1.0)
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dw"), got, ref):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_torch_backend_bf16_close_to_fp32_reference():
+    inputs = make_inputs(1, 9, 4, 1, 16, 16, 3, 3, dtype=torch.float32, seed=2)
+    low = [x.to(torch.bfloat16) if x.is_floating_point() and i != 3 else x for i, x in enumerate(inputs)]
+    got = forward_backward("torch", *low, 16, 0.0)
+    ref = forward_backward("reference", *[x.float() if x.is_floating_point() else x for x in low], 16, 0.0)
+    assert [a.dtype for a in got] == [torch.bfloat16] * 4 + [torch.float32]
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dw"), got, ref):
+        assert rel(a, b) < 2e-2, name
 
 
 def test_build_plan_invariants():
