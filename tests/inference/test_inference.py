@@ -2,14 +2,11 @@
 import pytest
 import torch
 
-from ramba import RambaCache, RambaConfig, RambaForCausalLM
+from small_models import small_model
+
+from ramba import RambaCache
 from ramba.inference import generate, prefill
 
-SMALL = dict(
-    vocab_size=64, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, retrieval_dim=16, d_state=8, ssm_head_dim=16,
-    chunk_size=16, topk=2, n_lower_layers=1, n_upper_layers=2, mamba_per_hsa=1, window=8, mlp_hidden=64,
-    ssm_chunk_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)
 CONFIGS = {
     "ramba": {},
     "ramba-swa": dict(local_mixer="swa"),
@@ -17,11 +14,6 @@ CONFIGS = {
     "mamba2-swa": dict(architecture="mamba2-swa"),
     "transformer": dict(architecture="transformer"),
 }
-
-
-def small_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return RambaForCausalLM(RambaConfig(**{**SMALL, **overrides})).eval()
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
