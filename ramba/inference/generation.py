@@ -20,12 +20,16 @@ def prefill(
     cache: RambaCache | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, RambaCache]:
-    """Run a prompt through the model in segments of ``segment_len`` tokens, filling a cache.
+    """Run a prompt through the model in segments of at most ``segment_len`` tokens, filling a cache.
 
-    ``mode="exact"`` gives what one full forward gives. ``mode="fast"`` skips retrieval and the HSA
-    attention term for every segment but the last (the chunk memory is still built from them): an
-    approximation, as in the paper's longest runs, that makes prefill cost independent of HSA.
-    ``offload`` keeps the chunk memory in CPU (pinned) memory; only landmarks stay on the device.
+    The segments are cut back from the end of the prompt: the last one holds the final ``segment_len``
+    tokens, the first one what is left over. ``mode="exact"`` gives what one full forward gives.
+    ``mode="fast"`` skips retrieval and the HSA attention term for every segment but the last (the chunk
+    memory is still built from them): an approximation, as in the paper's longest runs, that makes
+    prefill cost independent of HSA; the final ``segment_len`` prompt tokens (the question, in a
+    retrieval task) always get HSA. ``offload`` keeps the chunk memory in CPU (pinned) memory; only
+    landmarks stay on the device. ``input_ids`` may stay on the CPU: each segment is moved to the
+    model's device on its own.
 
     Args:
         model: a ``RambaForCausalLM``. input_ids: ``[B, T]`` with ``T >= 1``.
@@ -40,17 +44,17 @@ def prefill(
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"prefill: input_ids must be [B, T] with T >= 1, got {tuple(input_ids.shape)}")
     B, T = input_ids.shape
+    weight = model.get_input_embeddings().weight
     if cache is None:
-        weight = model.get_input_embeddings().weight
         cache = RambaCache(model.config, B, weight.device, weight.dtype, offload=offload)
     logits = None
-    for start in range(0, T, segment_len):
-        last = start + segment_len >= T
-        out = model(input_ids=input_ids[:, start : start + segment_len], past_key_values=cache, use_cache=True,
-                    logits_to_keep=1, skip_hsa=mode == "fast" and not last)
+    ends = list(range(T, 0, -segment_len))[::-1]
+    for start, end in zip([0] + ends[:-1], ends):
+        out = model(input_ids=input_ids[:, start:end].to(weight.device), past_key_values=cache, use_cache=True,
+                    logits_to_keep=1, skip_hsa=mode == "fast" and end < T)
         logits = out.logits[:, -1].float()
         if progress is not None:
-            progress(min(start + segment_len, T))
+            progress(end)
     return logits, cache
 
 
@@ -91,7 +95,7 @@ def generate(
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
     logits, cache = prefill(model, input_ids, segment_len, mode, offload)
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
     new_tokens = []
     for step in range(max_new_tokens):
         token = _pick(logits, do_sample, temperature, top_k, generator)

@@ -105,7 +105,8 @@ class RambaModel(RambaPreTrainedModel):
             else:  # complete chunks from the pending tail plus the new tokens go to the memory store
                 full = hidden if cache.pending is None else torch.cat((cache.pending, hidden), dim=1)
                 n = full.shape[1] // self.config.chunk_size * self.config.chunk_size
-                cache.memory.append(layer(full[:, :n]))
+                if n:  # CUDA's SDPA returns None, not an empty tensor, for an empty batch of chunks
+                    cache.memory.append(layer(full[:, :n]))
                 cache.pending = full[:, n:]
             return hidden
         if kind == "retrieval":

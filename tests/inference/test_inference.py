@@ -78,6 +78,12 @@ def test_fast_mode_is_exact_mode_without_early_hsa():
     # the chunk memory depends only on the lower layers, so it is the same in both modes
     _, exact_cache = prefill(model, ids, segment_len=32, mode="exact")
     torch.testing.assert_close(fast_cache.memory.landmarks, exact_cache.memory.landmarks)
+    # segments are cut back from the end (70 = 6 + 32 + 32): only the final 32 tokens get HSA
+    cache = RambaCache(model.config, 1, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        for start, end in ((0, 6), (6, 38), (38, 70)):
+            manual = model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True, skip_hsa=end < 70)
+    torch.testing.assert_close(fast, manual.logits[:, -1], atol=2e-5, rtol=2e-5)
     # with the HSA outputs zeroed, skipping them changes nothing
     with torch.no_grad():
         for kind, layer in zip(model.model.layer_kinds, model.model.layers):

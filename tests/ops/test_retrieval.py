@@ -85,6 +85,11 @@ def test_decode_single_token_at_large_position():
     kw = dict(chunk_size=S, topk=K, positions=positions)
     ref = _run(select_chunks_naive, q, lm, **kw)
     _assert_same(_run(select_chunks, q, lm, block_chunks=32, **kw), ref)
+    # default blocks: a decoding token scores its 300 chunks in one tile (and 5000 in one, too)
+    _assert_same(_run(select_chunks, q, lm, **kw), ref)
+    q5, lm5 = _inputs(1, 2, 5000, 1, 8, seed=8)
+    far = dict(chunk_size=S, topk=K, positions=torch.tensor([5000 * S, 1234 * S + 3]))
+    _assert_same(_run(select_chunks, q5, lm5, **far), _run(select_chunks_naive, q5, lm5, **far))
     idx = ref[0][:, 0, 0]
     assert torch.all(idx[:, :-1] > idx[:, 1:])  # distinct, most recent first
     assert int(idx[1].max()) < 100

@@ -134,7 +134,7 @@ def select_chunks_streaming(
         topk: ``K`` slots per token.
         positions: ``None`` (token ``t`` at position ``t``) or integer ``[T]`` / ``[B, T]``.
         norm: ``"stick_breaking"`` or ``"softmax"``.
-        block_chunks: chunks scored at once (default 1024).
+        block_chunks: chunks scored at once (default: at least 1024, more when few tokens fill a tile).
         block_tokens: tokens per block (default: sized so a tile holds about ``TILE_ELEMENTS``).
     Returns:
         indices ``[B, T, R, K]`` int64, most recent chunk first, empty slots (index 0) last;
@@ -147,8 +147,10 @@ def select_chunks_streaming(
     B, T, R, Dr = q_r.shape
     C, K, dev = landmarks.shape[1], topk, q_r.device
     acc = compute_dtype(q_r.dtype, landmarks.dtype)
-    block_chunks = block_chunks or DEFAULT_BLOCK_CHUNKS
-    tokens_topk = block_tokens or max(1, TILE_ELEMENTS // (B * R * (min(block_chunks, max(C, 1)) + K)))
+    first_block = min(block_chunks or DEFAULT_BLOCK_CHUNKS, max(C, 1))
+    tokens_topk = block_tokens or max(1, TILE_ELEMENTS // (B * R * (first_block + K)))
+    # few tokens (decoding) score many chunks per tile: one pass over a million landmarks, not a thousand
+    block_chunks = block_chunks or max(DEFAULT_BLOCK_CHUNKS, TILE_ELEMENTS // (B * R * min(tokens_topk, max(T, 1))) - K)
     tokens_gather = block_tokens or max(1, TILE_ELEMENTS // (B * R * K * Dr))
     n_vis = resolve_positions(positions, B, T, dev).div(chunk_size, rounding_mode="floor").clamp(0, C)
     indices = torch.empty(B, T, R, K, dtype=torch.long, device=dev)
