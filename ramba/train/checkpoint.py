@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 __all__ = [
     "CheckpointError",
+    "model_folder",
     "save_checkpoint",
     "load_checkpoint",
     "list_checkpoints",
@@ -88,6 +89,17 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     ckpts = list_checkpoints(root)
     return ckpts[-1] if ckpts else None
+
+
+def model_folder(path: str | os.PathLike) -> Path | None:
+    """The `save_pretrained` folder (config.json + *.safetensors) that `path` names: `path` itself, a
+    checkpoint's `model/`, or the `model/` of a training run's newest checkpoint; None when it names none."""
+    path = Path(path)
+    newest = latest_checkpoint(path / "checkpoints")
+    for folder in (path, path / "model", None if newest is None else newest / "model"):
+        if folder is not None and (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+            return folder
+    return None
 
 
 def verify_checkpoint(path: str | os.PathLike) -> dict:

@@ -79,8 +79,8 @@ class ModelConfig:
     overrides: dict = _f({}, "RambaConfig fields set on top of the preset, e.g. {d_model: 64, architecture: mamba2}.")
     init_from: Optional[str] = _f(
         None,
-        "Start from these weights: a folder written by save_pretrained (e.g. a checkpoint's model/ folder); "
-        "preset and overrides are then ignored.",
+        "Start from these weights: a folder written by save_pretrained, a checkpoint (step-N/), a training run "
+        "(its newest checkpoint) or a model file (`ramba export`); preset and overrides are then ignored.",
     )
 
 
@@ -196,6 +196,11 @@ class TrainConfig:
         "auto", "auto: bf16 autocast on CUDA, fp32 on CPU. Weights and optimizer state stay fp32."
     )
     grad_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    loss_average: Literal["token", "sequence"] = _f(
+        "token",
+        "token: the loss is the mean over every labelled token of the batch. sequence: the mean over sequences of "
+        "each sequence's mean, so a task sample whose loss is on a few answer tokens weighs as much as a text window.",
+    )
     device: Optional[str] = _f(None, "Device ('cpu', 'cuda'); null picks cuda:LOCAL_RANK when available.")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model (see model.*)."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "The data (see data.*)."})

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ramba.data.mixture import DistributedSampler, Mixture, TaskStream, TokenWindows, collate
@@ -26,7 +27,7 @@ from ramba.data.tasks import TemplateHaystack, TokenFileHaystack, make_task
 from ramba.data.tokenizer import load_tokenizer
 from ramba.data.tokens import TokenFile
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, model_folder, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, all_reduce_mean, gather_objects, init_distributed, shutdown_distributed, wrap_model
 from .evaluate import eval_loss, eval_task
@@ -43,9 +44,7 @@ def build_model(cfg: TrainConfig, tokenizer):
 
     m = cfg.model
     if m.init_from is not None:
-        if not Path(m.init_from).is_dir():
-            raise FileNotFoundError(f"config key 'model.init_from': no such folder: {m.init_from}")
-        model = RambaForCausalLM.from_pretrained(m.init_from)
+        model = _initial_weights(m.init_from)
     else:
         # RambaConfig, like every PreTrainedConfig, silently keeps unknown keyword arguments: check names first.
         known = {name for klass in RambaConfig.__mro__ for name in getattr(klass, "__annotations__", {})}
@@ -66,6 +65,25 @@ def build_model(cfg: TrainConfig, tokenizer):
             f"({tokenizer.name}); set model.overrides.vocab_size to at least {tokenizer.vocab_size}"
         )
     return model
+
+
+def _initial_weights(spec: str):
+    """The model `model.init_from` names: a save_pretrained folder, a checkpoint (`step-N/`), a training
+    run (its newest checkpoint) or a single-file model (`ramba export`)."""
+    from ramba.model import RambaForCausalLM
+    from ramba.model.single_file import load_model_file
+
+    path = Path(spec)
+    if path.is_file():
+        try:
+            return load_model_file(path).train()
+        except ValueError as e:
+            raise ConfigError(f"config key 'model.init_from': {e}") from None
+    folder = model_folder(path)
+    if folder is not None:
+        return RambaForCausalLM.from_pretrained(folder)
+    raise FileNotFoundError(f"config key 'model.init_from': {spec} is not a model folder, checkpoint, training run "
+                            "or model file")
 
 
 def _holdout_start(tf: TokenFile, holdout: float) -> int:
@@ -118,6 +136,24 @@ def build_data(cfg: TrainConfig, tokenizer):
                 raise ConfigError(f"config key 'data.sources.{i}': {e}") from None
         weights.append(s.weight)
     return Mixture(sources, weights, cfg.seed), evals
+
+
+def sequence_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged per sequence, then over the sequences that have labels.
+
+    logits ``[B, T, V]``, labels ``[B, T]`` (-100: no loss; shifted inside, as the model's own loss).
+    """
+    targets = labels[:, 1:]
+    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    counts = (targets != -100).sum(dim=1)
+    per_sequence = per_token.sum(dim=1) / counts.clamp_min(1)
+    return per_sequence.sum() / (counts > 0).sum().clamp_min(1)
+
+
+def _loss(model, ids: torch.Tensor, labels: torch.Tensor, average: str) -> torch.Tensor:
+    if average == "token":
+        return model(input_ids=ids, labels=labels).loss
+    return sequence_mean_loss(model(input_ids=ids).logits, labels)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -330,7 +366,7 @@ def _train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
                 ids, labels = collate([mixture.example(i) for i in sampler.indices(examples, micro)])
                 sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
                 with contextlib.nullcontext() if sync else model.no_sync(), autocast():
-                    loss = model(input_ids=ids.to(info.device), labels=labels.to(info.device)).loss
+                    loss = _loss(model, ids.to(info.device), labels.to(info.device), cfg.loss_average)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach().float()
             if cfg.optim.grad_clip > 0:

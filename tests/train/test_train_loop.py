@@ -62,6 +62,47 @@ def test_gradient_checkpointing_and_accumulation(config_dict, tmp_path):
     assert np.allclose(list(accum.values()), list(base.values()), rtol=1e-5, atol=1e-6)
 
 
+def test_sequence_mean_loss():
+    """Each sequence's mean over its labelled tokens, averaged over the sequences with labels."""
+    from ramba.train.loop import sequence_mean_loss
+
+    logits = torch.randn(3, 6, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (3, 6))
+    labels[0, 1:4] = -100  # row 0: 2 labelled targets, row 1: 5, row 2: none
+    labels[2, 1:] = -100
+    nll = -logits[:, :-1].log_softmax(-1).gather(-1, labels[:, 1:].clamp_min(0)[..., None])[..., 0]
+    expected = (nll[0, 3:].mean() + nll[1].mean()) / 2
+    torch.testing.assert_close(sequence_mean_loss(logits, labels), expected.float())
+    full = torch.randint(0, 11, (3, 6))  # equal counts per row: the same as the mean over tokens
+    token_mean = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), full[:, 1:].reshape(-1))
+    torch.testing.assert_close(sequence_mean_loss(logits, full), token_mean.float())
+
+
+def test_sequence_average_trains(config_dict, tmp_path):
+    config_dict.update(max_steps=2, loss_average="sequence")
+    assert all(np.isfinite(v) for v in losses_of(config_dict, tmp_path / "seq").values())
+
+
+def test_init_from_a_run_a_model_file_or_nothing(config_dict, tmp_path):
+    """A second stage starts from the first stage's weights, given as its run folder or an exported file."""
+    from ramba.model.single_file import load_model_file, save_model_file
+    from ramba.train.loop import build_model
+
+    config_dict.update(max_steps=2)
+    train(config_from_dict(config_dict))
+    first = load_model_file(save_model_file(build_model(config_from_dict(
+        {**config_dict, "model": {"init_from": config_dict["out_dir"]}}), ByteTokenizer()), tmp_path / "m.safetensors",
+        dtype=torch.float32))
+    second = build_model(config_from_dict({**config_dict, "model": {"init_from": str(tmp_path / "m.safetensors")}}),
+                         ByteTokenizer())
+    fresh = build_model(config_from_dict(config_dict), ByteTokenizer())
+    for (name, a), b, c in zip(first.state_dict().items(), second.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in zip(first.state_dict().values(), fresh.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="is not a model folder"):
+        build_model(config_from_dict({**config_dict, "model": {"init_from": str(tmp_path)}}), ByteTokenizer())
+
+
 def losses_of(config: dict, out_dir) -> dict[int, float]:
     train(config_from_dict({**config, "out_dir": str(out_dir)}))
     return losses(out_dir)
