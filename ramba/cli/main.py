@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-COMMANDS = ["prepare", "train", "eval", "bench", "generate"]
+COMMANDS = ["demo", "prepare", "train", "eval", "bench", "generate", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -216,18 +216,21 @@ class Task:
 
 
 class PasskeyTask(Task):
-    """Find a random pass key of `digits` digits."""
+    """Find a random pass key of `digits` digits (or always the same `key`, a string of digits)."""
 
     name = "passkey"
 
-    def __init__(self, tokenizer, haystack=None, digits: int = 5):
+    def __init__(self, tokenizer, haystack=None, digits: int = 5, key: str | None = None):
         super().__init__(tokenizer, haystack)
         if digits < 1:
             raise ValueError(f"digits: expected >= 1, got {digits}")
-        self.digits = digits
+        if key is not None and not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise ValueError(f"key: expected a string of digits, got {key!r}")
+        self.digits, self.key = digits, key
 
     def _generate(self, length, depth, rng):
         key = str(rng.randrange(10 ** (self.digits - 1), 10**self.digits))
+        key = self.key or key  # the draw happens either way, so the haystack of a seed does not depend on `key`
         needle = f"The pass key is {key}. Remember it. {key} is the pass key."
         return self._assemble(
             length, rng, [needle], [depth], 0, "What is the pass key? The pass key is", f" {key}.", [key]

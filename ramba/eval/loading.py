@@ -1,7 +1,8 @@
 """Finding and loading a model (and its tokenizer) for evaluation and generation.
 
 `--model` may name a model folder (`config.json` + `model.safetensors`), a training checkpoint
-(`step-N/`, holding `model/`), or a training run (`out_dir/`, its newest checkpoint is used).
+(`step-N/`, holding `model/`), a training run (`out_dir/`, its newest checkpoint is used), or a
+single-file model (`*.safetensors` written by `ramba export`, config and tokenizer in its metadata).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from ramba.eval.results import EvalError
 
-__all__ = ["resolve_model_dir", "load_model", "load_model_tokenizer", "resolve_device", "resolve_dtype"]
+__all__ = ["resolve_model_dir", "run_config", "load_model", "load_model_tokenizer", "resolve_device", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,16 +27,12 @@ def resolve_model_dir(spec: str | os.PathLike) -> Path:
     """The folder holding `config.json` + weights for a model folder, checkpoint folder or run folder."""
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"model: no such folder: {path}")
-    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-        return path
-    if (path / "model" / "config.json").is_file():
-        return path / "model"
-    from ramba.train.checkpoint import latest_checkpoint
+        raise FileNotFoundError(f"model: no such folder or file: {path}")
+    from ramba.train.checkpoint import model_folder
 
-    newest = latest_checkpoint(path / "checkpoints")
-    if newest is not None and (newest / "model" / "config.json").is_file():
-        return newest / "model"
+    folder = model_folder(path)
+    if folder is not None:
+        return folder
     raise EvalError(f"model: {path} is not a model folder (config.json + *.safetensors), a checkpoint (step-N/model/) "
                     "or a training run (checkpoints/step-N/)")
 
@@ -56,43 +53,72 @@ def resolve_dtype(spec: str | None, device: torch.device) -> torch.dtype:
     return _DTYPES[spec]
 
 
+def _model_file_metadata(path: Path) -> dict | None:
+    """The metadata of a single-file model, None for a folder."""
+    if not path.is_file():
+        return None
+    from ramba.model.single_file import read_model_file_metadata
+
+    try:
+        return read_model_file_metadata(path)
+    except ValueError as e:
+        raise EvalError(f"model: {e}") from None
+
+
 def load_model(spec: str | os.PathLike, device=None, dtype=None):
     """A `RambaForCausalLM` in eval mode on `device` (default: auto) in `dtype` (default: auto)."""
     from ramba import RambaForCausalLM
+    from ramba.model.single_file import load_model_file
 
-    folder = resolve_model_dir(spec)
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     dtype = resolve_dtype(dtype, device) if not isinstance(dtype, torch.dtype) else dtype
+    if _model_file_metadata(Path(spec)) is not None:
+        logger.info("loading model file %s (%s, %s)", spec, device, dtype)
+        return load_model_file(spec, device, dtype)
+    folder = resolve_model_dir(spec)
     logger.info("loading model from %s (%s, %s)", folder, device, dtype)
     return RambaForCausalLM.from_pretrained(folder).to(device=device, dtype=dtype).eval()
 
 
-def _run_tokenizer(model_dir: Path) -> str | None:
-    """The tokenizer a training run was configured with: `data.tokenizer` of the run's config.json,
-    looked up in the folders above a checkpoint (`run/checkpoints/step-N/model`)."""
-    for parent in list(model_dir.resolve().parents)[:4]:
+def run_config(model_dir: Path) -> dict | None:
+    """The training config (`ramba train`'s config.json) of the run a model folder belongs to, looked up
+    in the folders above a checkpoint (`run/checkpoints/step-N/model`); None when there is none."""
+    for parent in list(Path(model_dir).absolute().parents)[:4]:
         cfg = parent / "config.json"
         if cfg.is_file():
             try:
                 data = json.loads(cfg.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
-            tok = data.get("data", {}).get("tokenizer") if isinstance(data.get("data"), dict) else None
-            if tok is not None:
-                return str(tok)
+            if isinstance(data.get("data"), dict):
+                return data
     return None
 
 
-def load_model_tokenizer(spec: str | os.PathLike, tokenizer: str | None = None, device=None, dtype=None):
-    """`(model, tokenizer)`. The tokenizer is `tokenizer` when given, else a `tokenizer.json` beside the
-    weights, else the training run's configured tokenizer, else the built-in byte tokenizer."""
-    from ramba.data.tokenizer import load_tokenizer
+def _run_tokenizer(model_dir: Path) -> str | None:
+    """The tokenizer a training run was configured with (`data.tokenizer` of its config)."""
+    tok = (run_config(model_dir) or {}).get("data", {}).get("tokenizer")
+    return None if tok is None else str(tok)
 
-    folder = resolve_model_dir(spec)
-    if tokenizer is None:
-        tokenizer = str(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else _run_tokenizer(folder)
+
+def load_model_tokenizer(spec: str | os.PathLike, tokenizer: str | None = None, device=None, dtype=None):
+    """`(model, tokenizer)`. The tokenizer is `tokenizer` when given, else the one named in a single-file
+    model's metadata, else a `tokenizer.json` beside the weights, else the training run's configured
+    tokenizer, else the built-in byte tokenizer."""
+    from ramba.data.tokenizer import load_tokenizer
+    from ramba.model.single_file import TOKENIZER_KEY
+
+    meta = _model_file_metadata(Path(spec))
+    if meta is not None:
+        source = Path(spec)
+        tokenizer = tokenizer or meta.get(TOKENIZER_KEY)
+    else:
+        source = resolve_model_dir(spec)
+        if tokenizer is None and (source / "tokenizer.json").is_file():
+            tokenizer = str(source / "tokenizer.json")
+        tokenizer = tokenizer or _run_tokenizer(source)
     tok = load_tokenizer(tokenizer)
-    model = load_model(folder, device, dtype)
+    model = load_model(source, device, dtype)
     if tok.vocab_size > model.config.vocab_size:
         raise EvalError(f"tokenizer {tok.name!r} has {tok.vocab_size} ids but the model's vocab_size is "
                         f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")

@@ -9,6 +9,7 @@ continuation, cut at the first eos.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -53,6 +54,8 @@ class CellResult:
     depth: float
     score: float
     samples: list[dict] = field(default_factory=list)
+    seconds: float | None = None  # wall clock of the cell's generations
+    peak_gpu_gib: float | None = None  # peak CUDA memory allocated during the cell (None on the CPU)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,7 +95,7 @@ def continue_prompts(model, prompts: np.ndarray, max_new_tokens: int, settings: 
     ids, cut before the first eos."""
     from ramba.inference import generate
 
-    ids = torch.as_tensor(np.ascontiguousarray(prompts), dtype=torch.long, device=_device(model))
+    ids = torch.as_tensor(np.ascontiguousarray(prompts), dtype=torch.long)  # prefill moves one segment at a time
     with torch.no_grad():
         out = generate(model, ids, max_new_tokens, segment_len=settings.segment_len, mode=settings.mode,
                        offload=settings.offload, do_sample=False, eos_token_id=eos_id)
@@ -144,6 +147,7 @@ def evaluate_task(
     if samples < 1:
         raise EvalError(f"samples: expected >= 1, got {samples}")
     tok = task.tokenizer
+    device = _device(model)
     results = []
     bar = tqdm(total=len(lengths) * len(depths) * samples, desc=task.name, unit="sample", disable=not progress)
     try:
@@ -151,13 +155,19 @@ def evaluate_task(
             for depth in depths:
                 cell = _samples(task, int(length), float(depth), samples, seed)
                 records = []
-                for i, (s, ids) in enumerate(zip(cell, _predict(model, cell, settings, tok.eos_id, bar))):
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                start = time.perf_counter()
+                predictions = _predict(model, cell, settings, tok.eos_id, bar)
+                seconds = time.perf_counter() - start
+                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                for i, (s, ids) in enumerate(zip(cell, predictions)):
                     prediction = tok.decode(ids)
                     records.append({"seed": seed + i, "answer": s.answer, "expected": s.answers,
                                     "prediction": prediction, "score": float(task.score(s, prediction))})
                 score = float(np.mean([r["score"] for r in records]))
                 logger.debug("%s length %d depth %g: %.3f", task.name, length, depth, score)
-                results.append(CellResult(task.name, int(length), float(depth), score, records))
+                results.append(CellResult(task.name, int(length), float(depth), score, records, seconds, peak))
                 bar.set_postfix(length=length, depth=depth, score=f"{score:.2f}")
     finally:
         bar.close()

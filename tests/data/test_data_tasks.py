@@ -72,6 +72,10 @@ def test_partial_scores_and_prompt_hides_answer():
     s = pk.generate(500, 0.5, seed=2)
     assert len(s.answers[0]) == 7
     assert pk.score(s, f"{s.answers[0]}1") == 0.0 and pk.score(s, f" {s.answers[0]} is it") == 1.0
+    # a fixed key replaces only the key: the haystack and the needle's place stay those of the seed
+    fixed = make_task("passkey", TOK, digits=7, key="31415").generate(500, 0.5, seed=2)
+    assert fixed.answers == ["31415"] and TOK.decode(fixed.answer_ids[:-1]) == " 31415."
+    assert fixed.input_ids[: s.needles[0][0]].tolist() == s.input_ids[: s.needles[0][0]].tolist()
 
 
 def test_real_text_haystack(tmp_path):
@@ -113,6 +117,8 @@ def test_bad_arguments():
         make_task("nope", TOK)
     with pytest.raises(TypeError, match="bad parameters"):
         make_task("passkey", TOK, num_keys=3)
+    with pytest.raises(ValueError, match="key: expected a string of digits"):
+        make_task("passkey", TOK, key="12a")
     with pytest.raises(ValueError, match="num_queries"):
         make_task("niah_single", TOK, num_keys=1, num_queries=2)
     task = make_task("passkey", TOK)

@@ -34,6 +34,7 @@ def test_eval_passkey(model_dir, tmp_path, capsys):
     assert data["lengths"] == [256, 300] and len(data["accuracy"]) == 2 and len(data["accuracy"][0]) == 2
     assert data["meta"]["config"]["model"]["chunk_size"] == 16 and data["meta"]["config"]["eval"]["segment_len"] == 48
     assert [c["samples"][0]["seed"] for c in data["cells"]] == [3, 3, 3, 3]
+    assert all(c["seconds"] > 0 and c["peak_gpu_gib"] is None for c in data["cells"])  # CPU: no GPU memory
     printed = capsys.readouterr().out
     assert "100%" in printed and "mean accuracy" in printed and "passkey.png" in printed
 
@@ -125,7 +126,7 @@ def test_bad_arguments_are_usage_errors(model_dir, capsys):
         cli.main(["eval", "passkey", "--model", str(model_dir), "--lengths", "4x"])
     assert "lengths" in capsys.readouterr().err
     assert cli.main(["eval", "passkey", "--model", "/nonexistent/model", "--lengths", "300"]) == 2
-    assert "no such folder: /nonexistent/model" in capsys.readouterr().err
+    assert "no such folder or file: /nonexistent/model" in capsys.readouterr().err
 
 
 def test_model_folder_checkpoint_or_run(model_dir, tmp_path):

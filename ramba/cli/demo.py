@@ -1,0 +1,114 @@
+"""`ramba demo`: the shipped tiny RAMba finds a pass key hidden in contexts far longer than any it was
+trained on, on whatever device there is (a few minutes on a laptop CPU).
+
+First a grid of passkey trials (context length x needle depth: a printed table, JSON and a heatmap PNG),
+then one pass key of your choosing (`--passkey`) hidden in the longest context, with the model's answer
+streamed as it is generated. Prefill runs in the fast mode (HSA for the final segment only).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "pretrained" / "tiny-passkey.safetensors"
+
+
+def add_parser(subparsers) -> None:
+    from ramba.cli.eval import _arg
+    from ramba.eval.results import parse_depths, parse_lengths
+
+    p = subparsers.add_parser("demo", help="passkey retrieval far beyond the training length, with the shipped model",
+                              description=__doc__)
+    p.add_argument("--model", default=str(SHIPPED_MODEL), help="a model (default: the shipped tiny-passkey model)")
+    p.add_argument("--passkey", default=None, help="the pass key to hide in the last trial (digits; default random)")
+    p.add_argument("--lengths", type=_arg(parse_lengths), default="4k,16k,64k,256k",
+                   help="context lengths of the grid (default 4k,16k,64k,256k; k = 1024)")
+    p.add_argument("--depths", type=_arg(parse_depths), default="0,0.5,1", help="needle depths (default 0,0.5,1)")
+    p.add_argument("--samples", type=int, default=1, help="trials per (length, depth) cell (default 1)")
+    p.add_argument("--haystack", default=None,
+                   help="token file whose text fills the haystack (default: the classic repeated grass-sky-sun text)")
+    p.add_argument("--segment-len", type=int, default=4096, help="prefill segment length (default 4096)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    p.add_argument("--out", default="demo_results", help="folder for demo_passkey.json and demo_passkey.png")
+    p.add_argument("--seed", type=int, default=0, help="seed of the trials")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def _training_length(model_path: str) -> int | None:
+    """`data.seq_len` of the training config recorded in a single-file model, if any."""
+    import json
+
+    from ramba.model.single_file import TRAIN_CONFIG_KEY, read_model_file_metadata
+
+    if not Path(model_path).is_file():
+        return None
+    config = read_model_file_metadata(model_path).get(TRAIN_CONFIG_KEY)
+    return None if config is None else json.loads(config).get("data", {}).get("seq_len")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ramba.cli.generate import StreamDecoder
+    from ramba.data.tasks import TokenFileHaystack, make_task
+    from ramba.eval.loading import load_model_tokenizer
+    from ramba.eval.passkey import evaluate_passkey, passkey_table, save_passkey
+    from ramba.eval.results import EvalError, format_length
+    from ramba.eval.tasks import GenerationSettings
+    from ramba.inference import generate
+
+    if args.passkey is not None and not (args.passkey.isascii() and args.passkey.isdigit()):
+        raise EvalError(f"passkey: expected digits, e.g. 71432, got {args.passkey!r}")
+    if not Path(args.model).exists() and args.model == str(SHIPPED_MODEL):
+        raise EvalError(f"demo: the shipped model {SHIPPED_MODEL} is missing from this installation")
+    model, tok = load_model_tokenizer(args.model, None, args.device, "auto")
+    device = next(model.parameters()).device
+    n_params = sum(p.numel() for p in model.parameters())
+    trained = _training_length(args.model)
+    longest = max(args.lengths)
+    print(f"model: {args.model} ({n_params / 1e6:.2f}M parameters, on {device})")
+    if trained:
+        print(f"trained on contexts of {trained:,} tokens; the longest trial here is {longest:,} tokens "
+              f"({longest / trained:g}x the training length)")
+    haystack = TokenFileHaystack(args.haystack, tok) if args.haystack else None
+    settings = GenerationSettings(segment_len=args.segment_len, mode="fast", offload=False)
+
+    start = time.perf_counter()
+    result = evaluate_passkey(model, tok, args.lengths, args.depths, args.samples, settings, args.seed, haystack,
+                              progress=not args.no_progress)
+    print(f"\npasskey accuracy ({args.samples} trial(s) per cell, {time.perf_counter() - start:.0f} s):")
+    print(passkey_table(result))
+    config = {"model_path": args.model, "model": model.config.to_dict(), "training_length": trained,
+              "demo": {k: v for k, v in vars(args).items() if k != "func"}}
+    for path in save_passkey(result, args.out, config, args.seed, "demo_passkey"):
+        print(f"wrote {path}")
+
+    rng = random.Random(args.seed)
+    key = args.passkey or str(rng.randrange(10_000, 100_000))
+    depth = rng.random()
+    task = make_task("passkey", tok, haystack, key=key)
+    sample = task.generate(longest, depth, seed=args.seed)
+    print(f"\nyour pass key {key} is hidden at depth {depth:.2f} of {format_length(longest)} tokens "
+          f"(token {sample.needles[0][0]:,}).")
+    print(f"...{tok.decode(sample.input_ids[sample.prompt_len - 60 : sample.prompt_len])!r}")
+    print("model:", end="", flush=True)
+    ids = torch.as_tensor(sample.input_ids[None, : sample.prompt_len])
+
+    stream = StreamDecoder(tok)
+
+    def show(token: torch.Tensor) -> None:
+        if int(token[0]) != tok.eos_id:
+            print(stream.push(int(token[0])), end="", flush=True)
+
+    start = time.perf_counter()
+    new = generate(model, ids, len(sample.answer_ids) + 4, segment_len=args.segment_len, mode="fast",
+                   eos_token_id=tok.eos_id, on_token=show)
+    print(stream.flush(), end="")
+    answer = tok.decode([t for t in new[0].tolist() if t != tok.eos_id])
+    found = task.score(sample, answer) == 1.0
+    print(f"\n{'found' if found else 'missed'} the pass key in {time.perf_counter() - start:.0f} s "
+          f"({'correct' if found else 'expected ' + key})")
+    return 0

@@ -1,0 +1,40 @@
+"""`ramba export --model RUN -o FILE.safetensors`: a trained model as one safetensors file (config and
+tokenizer name in its metadata), the form in which models ship and `--model` accepts them."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write a trained model as a single safetensors file",
+                              description=__doc__)
+    p.add_argument("--model", required=True, help="model folder, checkpoint folder (step-N) or training run folder")
+    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weight dtype in the file (default bf16)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer name to record (default: the model's, see `ramba eval`)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from ramba import __version__
+    from ramba.eval.loading import load_model_tokenizer, resolve_dtype, resolve_model_dir, run_config
+    from ramba.eval.results import EvalError
+    from ramba.model.single_file import TRAIN_CONFIG_KEY, save_model_file
+
+    if not args.output.endswith(".safetensors"):
+        raise EvalError(f"output: expected a file name ending in .safetensors, got {args.output!r}")
+    model, tok = load_model_tokenizer(args.model, args.tokenizer, torch.device("cpu"), torch.float32)
+    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    metadata = {"ramba_version": __version__, "ramba_exported_from": str(args.model)}
+    train_config = None if Path(args.model).is_file() else run_config(resolve_model_dir(args.model))
+    if train_config is not None:
+        metadata[TRAIN_CONFIG_KEY] = json.dumps(train_config)
+    path = save_model_file(model, args.output, dtype=dtype, tokenizer=tok.name, metadata=metadata)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"{path}: {n / 1e6:.2f}M parameters, {Path(path).stat().st_size / 2**20:.1f} MiB ({args.dtype}, tokenizer {tok.name})")
+    return 0
