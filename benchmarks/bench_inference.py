@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> dict:
             generate(model, warm, 2, segment_len=args.segment_len, mode=args.mode, offload=args.offload)
         except Exception as exc:
             failed = f"warm-up: {type(exc).__name__}: {exc}"[:500]
+            logger.warning("%s: warm-up failed, every length skipped", label, exc_info=True)
         for length in lengths:
             row = {"model": label, "length": length, "batch": args.batch, "gpu_weights_gib": weights / GIB}
             if failed is not None:
