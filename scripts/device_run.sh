@@ -18,8 +18,8 @@
 #                ramba eval passkey of passkey-NAME.safetensors (this call's $OUT, else .carry/models/, else the
 #                shipped model for NAME ramba) on the unseen python-doc haystack, fast mode, offload; JSON + PNG
 # Carried wheels in .whl/ (fla-core) are installed first. At most 8 files come back from $OUT.
-# The carried folder .carry/ (git-ignored; name it in the device call's carry list) holds the corpora
-# (.carry/corpus/*.tgz, *.txt.gz from scripts/get_corpus.sh's output), models and the kernel cache.
+# The carried folder .carry/ (git-ignored; name it and .whl in the device call's carry list) holds the
+# corpora (scripts/device_carry.sh packs them), models and the kernel cache.
 set -o pipefail
 OUT=${OUT:-/tmp/ramba_out}
 mkdir -p "$OUT"

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Packs what scripts/device_run.sh needs on a GPU machine that has no internet into git-ignored folders,
+# to be named in the device call's carry list: .whl/ (the fla-core wheel for Python 3.12) and .carry/corpus/
+# (corpora from scripts/get_corpus.sh's ./corpus, compressed). A call carries at most 64 MiB with the
+# working tree (~12 MB) and any kernel-cache parts (~21 MB): pack only the corpora the call uses, e.g.
+#   scripts/device_carry.sh shakespeare gcide python-doc    # training stages 1-2 and the evaluation
+#   scripts/device_carry.sh shakespeare linux-doc python-doc  # stage 3 and the evaluation
+# Names: shakespeare (5 MB packed), gcide (13 MB), linux-doc (9 MB), python-doc (3 MB); default: all four.
+# Kernel-cache parts that section save-cache returned go into .carry/ by hand (see device_run.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+[ $# -gt 0 ] || set -- shakespeare gcide linux-doc python-doc
+mkdir -p .whl .carry/corpus
+if ! compgen -G ".whl/fla_core-*.whl" > /dev/null; then
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl fla-core==0.6.0
+fi
+for c in "$@"; do
+    case "$c" in
+        gcide) [ -f .carry/corpus/gcide.txt.gz ] || gzip -c corpus/gcide.txt > .carry/corpus/gcide.txt.gz ;;
+        shakespeare|python-doc|linux-doc) [ -f ".carry/corpus/$c.tgz" ] || tar -czf ".carry/corpus/$c.tgz" -C corpus "$c" ;;
+        *) echo "unknown corpus: $c (shakespeare, gcide, linux-doc, python-doc)" >&2; exit 2 ;;
+    esac
+done
+du -sh .whl .carry
