@@ -51,6 +51,8 @@ def _generation(p: argparse.ArgumentParser, depths: str) -> None:
 
 
 def add_parser(subparsers) -> None:
+    from ramba.eval.results import parse_depths
+
     p = subparsers.add_parser("eval", help="evaluate a model: passkey, synthetic tasks, perplexity",
                               description="Long-context evaluations. Every command writes <out>/<name>.json "
                                           "(with machine, date, versions, config, seed) and <out>/<name>.png. See docs/evaluation.md.")
@@ -69,6 +71,15 @@ def add_parser(subparsers) -> None:
                     help=f"comma-separated tasks, each NAME or NAME:key=value:... (e.g. variable_tracking:num_hops=2); "
                          f"default {ALL_TASKS}")
     tk.set_defaults(func=run_tasks)
+
+    rk = sub.add_parser("ranks", help="where the pass key's chunk ranks among all chunks while the model answers")
+    _common(rk, "eval_results")
+    rk.add_argument("--depths", type=_arg(parse_depths), default="0,0.5,1", help="needle depths (default 0,0.5,1)")
+    rk.add_argument("--samples", type=int, default=1, help="samples per (length, depth) cell (default 1)")
+    rk.add_argument("--mode", choices=["exact", "fast"], default="fast", help="prefill mode (default fast)")
+    rk.add_argument("--segment-len", type=int, default=2048, help="prefill segment length in tokens (default 2048)")
+    rk.add_argument("--haystack", default=None, help="token file whose text fills the haystack (default: a repeated template)")
+    rk.set_defaults(func=run_ranks)
 
     pp = sub.add_parser("ppl", help="perplexity by context length and by position")
     _common(pp, "eval_results")
@@ -140,6 +151,18 @@ def run_tasks(args: argparse.Namespace) -> int:
         print(f"{spec} (mean {r['mean']:.3f}):")
         print(format_grid(r["scores"], args.lengths, args.depths))
     _done(save_tasks(result, args.out, _config(args, model, tokenizer=tok.name), args.seed, args.name or "tasks"))
+    return 0
+
+
+def run_ranks(args: argparse.Namespace) -> int:
+    from ramba.eval.retrieval import evaluate_needle_ranks, ranks_table, save_needle_ranks
+
+    model, tok = _load(args)
+    result = evaluate_needle_ranks(model, tok, args.lengths, args.depths, args.samples, args.segment_len, args.mode,
+                                   args.seed, _haystack(args, tok), progress=not args.no_progress)
+    print(f"rank of the pass key's chunk at each answer token (0 = best; selected below top-{result['topk']}):")
+    print(ranks_table(result))
+    _done(save_needle_ranks(result, args.out, _config(args, model, tokenizer=tok.name), args.seed, args.name or "ranks"))
     return 0
 
 

@@ -1,0 +1,131 @@
+"""Where the needle's chunk ranks among all chunks when the model answers: a diagnosis of retrieval.
+
+A passkey answer is right only if, at each answer token, the retrieval layer puts a chunk holding the
+needle among its top K. For a passkey sample, the prompt is prefilled (as in `ramba eval passkey`), then
+the reference answer is fed one token at a time; at each of those tokens every retrieval layer's query
+is scored against the landmarks of all complete chunks. Reported per answer token and retrieval head:
+the rank of the best-ranked needle chunk (0 = the top; selected when below K), its score, and the
+K-th best score (what the needle has to beat). Ranks that grow with the context length show
+distractors crowding the needle out, as the long-context failures of a model trained on short ones do.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ramba.data.tasks import TaskSample, make_task
+from ramba.eval.plots import Panel, line_plots
+from ramba.eval.results import EvalError, format_length, write_results
+
+__all__ = ["needle_ranks", "evaluate_needle_ranks", "save_needle_ranks", "ranks_table"]
+
+
+def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str = "fast") -> list[dict]:
+    """Per answer token of `sample` (the final eos excluded) and retrieval layer (its index among the model's
+    layers): `{"token", "layer", "rank" [R], "score" [R], "kth_score" [R], "selected" [R], "chunks"}`."""
+    from ramba.inference import prefill
+
+    layers = [(i, m) for i, (kind, m) in enumerate(zip(model.model.layer_kinds, model.model.layers)) if kind == "retrieval"]
+    if not layers:
+        raise EvalError("model: it has no retrieval layer (architecture 'ramba' has one per group)")
+    S, K = model.config.chunk_size, model.config.topk
+    start, end = sample.needles[sample.target]
+    needle_chunks = torch.arange(start // S, (end - 1) // S + 1)
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture(index):
+        def hook(module, args, _out):
+            hidden, landmarks = args[0], args[1]
+            q = module.q_proj(module.norm(hidden[:, -1])).view(-1, module.retrieval_heads, module.retrieval_dim)
+            scores = torch.einsum("brd,bcrd->bcr", q.float(), landmarks.float()) / math.sqrt(module.retrieval_dim)
+            captured[index] = scores[0].cpu()  # [C, R]
+        return hook
+
+    handles = [m.register_forward_hook(capture(i)) for i, m in layers]
+    device = model.get_input_embeddings().weight.device
+    ids = torch.as_tensor(sample.input_ids, dtype=torch.long)
+    rows = []
+    try:
+        with torch.no_grad():
+            _, cache = prefill(model, ids[None, : sample.prompt_len], segment_len, mode)
+            for t in range(sample.prompt_len, len(ids) - 1):
+                captured.clear()
+                model(input_ids=ids[None, t : t + 1].to(device), past_key_values=cache, use_cache=True)
+                for index, scores in captured.items():
+                    if int(needle_chunks.max()) >= scores.shape[0]:
+                        continue  # the needle's chunk is still incomplete: the local mixer's part, not retrieval's
+                    needle = scores[needle_chunks].max(dim=0).values  # [R]
+                    rank = (scores > needle).sum(dim=0)  # chunks scoring strictly higher (ties in the needle's favour)
+                    kth = scores.topk(min(K, scores.shape[0]), dim=0).values[-1]
+                    rows.append({"token": t - sample.prompt_len, "layer": index, "rank": rank.tolist(),
+                                 "score": needle.tolist(), "kth_score": kth.tolist(),
+                                 "selected": (rank < K).tolist(), "chunks": int(scores.shape[0])})
+    finally:
+        for h in handles:
+            h.remove()
+    return rows
+
+
+def evaluate_needle_ranks(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], samples: int,
+                          segment_len: int = 2048, mode: str = "fast", seed: int = 0, haystack=None,
+                          progress: bool = False) -> dict:
+    """`needle_ranks` for passkey samples over lengths x depths: `{"lengths", "depths", "samples", "cells":
+    [{"length", "depth", "seed", "rows"}], "median_rank" [lengths]}` (median over every answer token and head)."""
+    from tqdm.auto import tqdm
+
+    task = make_task("passkey", tokenizer, haystack)
+    cells = []
+    bar = tqdm(total=len(lengths) * len(depths) * samples, desc="needle ranks", unit="sample", disable=not progress)
+    try:
+        for length in lengths:
+            for depth in depths:
+                for i in range(samples):
+                    try:
+                        sample = task.generate(int(length), float(depth), seed=seed + i)
+                    except ValueError as e:
+                        raise EvalError(str(e)) from None
+                    rows = needle_ranks(model, sample, segment_len, mode)
+                    cells.append({"length": int(length), "depth": float(depth), "seed": seed + i, "rows": rows})
+                    bar.update(1)
+    finally:
+        bar.close()
+    median = [float(np.median([r for c in cells if c["length"] == n for row in c["rows"] for r in row["rank"]] or [np.nan]))
+              for n in lengths]
+    return {"lengths": [int(n) for n in lengths], "depths": [float(d) for d in depths], "samples": samples,
+            "topk": model.config.topk, "cells": cells, "median_rank": median}
+
+
+def ranks_table(result: dict) -> str:
+    """A row per length, over its answer tokens and heads: median and worst rank of the needle, how often it
+    is selected, and the median margin (needle score - K-th best score; it shrinks as distractors multiply)."""
+    lines = [f"{'length':>8} | {'median rank':>11} | {'worst rank':>10} | {'selected':>8} | {'margin':>6}"]
+    for n in result["lengths"]:
+        rows = [row for c in result["cells"] if c["length"] == n for row in c["rows"]]
+        ranks = [r for row in rows for r in row["rank"]]
+        if not ranks:
+            lines.append(f"{format_length(n):>8} | {'-':>11} | {'-':>10} | {'-':>8} | {'-':>6}")
+            continue
+        chosen = np.mean([r < result["topk"] for r in ranks])
+        margin = np.median([s - k for row in rows for s, k in zip(row["score"], row["kth_score"])])
+        lines.append(f"{format_length(n):>8} | {np.median(ranks):>11.0f} | {max(ranks):>10d} | {chosen:>8.0%} | {margin:>6.2f}")
+    return "\n".join(lines)
+
+
+def save_needle_ranks(result: dict, out_dir, config: dict | None = None, seed: int | None = None,
+                      name: str = "ranks") -> tuple[Path, Path]:
+    """Writes `<name>.json` and `<name>.png` (median and worst rank of the needle by context length)."""
+    out_dir = Path(out_dir)
+    worst = [max([r for c in result["cells"] if c["length"] == n for row in c["rows"] for r in row["rank"]] or [np.nan])
+             for n in result["lengths"]]
+    k = result["topk"]
+    series = {"median rank": (result["lengths"], [m + 1 for m in result["median_rank"]]),
+              "worst rank": (result["lengths"], [w + 1 for w in worst]),
+              f"top-{k} cut": (result["lengths"], [k] * len(result["lengths"]))}
+    json_path = write_results(out_dir / f"{name}.json", result, config, seed)
+    png_path = line_plots([Panel("needle chunk's rank among all chunks (1 = best)", "context length (tokens)",
+                                 "rank + 1", series, length_axis=True, logy=True)], out_dir / f"{name}.png")
+    return json_path, png_path

@@ -1,0 +1,40 @@
+"""`ramba eval ranks`: the needle chunk's rank agrees with what the retrieval layer really selects."""
+import json
+
+import matplotlib.image
+
+import ramba.cli.main as cli
+from eval_helpers import tiny_model
+from ramba.data import ByteTokenizer, make_task
+from ramba.eval.retrieval import needle_ranks
+
+
+def test_ranks_agree_with_the_real_selection():
+    model = tiny_model(seed=5, topk=3)
+    sample = make_task("passkey", ByteTokenizer()).generate(700, 0.3, seed=1)
+    layer = next(m for k, m in zip(model.model.layer_kinds, model.model.layers) if k == "retrieval")
+    picked = []
+    handle = layer.register_forward_hook(lambda m, a, out: picked.append(out.indices[0, -1, 0].tolist()))
+    try:
+        rows = needle_ranks(model, sample, segment_len=64, mode="exact")
+    finally:
+        handle.remove()
+    answers = len(sample.input_ids) - 1 - sample.prompt_len
+    assert [r["token"] for r in rows] == list(range(answers))
+    start, end = sample.needles[0]
+    needle = set(range(start // 16, (end - 1) // 16 + 1))
+    for row, chosen in zip(rows, picked[-answers:]):
+        assert row["chunks"] == (sample.prompt_len + row["token"] + 1) // 16
+        assert row["selected"] == [bool(needle & set(chosen))]
+        assert (row["rank"][0] < 3) == row["selected"][0] and (row["score"][0] >= row["kth_score"][0]) == row["selected"][0]
+
+
+def test_eval_ranks_cli(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["eval", "ranks", "--model", str(model_dir), "--lengths", "400,900", "--depths", "0.2",
+                   "--segment-len", "128", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    data = json.loads((out / "ranks.json").read_text())
+    assert data["lengths"] == [400, 900] and len(data["cells"]) == 2 and all(c["rows"] for c in data["cells"])
+    assert matplotlib.image.imread(out / "ranks.png").ndim == 3
+    assert "median rank" in capsys.readouterr().out
