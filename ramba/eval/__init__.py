@@ -1,8 +1,10 @@
 """Evaluation: passkey retrieval over lengths x depths, synthetic long-context tasks, perplexity by
-context length, results files with their provenance, and plots. See docs/evaluation.md."""
+context length, the needle chunk's retrieval rank, results files with their provenance, and plots.
+See docs/evaluation.md."""
 from ramba.eval.passkey import evaluate_passkey, save_passkey
 from ramba.eval.ppl import evaluate_ppl, save_ppl
 from ramba.eval.results import EvalError, environment, write_results
+from ramba.eval.retrieval import evaluate_needle_ranks, save_needle_ranks
 from ramba.eval.tasks import GenerationSettings, evaluate_task, evaluate_tasks, save_tasks
 
 __all__ = [
@@ -17,4 +19,6 @@ __all__ = [
     "save_tasks",
     "evaluate_ppl",
     "save_ppl",
+    "evaluate_needle_ranks",
+    "save_needle_ranks",
 ]
