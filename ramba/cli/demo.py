@@ -60,11 +60,16 @@ def run(args: argparse.Namespace) -> int:
     from ramba.eval.tasks import GenerationSettings
     from ramba.inference import generate
 
-    if args.passkey is not None and not (args.passkey.isascii() and args.passkey.isdigit()):
-        raise EvalError(f"passkey: expected digits, e.g. 71432, got {args.passkey!r}")
     if not Path(args.model).exists() and args.model == str(SHIPPED_MODEL):
         raise EvalError(f"demo: the shipped model {SHIPPED_MODEL} is missing from this installation")
     model, tok = load_model_tokenizer(args.model, None, args.device, "auto")
+    haystack = TokenFileHaystack(args.haystack, tok) if args.haystack else None
+    rng = random.Random(args.seed)
+    key = args.passkey or str(rng.randrange(10_000, 100_000))
+    try:
+        task = make_task("passkey", tok, haystack, key=key)
+    except ValueError as e:
+        raise EvalError(f"passkey: {e}") from None
     device = next(model.parameters()).device
     n_params = sum(p.numel() for p in model.parameters())
     trained = _training_length(args.model)
@@ -73,7 +78,6 @@ def run(args: argparse.Namespace) -> int:
     if trained:
         print(f"trained on contexts of {trained:,} tokens; the longest trial here is {longest:,} tokens "
               f"({longest / trained:g}x the training length)")
-    haystack = TokenFileHaystack(args.haystack, tok) if args.haystack else None
     settings = GenerationSettings(segment_len=args.segment_len, mode="fast", offload=False)
 
     start = time.perf_counter()
@@ -86,10 +90,7 @@ def run(args: argparse.Namespace) -> int:
     for path in save_passkey(result, args.out, config, args.seed, "demo_passkey"):
         print(f"wrote {path}")
 
-    rng = random.Random(args.seed)
-    key = args.passkey or str(rng.randrange(10_000, 100_000))
     depth = rng.random()
-    task = make_task("passkey", tok, haystack, key=key)
     sample = task.generate(longest, depth, seed=args.seed)
     print(f"\nyour pass key {key} is hidden at depth {depth:.2f} of {format_length(longest)} tokens "
           f"(token {sample.needles[0][0]:,}).")

@@ -24,16 +24,20 @@ def run(args: argparse.Namespace) -> int:
     from ramba import __version__
     from ramba.eval.loading import load_model_tokenizer, resolve_dtype, resolve_model_dir, run_config
     from ramba.eval.results import EvalError
-    from ramba.model.single_file import TRAIN_CONFIG_KEY, save_model_file
+    from ramba.model.single_file import TRAIN_CONFIG_KEY, read_model_file_metadata, save_model_file
 
     if not args.output.endswith(".safetensors"):
         raise EvalError(f"output: expected a file name ending in .safetensors, got {args.output!r}")
     model, tok = load_model_tokenizer(args.model, args.tokenizer, torch.device("cpu"), torch.float32)
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     metadata = {"ramba_version": __version__, "ramba_exported_from": str(args.model)}
-    train_config = None if Path(args.model).is_file() else run_config(resolve_model_dir(args.model))
+    if Path(args.model).is_file():  # re-exporting a model file keeps the training config it carries
+        train_config = read_model_file_metadata(args.model).get(TRAIN_CONFIG_KEY)
+    else:
+        found = run_config(resolve_model_dir(args.model))
+        train_config = None if found is None else json.dumps(found)
     if train_config is not None:
-        metadata[TRAIN_CONFIG_KEY] = json.dumps(train_config)
+        metadata[TRAIN_CONFIG_KEY] = train_config
     path = save_model_file(model, args.output, dtype=dtype, tokenizer=tok.name, metadata=metadata)
     n = sum(p.numel() for p in model.parameters())
     print(f"{path}: {n / 1e6:.2f}M parameters, {Path(path).stat().st_size / 2**20:.1f} MiB ({args.dtype}, tokenizer {tok.name})")

@@ -93,10 +93,19 @@ def evaluate_needle_ranks(model, tokenizer, lengths: Sequence[int], depths: Sequ
                     bar.update(1)
     finally:
         bar.close()
-    median = [float(np.median([r for c in cells if c["length"] == n for row in c["rows"] for r in row["rank"]] or [np.nan]))
-              for n in lengths]
-    return {"lengths": [int(n) for n in lengths], "depths": [float(d) for d in depths], "samples": samples,
-            "topk": model.config.topk, "cells": cells, "median_rank": median}
+    result = {"lengths": [int(n) for n in lengths], "depths": [float(d) for d in depths], "samples": samples,
+              "topk": model.config.topk, "cells": cells}
+    result["median_rank"] = [float(np.median(_ranks(result, n) or [np.nan])) for n in result["lengths"]]
+    return result
+
+
+def _rows(result: dict, length: int) -> list[dict]:
+    return [row for c in result["cells"] if c["length"] == length for row in c["rows"]]
+
+
+def _ranks(result: dict, length: int) -> list[int]:
+    """Every needle rank (answer tokens x heads) at one length."""
+    return [r for row in _rows(result, length) for r in row["rank"]]
 
 
 def ranks_table(result: dict) -> str:
@@ -104,8 +113,7 @@ def ranks_table(result: dict) -> str:
     is selected, and the median margin (needle score - K-th best score; it shrinks as distractors multiply)."""
     lines = [f"{'length':>8} | {'median rank':>11} | {'worst rank':>10} | {'selected':>8} | {'margin':>6}"]
     for n in result["lengths"]:
-        rows = [row for c in result["cells"] if c["length"] == n for row in c["rows"]]
-        ranks = [r for row in rows for r in row["rank"]]
+        rows, ranks = _rows(result, n), _ranks(result, n)
         if not ranks:
             lines.append(f"{format_length(n):>8} | {'-':>11} | {'-':>10} | {'-':>8} | {'-':>6}")
             continue
@@ -119,8 +127,7 @@ def save_needle_ranks(result: dict, out_dir, config: dict | None = None, seed: i
                       name: str = "ranks") -> tuple[Path, Path]:
     """Writes `<name>.json` and `<name>.png` (median and worst rank of the needle by context length)."""
     out_dir = Path(out_dir)
-    worst = [max([r for c in result["cells"] if c["length"] == n for row in c["rows"] for r in row["rank"]] or [np.nan])
-             for n in result["lengths"]]
+    worst = [max(_ranks(result, n) or [np.nan]) for n in result["lengths"]]
     k = result["topk"]
     series = {"median rank": (result["lengths"], [m + 1 for m in result["median_rank"]]),
               "worst rank": (result["lengths"], [w + 1 for w in worst]),

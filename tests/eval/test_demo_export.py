@@ -26,6 +26,9 @@ def test_export_a_run_then_use_the_file(run_dir, tmp_path, capsys):
     assert "tiny.safetensors" in capsys.readouterr().out
     meta = read_model_file_metadata(out)
     assert json.loads(meta[TRAIN_CONFIG_KEY])["data"]["seq_len"] == 512 and meta["ramba_tokenizer"] == "byte"
+    again = tmp_path / "fp32.safetensors"  # re-exported from the file: the training config stays
+    assert cli.main(["export", "--model", str(out), "-o", str(again), "--dtype", "fp32"]) == 0
+    assert read_model_file_metadata(again)[TRAIN_CONFIG_KEY] == meta[TRAIN_CONFIG_KEY]
     rc = cli.main(["eval", "passkey", "--model", str(out), "--lengths", "300", "--depths", "0.5", "--samples", "1",
                    "--extra-tokens", "0", "--out", str(tmp_path / "ev"), "--no-progress"])
     assert rc == 0 and (tmp_path / "ev" / "passkey.json").is_file()
@@ -39,7 +42,7 @@ def test_bad_export_and_demo_arguments(model_dir, tmp_path, capsys):
     assert cli.main(["export", "--model", str(model_dir), "-o", str(tmp_path / "m.bin")]) == 2
     assert "ending in .safetensors" in capsys.readouterr().err
     assert cli.main(["demo", "--passkey", "12ab", "--out", str(tmp_path)]) == 2
-    assert "passkey: expected digits" in capsys.readouterr().err
+    assert "passkey: key: expected a string of digits" in capsys.readouterr().err
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     assert cli.main(["demo", "--model", str(tmp_path / "junk.safetensors"), "--out", str(tmp_path)]) == 2
     assert "not a readable safetensors file" in capsys.readouterr().err
