@@ -58,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
     from ramba.train.loop import train
 
     metrics = train(cfg, resume=args.resume)
-    if metrics and int(os.environ.get("RANK", "0")) == 0:
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if metrics and main_rank:
         print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    if "stopped_at_step" in metrics:
+        if main_rank:
+            print(f"stopped by a signal at step {metrics['stopped_at_step']} of {cfg.max_steps}: continue with --resume")
+        return 1
     return 0

@@ -68,8 +68,13 @@ def init_distributed(backend: str = "auto", device: str | None = None) -> DistIn
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for_all: bool = False) -> None:
+    """Leaves the process group; `wait_for_all` (after a run that ended well) first waits for every rank:
+    rank 0 may still be writing a checkpoint, and a rank that tears its gloo group down earlier can abort
+    with "terminate called without an active exception". After an error nothing waits (peers may hang)."""
     if dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -110,6 +115,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= dist.get_world_size()
     return value
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is true on some rank (`flag` itself when not distributed)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = torch.tensor(float(flag), device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+    return flag
 
 
 def gather_objects(obj) -> list:

@@ -3,7 +3,8 @@
 One process, or one per rank under torchrun. Rank 0 alone logs (progress bar, metrics.jsonl,
 TensorBoard) and writes checkpoints. Every example is a function of the data position, which is
 checkpointed with the model, optimizer, scheduler and every rank's RNG state, so resuming gives
-exactly the losses of an uninterrupted run.
+exactly the losses of an uninterrupted run. SIGTERM or SIGINT (a job scheduler's time limit, `timeout`,
+Ctrl-C) stops the run after the current step with a checkpoint; a second signal stops it at once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +32,15 @@ from ramba.data.tokens import TokenFile
 
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, model_folder, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .distributed import DistInfo, all_reduce_mean, gather_objects, init_distributed, shutdown_distributed, wrap_model
+from .distributed import (
+    DistInfo,
+    all_reduce_mean,
+    any_rank,
+    gather_objects,
+    init_distributed,
+    shutdown_distributed,
+    wrap_model,
+)
 from .evaluate import eval_loss, eval_task
 from .schedule import make_scheduler
 
@@ -226,14 +237,46 @@ def _resolve_resume(resume, ckpt_root: Path) -> Path | None:
     return path
 
 
+class StopSignals:
+    """While entered (in the main thread), SIGTERM and SIGINT only record their name in `received`, for
+    the loop to stop at the end of its step (on every rank, after a checkpoint); a second signal raises
+    KeyboardInterrupt at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            raise KeyboardInterrupt(f"{name} after {self.received}")
+        self.received = name
+        logger.warning("%s received: stopping after this step with a checkpoint (again to stop at once)", name)
+
+
 def train(cfg: TrainConfig, resume: str | bool | None = None) -> dict:
     """Trains per `cfg`; `resume` is True/'auto' (newest checkpoint under out_dir) or a checkpoint
-    path. Returns the last logged metrics (on every rank)."""
+    path. Returns the last logged metrics (on every rank), with `stopped_at_step` when a signal ended
+    the run early."""
     info = init_distributed(cfg.distributed.backend, cfg.device)
+    finished = False
     try:
-        return _train(cfg, resume, info)
+        metrics = _train(cfg, resume, info)
+        finished = True
+        return metrics
     finally:
-        shutdown_distributed()
+        shutdown_distributed(wait_for_all=finished)
 
 
 def _train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
@@ -358,56 +401,64 @@ def _train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
     model.train()
     # Throughput counts training steps only, not evaluation or checkpoint time.
     busy, steps_since = 0.0, 0
-    try:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=info.device)
-            for micro in range(cfg.grad_accum):
-                ids, labels = collate([mixture.example(i) for i in sampler.indices(examples, micro)])
-                sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
-                with contextlib.nullcontext() if sync else model.no_sync(), autocast():
-                    loss = _loss(model, ids.to(info.device), labels.to(info.device), cfg.loss_average)
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach().float()
-            if cfg.optim.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            examples += sampler.examples_per_step
-            steps_since += 1
-            if info.device.type == "cuda":
-                torch.cuda.synchronize(info.device)
-            busy += time.perf_counter() - t0
+    with StopSignals() as stop:
+        try:
+            while step < cfg.max_steps:
+                t0 = time.perf_counter()
+                loss_sum = torch.zeros((), device=info.device)
+                for micro in range(cfg.grad_accum):
+                    ids, labels = collate([mixture.example(i) for i in sampler.indices(examples, micro)])
+                    sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+                    with contextlib.nullcontext() if sync else model.no_sync(), autocast():
+                        loss = _loss(model, ids.to(info.device), labels.to(info.device), cfg.loss_average)
+                    (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.detach().float()
+                if cfg.optim.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+                if hasattr(grad_norm, "full_tensor"):
+                    grad_norm = grad_norm.full_tensor()
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                examples += sampler.examples_per_step
+                steps_since += 1
+                if info.device.type == "cuda":
+                    torch.cuda.synchronize(info.device)
+                busy += time.perf_counter() - t0
 
-            if step % cfg.log.every == 0 or step == cfg.max_steps:
-                loss_val = all_reduce_mean(loss_sum / cfg.grad_accum).item()
-                if not math.isfinite(loss_val):
-                    raise FloatingPointError(f"step {step}: loss is {loss_val}; lower optim.lr or check the data")
-                tok_s = tokens_per_step * steps_since / max(busy, 1e-9)
-                busy, steps_since = 0.0, 0
-                last = {
-                    "loss": loss_val,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": tok_s,
-                    "tokens": examples * cfg.data.seq_len,
-                }
-                if info.is_main:
-                    log.write(step, last)
-                    bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
-            bar.update(1)
-            if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.max_steps):
-                last = {**last, **evaluate(step)}
-            if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.max_steps:
-                checkpoint(step)
-    finally:
-        bar.close()
-        log.close()
+                if step % cfg.log.every == 0 or step == cfg.max_steps:
+                    loss_val = all_reduce_mean(loss_sum / cfg.grad_accum).item()
+                    if not math.isfinite(loss_val):
+                        raise FloatingPointError(f"step {step}: loss is {loss_val}; lower optim.lr or check the data")
+                    tok_s = tokens_per_step * steps_since / max(busy, 1e-9)
+                    busy, steps_since = 0.0, 0
+                    last = {
+                        "loss": loss_val,
+                        "lr": lr,
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_s": tok_s,
+                        "tokens": examples * cfg.data.seq_len,
+                    }
+                    if info.is_main:
+                        log.write(step, last)
+                        bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
+                bar.update(1)
+                if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.max_steps):
+                    last = {**last, **evaluate(step)}
+                saved = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.max_steps
+                if saved:
+                    checkpoint(step)
+                if step < cfg.max_steps and any_rank(stop.received is not None, info.device):
+                    if not saved:
+                        checkpoint(step)
+                    logger.warning("stopped at step %d by a signal (checkpoint saved); continue with --resume", step)
+                    last = {**last, "stopped_at_step": step}
+                    break
+        finally:
+            bar.close()
+            log.close()
     return last

@@ -1,5 +1,5 @@
 """Training end to end on the CPU: the loss falls; kill -9 then --resume reproduces the uninterrupted
-losses exactly; torchrun with 2 gloo ranks trains and checkpoints; bad inputs fail with clear errors."""
+losses exactly; SIGTERM stops after the current step with a checkpoint; torchrun with 2 gloo ranks trains and checkpoints; bad inputs fail with clear errors."""
 
 import json
 import os
@@ -112,6 +112,18 @@ def _cli(config_file, *args):
     return [sys.executable, "-m", "ramba", "train", str(config_file), "--set", "log.progress=false", *args]
 
 
+def _train_until(config_file, out_dir, logged_lines: int, **popen_args) -> subprocess.Popen:
+    """`ramba train` in a subprocess, returned once its metrics.jsonl has `logged_lines` lines (or it ended)."""
+    proc = subprocess.Popen(_cli(config_file, "--set", f"out_dir={out_dir}"), env=ENV, cwd=out_dir.parent, **popen_args)
+    deadline = time.time() + 120
+    metrics = out_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= logged_lines:
+            break
+        time.sleep(0.01)
+    return proc
+
+
 def test_kill9_then_resume_gives_the_uninterrupted_losses(config_dict, tmp_path):
     config_dict.update(max_steps=16, eval={"every": 0})
     config_dict["checkpoint"] = {"every": 3, "keep": 2}
@@ -119,19 +131,7 @@ def test_kill9_then_resume_gives_the_uninterrupted_losses(config_dict, tmp_path)
     config_file.write_text(json.dumps(config_dict))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cli(config_file, "--set", f"out_dir={killed}"),
-        env=ENV,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    metrics = killed / "metrics.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
-            break
-        time.sleep(0.01)
+    proc = _train_until(config_file, killed, 8, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -155,6 +155,26 @@ def test_kill9_then_resume_gives_the_uninterrupted_losses(config_dict, tmp_path)
     assert sorted(a) == sorted(b) == list(range(1, 17))
     for step in range(1, 17):
         assert a[step] == b[step], (step, a[step], b[step])  # bit-identical, not approximately equal
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_continues(config_dict, tmp_path):
+    config_dict.update(max_steps=400, eval={"every": 0})
+    config_dict["checkpoint"] = {"every": 1000, "keep": 2}  # no periodic checkpoint before the signal
+    config_dict["log"]["every"] = 1
+    config_file = tmp_path / "cfg.json"
+    config_file.write_text(json.dumps(config_dict))
+    run = tmp_path / "run"
+    proc = _train_until(config_file, run, 3, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "SIGTERM received" in stderr and "continue with --resume" in stdout
+    stopped = max(losses(run))
+    assert 3 <= stopped < 400
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step-{stopped:08d}"]
+    config_dict.update(max_steps=stopped + 2, out_dir=str(run))
+    final = train(config_from_dict(config_dict), resume=True)
+    assert "stopped_at_step" not in final and max(losses(run)) == stopped + 2
 
 
 def test_torchrun_two_gloo_ranks_ddp_then_fsdp(config_dict, tmp_path):
