@@ -66,7 +66,7 @@ def measure(model, length: int, args, device: torch.device) -> dict:
     from ramba.inference import generate
 
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, length), generator=gen).to(device)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, length), generator=gen)  # stays on the CPU
     times: list[float] = []
     rss_after_prefill: list[int] = []
 

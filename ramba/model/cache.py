@@ -7,12 +7,18 @@ from ramba.layers.attention import KVCache
 from ramba.layers.hsa import ChunkMemory, ChunkSelection
 
 
+# The most chunk-memory bytes one offloaded fetch may copy to the device, were every selected chunk distinct:
+# a long segment attends block by block (see ChunkMemoryStore.fetch_tokens), so the GPU memory a prefill
+# needs does not grow with the number of chunks its tokens can choose from.
+FETCH_BYTES = 64 * 2**20
+
+
 class ChunkMemoryStore:
     """The chunk memory of all complete chunks, grown with amortised doubling (no per-step concatenation).
 
     ``k, v`` live as ``[B, capacity, S, H, D]`` on the compute device, or in CPU pinned memory when
-    ``offload`` (then only the chunks a step selects are copied in, see :meth:`fetch`); the landmarks
-    ``[B, capacity, R, Dr]`` always stay on the compute device.
+    ``offload`` (then only the chunks a block of tokens selects are copied in, see :meth:`fetch`); the
+    landmarks ``[B, capacity, R, Dr]`` always stay on the compute device.
     """
 
     def __init__(self, batch: int, chunk_size: int, n_kv_heads: int, head_dim: int, retrieval_heads: int,
@@ -67,6 +73,16 @@ class ChunkMemoryStore:
         k = self._k[:, :C].reshape(B, C * self.chunk_size, *self._k.shape[3:])
         v = self._v[:, :C].reshape(B, C * self.chunk_size, *self._v.shape[3:])
         return ChunkMemory(k, v, self.landmarks)
+
+    def fetch_tokens(self, selection: ChunkSelection) -> int:
+        """Tokens per :meth:`fetch` for this ``selection`` (indices ``[B, T, R, K]``): all ``T`` when the
+        memory is resident, else as many as copy at most ``FETCH_BYTES`` with every selected chunk distinct."""
+        B, T, R, K = selection.indices.shape
+        if not self.offload:
+            return T
+        S, H, D = self._k.shape[2:]
+        chunk_bytes = 2 * S * H * D * self._k.element_size()  # k and v of one chunk, one batch row
+        return max(1, FETCH_BYTES // (B * R * K * chunk_bytes))
 
     def fetch(self, selection: ChunkSelection) -> tuple[ChunkMemory, ChunkSelection]:
         """The selected chunks only, copied to the compute device, and the selection re-indexed into them.

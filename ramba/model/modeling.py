@@ -113,8 +113,6 @@ class RambaModel(RambaPreTrainedModel):
             if not ctx.skip_hsa:
                 landmarks = ctx.memory.landmarks if cache is None else cache.memory.landmarks
                 ctx.selection = layer(hidden, landmarks, ctx.positions)
-                if cache is not None:
-                    ctx.memory, ctx.selection = cache.memory.fetch(ctx.selection)
             return hidden
         if kind == "mamba2" and cache is not None:
             state = cache.states[i]
@@ -125,6 +123,8 @@ class RambaModel(RambaPreTrainedModel):
                 return out[:, None]
             out, cache.states[i] = layer(hidden, state, return_state=True)
             return out
+        if kind == "hsa" and cache is not None and not ctx.skip_hsa:
+            return self._hsa_over_cache(layer, hidden, cache.memory, ctx.selection)
         if kind == "hsa":
             args = (hidden, None, None) if ctx.skip_hsa else (hidden, ctx.memory, ctx.selection)
         elif kind == "mamba2":
@@ -134,6 +134,19 @@ class RambaModel(RambaPreTrainedModel):
         if self.gradient_checkpointing and self.training:
             return checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)
+
+    @staticmethod
+    def _hsa_over_cache(layer: nn.Module, hidden: torch.Tensor, store, selection: ChunkSelection) -> torch.Tensor:
+        """An HSA layer over the cached chunk memory, one block of ``store.fetch_tokens`` tokens at a time
+        (all at once when the memory is resident): an offloaded block copies in only the chunks it selected.
+        HSA layers act on each token alone, so the blocks give exactly the output of one call."""
+        T = hidden.shape[1]
+        step = store.fetch_tokens(selection)
+        outputs = []
+        for t0 in range(0, T, step):
+            block = ChunkSelection(selection.indices[:, t0 : t0 + step], selection.weights[:, t0 : t0 + step])
+            outputs.append(layer(hidden[:, t0 : t0 + step], *store.fetch(block)))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def forward(
         self,

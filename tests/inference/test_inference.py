@@ -144,3 +144,32 @@ def test_offload_moves_only_selected_chunks():
             if weights[b, 0, 0, slot] > 0:
                 c, r = int(indices[b, 0, 0, slot]), int(remapped[b, 0, 0, slot])
                 torch.testing.assert_close(memory.k[b, r * 4 : r * 4 + 4], full_k[b, c * 4 : c * 4 + 4])
+
+
+@pytest.mark.parametrize("name", ["ramba", "ramba-gqa-mlp"])
+def test_offloaded_long_segment_fetches_block_by_block(name, monkeypatch):
+    """With a fetch budget of a few chunks, the HSA layers of one long exact segment attend in blocks of
+    tokens, each copying in only its own chunks: the logits stay those of one full forward."""
+    import ramba.model.cache as cache_module
+
+    model = small_model(**CONFIGS[name])
+    ids = torch.randint(3, 64, (2, 150), generator=torch.Generator().manual_seed(5))
+    store_fetch, copied = cache_module.ChunkMemoryStore.fetch, []
+
+    def counting_fetch(store, selection):
+        memory, remapped = store_fetch(store, selection)
+        copied.append((selection.indices.shape[1], memory.k.shape[1] // store.chunk_size))
+        return memory, remapped
+
+    monkeypatch.setattr(cache_module.ChunkMemoryStore, "fetch", counting_fetch)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        _, cache = prefill(model, ids[:, :100], segment_len=100, offload=True)
+        monkeypatch.setattr(cache_module, "FETCH_BYTES", 1)  # one token per fetch
+        copied.clear()
+        last, _ = prefill(model, ids[:, 100:], segment_len=50, offload=True, cache=cache)
+    torch.testing.assert_close(last, full[:, -1], atol=2e-5, rtol=2e-5)
+    n_hsa = model.config.layer_plan().count("hsa")
+    assert len(copied) == 50 * n_hsa and all(t == 1 for t, _ in copied)
+    k, r = model.config.topk, model.config.retrieval_heads
+    assert all(u <= 2 * r * k for _, u in copied)  # 2 rows x R heads x K slots, whatever the chunk count
