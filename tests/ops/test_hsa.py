@@ -163,6 +163,16 @@ def test_torch_backend_bf16_close_to_fp32_reference():
         assert rel(a, b) < 2e-2, name
 
 
+def test_torch_backend_under_cpu_autocast_computes_as_without():
+    """bf16 autocast (CPU training) changes nothing inside the op: it accumulates in its own dtype."""
+    inputs = make_inputs(2, 11, 4, 2, 16, 16, 3, 4, dtype=torch.float32, seed=3)
+    plain = forward_backward("torch", *inputs, 16, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = forward_backward("torch", *inputs, 16, 1.0)
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dw"), auto, plain):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
 def test_build_plan_invariants():
     pytest.importorskip("triton", reason="build_plan lives in the triton backend")
     from ramba.ops.hsa.triton import build_plan

@@ -104,6 +104,16 @@ def _probs(scores: torch.Tensor, sm_n: float) -> torch.Tensor:
 class _HSABlocked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, weights, indices, chunk_size, scale, sm_n):
+        with torch.autocast(q.device.type, enabled=False):  # accumulates in acc, not autocast's dtype
+            return _HSABlocked._forward(ctx, q, k, v, weights, indices, chunk_size, scale, sm_n)
+
+    @staticmethod
+    def backward(ctx, do):
+        with torch.autocast(do.device.type, enabled=False):
+            return _HSABlocked._backward(ctx, do)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, weights, indices, chunk_size, scale, sm_n):
         B, T, HQ, D = q.shape
         H, S = k.shape[2], chunk_size
         G = HQ // H
@@ -127,7 +137,7 @@ class _HSABlocked(torch.autograd.Function):
         return o[:-1].view(B, T, HQ, D).to(q.dtype)
 
     @staticmethod
-    def backward(ctx, do):
+    def _backward(ctx, do):
         q, k, v, weights = ctx.saved_tensors
         S, scale, sm_n = ctx.hsa_args
         plan = ctx.plan
