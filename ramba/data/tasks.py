@@ -215,25 +215,46 @@ class Task:
         )
 
 
+# Near misses of "The pass key is N.": names and numbers that a retrieval trained on the plain task scores
+# like the pass key (a byte-level model found "the net mask ``255.255.255.0``" in python-doc as close).
+DISTRACTOR_NAMES = (
+    "pass code", "pass word", "past key", "mass key", "pass kit", "bass key", "glass key", "class key",
+    "master key", "net mask", "mask", "key pass", "passport number", "access key", "gas meter",
+)
+
+
 class PasskeyTask(Task):
-    """Find a random pass key of `digits` digits (or always the same `key`, a string of digits)."""
+    """Find a random pass key of `digits` digits (or always the same `key`, a string of digits).
+    `distractors` near-miss sentences (another name, another number: "The net mask is 255.255.255.0.")
+    go at random depths, for training a retrieval that tells the pass key from look-alikes."""
 
     name = "passkey"
 
-    def __init__(self, tokenizer, haystack=None, digits: int = 5, key: str | None = None):
+    def __init__(self, tokenizer, haystack=None, digits: int = 5, key: str | None = None, distractors: int = 0):
         super().__init__(tokenizer, haystack)
         if digits < 1:
             raise ValueError(f"digits: expected >= 1, got {digits}")
         if key is not None and not (isinstance(key, str) and key.isascii() and key.isdigit()):
             raise ValueError(f"key: expected a string of digits, got {key!r}")
-        self.digits, self.key = digits, key
+        if not isinstance(distractors, int) or distractors < 0:
+            raise ValueError(f"distractors: expected an int >= 0, got {distractors!r}")
+        self.digits, self.key, self.distractors = digits, key, distractors
 
     def _generate(self, length, depth, rng):
         key = str(rng.randrange(10 ** (self.digits - 1), 10**self.digits))
         key = self.key or key  # the draw happens either way, so the haystack of a seed does not depend on `key`
-        needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+        needles = [f"The pass key is {key}. Remember it. {key} is the pass key."]
+        depths = [depth]
+        for _ in range(self.distractors):  # drawn after the key: a seed's sample without distractors is unchanged
+            name = rng.choice(DISTRACTOR_NAMES)
+            if rng.random() < 0.3:
+                number = ".".join(str(rng.choice((255, 0, rng.randrange(256)))) for _ in range(4))
+            else:
+                number = str(rng.randrange(10 ** (self.digits - 1), 10**self.digits))
+            needles.append(f"The {name} is {number}. {number} is the {name}.")
+            depths.append(rng.random())
         return self._assemble(
-            length, rng, [needle], [depth], 0, "What is the pass key? The pass key is", f" {key}.", [key]
+            length, rng, needles, depths, 0, "What is the pass key? The pass key is", f" {key}.", [key]
         )
 
     def score(self, sample, prediction):

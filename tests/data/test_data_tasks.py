@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from ramba.data import TASKS, ByteTokenizer, TemplateHaystack, TokenFileHaystack, load_tokenizer, make_task, prepare
+from ramba.data.tasks import DISTRACTOR_NAMES
 
 TOK = ByteTokenizer()
 LENGTHS = [600, 1024, 3001]
@@ -76,6 +77,15 @@ def test_partial_scores_and_prompt_hides_answer():
     fixed = make_task("passkey", TOK, digits=7, key="31415").generate(500, 0.5, seed=2)
     assert fixed.answers == ["31415"] and TOK.decode(fixed.answer_ids[:-1]) == " 31415."
     assert fixed.input_ids[: s.needles[0][0]].tolist() == s.input_ids[: s.needles[0][0]].tolist()
+    # near-miss distractors: the pass key stays the one asked, each look-alike names something else
+    for seed in range(5):
+        hard = make_task("passkey", TOK, distractors=6).generate(1500, 0.5, seed=seed)
+        plain = make_task("passkey", TOK).generate(1500, 0.5, seed=seed)
+        assert hard.answers == plain.answers and len(hard.needles) == 7
+        target = TOK.decode(hard.input_ids[slice(*hard.needles[hard.target])])
+        assert target.strip() == f"The pass key is {hard.answers[0]}. Remember it. {hard.answers[0]} is the pass key."
+        others = [TOK.decode(hard.input_ids[a:b]) for i, (a, b) in enumerate(hard.needles) if i != hard.target]
+        assert all("pass key" not in o and any(f"The {n} is " in o for n in DISTRACTOR_NAMES) for o in others)
 
 
 def test_real_text_haystack(tmp_path):
@@ -117,6 +127,8 @@ def test_bad_arguments():
         make_task("nope", TOK)
     with pytest.raises(TypeError, match="bad parameters"):
         make_task("passkey", TOK, num_keys=3)
+    with pytest.raises(ValueError, match="distractors: expected an int >= 0"):
+        make_task("passkey", TOK, distractors=-1)
     with pytest.raises(ValueError, match="key: expected a string of digits"):
         make_task("passkey", TOK, key="12a")
     with pytest.raises(ValueError, match="num_queries"):
