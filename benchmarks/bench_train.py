@@ -5,7 +5,8 @@ Usage:
     python benchmarks/bench_train.py --presets tiny --set d_model=64 --lengths 64,128 --batch-tokens 256 --steps 2 --warmup 1
 
 For every (preset, architecture, length): a model with random weights, AdamW, random tokens, batch
-`max(1, batch_tokens // length)` sequences of `length` tokens; `warmup` full training steps
+`max(1, batch_tokens // length)` sequences of `length` tokens (halved while out of memory; the
+batch used is recorded); `warmup` full training steps
 (forward + backward + optimizer) are run untimed, then `steps` timed ones. tokens/s = tokens per
 step x steps / seconds. bf16 autocast on CUDA (fp32 weights, as in training), fp32 on the CPU.
 Peak GPU memory is torch.cuda.max_memory_allocated over the run of that model. A configuration
@@ -93,6 +94,26 @@ def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: in
         free_memory(device)
 
 
+def measure_fitting(config: RambaConfig, length: int, batch: int, args: argparse.Namespace,
+                    device: torch.device) -> dict:
+    """`measure` at `batch` sequences, halving the batch while it runs out of memory; a failure at one
+    sequence (or any other error) is returned as `{"error": ...}` so the run goes on."""
+    while True:
+        error = None
+        try:
+            return measure(config, length, batch, args.steps, args.warmup, device, args.grad_checkpointing, args.seed)
+        except torch.OutOfMemoryError as exc:
+            error = f"OutOfMemoryError at batch {batch}: {exc}"[:500]
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            logger.debug("%s", traceback.format_exc())
+        free_memory(device)  # after the except block, whose exception held the failed step's tensors
+        if not error.startswith("OutOfMemoryError") or batch == 1:
+            return {"error": error}
+        logger.info("%s %s: out of memory at batch %d, trying %d", config.architecture, length, batch, batch // 2)
+        batch //= 2
+
+
 def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     lengths = parse_lengths(args.lengths)
@@ -105,15 +126,13 @@ def run(args: argparse.Namespace) -> dict:
         for length in lengths:
             for arch in archs:
                 row = {"preset": preset, "architecture": arch, "length": length}
-                try:
-                    row.update(measure(configs[preset, arch], length, max(1, args.batch_tokens // length), args.steps,
-                                       args.warmup, device, args.grad_checkpointing, args.seed))
-                    logger.info("%s %s %s: %.0f tokens/s", preset, arch, format_length(length), row["tokens_per_s"])
-                except Exception as exc:  # record the failure (e.g. out of memory) and measure the rest
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                row.update(measure_fitting(configs[preset, arch], length, max(1, args.batch_tokens // length), args,
+                                           device))
+                if "error" in row:
                     logger.warning("%s %s %s failed: %s", preset, arch, length, row["error"])
-                    logger.debug("%s", traceback.format_exc())
-                    free_memory(device)
+                else:
+                    logger.info("%s %s %s: %.0f tokens/s (batch %d)", preset, arch, format_length(length),
+                                row["tokens_per_s"], row["batch"])
                 rows.append(row)
     return {"device": str(device), "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
             "rows": rows, "ratios": ratios(rows), "goals": goals(rows),

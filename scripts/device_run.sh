@@ -1,19 +1,36 @@
 #!/usr/bin/env bash
-# The one script run on the GPU machine (see the device tool). Usage: scripts/device_run.sh SECTION...
+# The one script run on the GPU machine (see the device tool). Usage: scripts/device_run.sh ARG...
+# Each ARG is a SECTION, or lanes run side by side on the one GPU: 'A;B+C;D' runs A then B while C then D
+# run (small models leave the GPU mostly idle, so two trainings at once take little longer than one; do
+# not time benchmarks beside a lane). At the end every *.metrics.jsonl under $OUT goes into one
+# train-metrics.tgz (at most 8 files come back).
 # Sections (run in the order given, each bounded by its own timeout, outputs under $OUT):
 #   tests        all GPU tests (pytest -m gpu tests/gpu)
 #   tests-model  GPU tests of the SSD fast path and the model only
 #   hsa          HSA GPU tests + benchmarks/bench_hsa.py
-#   train        benchmarks/bench_train.py (370m layout, 4K and 16K)
-#   inference    benchmarks/bench_inference.py (tiny preset, 4K..16M, offload)
+#   train        benchmarks/bench_train.py (370m and tiny layouts, 4K and 16K)
+#   inference    benchmarks/bench_inference.py (tiny preset, 4K..64M, offload)
 #   save-cache   the Triton kernel cache as $OUT/triton-cache.tgz.part-* (copy them into .carry/ for the
 #                next fresh machine: the kernels of the last run then need no compiling or autotuning)
 #   corpus       unpack the corpora carried in .carry/corpus/ and prepare their token files under data/
 #   passkey-train:ARCH:STAGE:STEPS[:SECONDS[:INIT]]
-#                train stage 1, 2 or 3 (recipes/tiny-passkey-1k.yaml, tiny-passkey.yaml, tiny-passkey-distractors.yaml)
+#                train stage 1, 2, 3 or 4 (recipes/tiny-passkey-1k.yaml, tiny-passkey.yaml, tiny-passkey-distractors.yaml,
+#                tiny-passkey-hard.yaml; stage 4 of ramba starts from the shipped model unless stage 3 ran here)
 #                of ARCH (ramba, mamba2 or swa) for STEPS steps, then export $OUT/passkey-ARCH[-sN].safetensors and its
 #                metrics; SECONDS bounds the run (default 540); INIT: continue from these weights instead
 #                (a continuation: 50 warmup steps to lr 5e-4)
+#   tasks-eval:NAME:LENGTHS:SAMPLES
+#                ramba eval tasks (niah_single, niah_multikey) of passkey-NAME.safetensors, found as for passkey-eval,
+#                on the python-doc haystack, 3 depths, fast mode, offload
+#   ranks:NAME:LENGTHS
+#                ramba eval ranks of passkey-NAME.safetensors (found as for passkey-eval) on the python-doc haystack:
+#                the needle chunk's rank and score margin at every answer digit (3 depths, fast mode)
+#   multigpu:NAME:STEPS[:SETTINGS]
+#                issue 8's scaling run (needs 2 GPUs): recipes/tiny-gpu.yaml with the ;-free --set SETTINGS
+#                (comma-separated, e.g. model.preset=370m,micro_batch=2) for STEPS steps on 1, then 2 GPUs
+#                (torchrun), then the 2-GPU run continued on 1 GPU for 10 steps; metrics as
+#                multigpu-NAME-{1,2,resumed}.metrics.jsonl (train-metrics.tgz), tokens/s = the logged global rate
+#   drop:GLOB    delete $OUT/GLOB (models a later stage of the same call superseded)
 #   passkey-eval:NAME:LENGTHS:SAMPLES[:DEPTHS]
 #                ramba eval passkey of passkey-NAME.safetensors (this call's $OUT, else .carry/models/, else the
 #                shipped model for NAME ramba) on the unseen python-doc haystack, fast mode, offload; JSON + PNG
@@ -73,8 +90,7 @@ section() {
                 python3 -m ramba prepare "$src" -o "data/$(basename "$src" .txt)" --overwrite --no-progress || return 1
             done ;;
         passkey-train)
-            # stage 1: recipes/tiny-passkey-1k.yaml from scratch; stages 2 and 3 (tiny-passkey.yaml,
-            # tiny-passkey-distractors.yaml) from the stage before
+            # stage 1: recipes/tiny-passkey-1k.yaml from scratch; stages 2 to 4 from the stage before
             local overrides recipe run init="" stem prev
             IFS=: read -r _ arch stage steps seconds init_from <<<"$1"
             overrides=$(arch_overrides "$arch") || return 2
@@ -82,17 +98,19 @@ section() {
                 1) recipe=recipes/tiny-passkey-1k.yaml run=runs/passkey-$arch-s1 stem=passkey-$arch-s1 ;;
                 2) recipe=recipes/tiny-passkey.yaml run=runs/passkey-$arch stem=passkey-$arch prev=passkey-$arch-s1 ;;
                 3) recipe=recipes/tiny-passkey-distractors.yaml run=runs/passkey-$arch-s3 stem=passkey-$arch-s3 prev=passkey-$arch ;;
+                4) recipe=recipes/tiny-passkey-hard.yaml run=runs/passkey-$arch-s4 stem=passkey-$arch-s4 prev=passkey-$arch-s3 ;;
                 *) echo "unknown stage: $stage"; return 2 ;;
             esac
             if [ "$stage" != 1 ]; then  # from the previous stage: this call's run, else the carried model
                 overrides="" init=runs/$prev
                 [ -d "$init" ] || init=.carry/models/$prev.safetensors
+                [ -e "$init" ] || [ "$prev" != passkey-ramba-s3 ] || init=ramba/pretrained/tiny-passkey.safetensors
                 init="--set model.init_from=$init"
             fi
             [ -z "$init_from" ] || init="--set model.init_from=$init_from --set optim.warmup_steps=50 --set optim.lr=5e-4 --set optim.min_lr=5e-5"
             rm -rf "$run"
             # shellcheck disable=SC2086
-            timeout "${seconds:-540}" python3 -m ramba train "$recipe" --set out_dir="$run" --set max_steps="$steps" \
+            timeout -k 60 "${seconds:-540}" python3 -m ramba train "$recipe" --set out_dir="$run" --set max_steps="$steps" \
                 --set log.progress=false $overrides $init
             local rc=$?
             cp "$run/metrics.jsonl" "$OUT/$stem.metrics.jsonl" 2>/dev/null
@@ -103,25 +121,73 @@ section() {
             python3 -m ramba eval passkey --model "$(passkey_model "$arch")" --lengths "$lengths" \
                 --depths "${depths:-0,0.25,0.5,0.75,1}" --samples "$samples" --mode fast --offload \
                 --segment-len 65536 --haystack data/python-doc --out "$OUT" --name "passkey-$arch-to-${lengths##*,}" --no-progress ;;
-        tests) timeout 300 python3 -m pytest -m gpu tests/gpu -q -rfE -p no:cacheprovider ;;
+        tasks-eval)
+            IFS=: read -r _ arch lengths samples <<<"$1"
+            python3 -m ramba eval tasks --model "$(passkey_model "$arch")" --lengths "$lengths" --tasks niah_single,niah_multikey \
+                --depths 0,0.5,1 --samples "$samples" --mode fast --offload --segment-len 65536 --haystack data/python-doc \
+                --out "$OUT" --name "tasks-$arch-to-${lengths##*,}" --no-progress ;;
+        ranks)
+            IFS=: read -r _ arch lengths <<<"$1"
+            python3 -m ramba eval ranks --model "$(passkey_model "$arch")" --lengths "$lengths" --depths 0,0.5,1 \
+                --mode fast --segment-len 65536 --haystack data/python-doc --out "$OUT" --name "ranks-$arch" --no-progress ;;
+        tests) timeout 300 python3 -m pytest -m gpu tests/gpu -v -x --tb=short -p no:cacheprovider ;;
         tests-model) timeout 150 python3 -m pytest -m gpu tests/gpu/test_ssd_gpu.py tests/gpu/test_model_gpu.py -q -rfE -x -p no:cacheprovider ;;
         hsa) timeout 150 python3 -m pytest -m gpu tests/gpu/test_hsa_gpu.py -q -rfE -p no:cacheprovider &&
              timeout 150 python3 benchmarks/bench_hsa.py "$OUT" ;;
-        train) timeout 200 python3 benchmarks/bench_train.py --presets 370m --lengths 4096,16384 --batch-tokens 32768 \
+        train) timeout 300 python3 benchmarks/bench_train.py --presets 370m,tiny --lengths 4096,16384 --batch-tokens 16384 \
                    --steps 5 --warmup 2 --out "$OUT" ;;
-        inference) timeout 200 python3 benchmarks/bench_inference.py --preset tiny --architectures ramba \
-                   --lengths 4k,64k,1m,16m --decode-tokens 16 --segment-len 65536 --mode fast --offload --out "$OUT" ;;
+        inference) timeout 240 python3 benchmarks/bench_inference.py --preset tiny --architectures ramba \
+                   --lengths 4k,64k,1m,16m,64m --decode-tokens 16 --segment-len 65536 --mode fast --offload --out "$OUT" ;;
+        multigpu)
+            local name sets n args=()
+            IFS=: read -r _ name steps sets <<<"$1"
+            for kv in ${sets//,/ }; do args+=(--set "$kv"); done
+            args+=(--set "max_steps=$steps" --set log.progress=false --set eval.every=0 --set "checkpoint.every=$steps")
+            for n in 1 2; do
+                rm -rf "runs/multigpu-$name-$n"
+                timeout 280 torchrun --standalone --nproc_per_node "$n" -m ramba train recipes/tiny-gpu.yaml \
+                    --set "out_dir=runs/multigpu-$name-$n" "${args[@]}" || return 1
+                cp "runs/multigpu-$name-$n/metrics.jsonl" "$OUT/multigpu-$name-$n.metrics.jsonl"
+            done
+            python3 -m ramba train recipes/tiny-gpu.yaml --set "out_dir=runs/multigpu-$name-2" "${args[@]}" \
+                --set "max_steps=$((steps + 10))" --resume || return 1
+            cp "runs/multigpu-$name-2/metrics.jsonl" "$OUT/multigpu-$name-resumed.metrics.jsonl" ;;
+        drop) rm -f "$OUT"/${1#drop:} ;;
         save-cache) tar -czf - -C "$TRITON_CACHE_DIR" . | split -b 15000000 - "$OUT/triton-cache.tgz.part-" && ls -la "$OUT" ;;
         *) echo "unknown section: $name"; return 2 ;;
     esac
 }
 
+lane() {  # 'A;B;C': the sections one after another
+    local rc=0 name
+    IFS=';' read -ra names <<<"$1"
+    for name in "${names[@]}"; do
+        section "$name" || { echo "== section $name failed"; rc=1; }
+    done
+    return $rc
+}
+
+lanes() {  # 'L1+L2+...': the lanes side by side, their lines tagged [1], [2], ...
+    local rc=0 i=0 lane_args pids=()
+    IFS='+' read -ra lane_args <<<"$1"
+    for arg in "${lane_args[@]}"; do
+        i=$((i + 1))
+        lane "$arg" > >(sed -u "s/^/[$i] /") 2>&1 &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+    return $rc
+}
+
 main() {
     local rc=0
     setup || return 1
-    for name in "$@"; do
-        section "$name" || { echo "== section $name failed"; rc=1; }
+    for arg in "$@"; do
+        if [[ $arg == *+* ]]; then lanes "$arg" || rc=1; else lane "$arg" || rc=1; fi
     done
+    if compgen -G "$OUT/*.metrics.jsonl" > /dev/null; then
+        (cd "$OUT" && tar -czf train-metrics.tgz ./*.metrics.jsonl && rm -f ./*.metrics.jsonl)
+    fi
     echo "== done rc=$rc $(date -u +%FT%TZ)"
     return $rc
 }

@@ -21,23 +21,34 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def _loss_and_grads(model, ids, autocast_device=None):
+    if autocast_device is None:
+        out = model(input_ids=ids, labels=ids)
+    else:
+        with torch.autocast(autocast_device, dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.float().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("overrides", [{}, dict(local_mixer="swa"), dict(n_kv_heads=2, n_heads=8, retrieval_heads=1)])
 def test_cuda_forward_backward_matches_cpu(overrides):
+    """CUDA fast paths under bf16 autocast vs the CPU torch paths in fp32. bf16 rounding alone (the CPU
+    paths under CPU bf16 autocast) moves some gradients by ~9% (near-tied chunk scores change the top-K), so
+    each gradient may differ from fp32 by at most twice what bf16 on the CPU gives, plus 2%."""
     torch.manual_seed(0)
-    cpu = RambaForCausalLM(RambaConfig(**{**CONFIG, **overrides})).float()
-    gpu = RambaForCausalLM(RambaConfig(**{**CONFIG, **overrides})).cuda()
-    gpu.load_state_dict(cpu.state_dict())
+    config = RambaConfig(**{**CONFIG, **overrides})
+    models = [RambaForCausalLM(config).float() for _ in range(2)] + [RambaForCausalLM(config).cuda()]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
     ids = torch.randint(0, 256, (2, 700))
-    out_cpu = cpu(input_ids=ids, labels=ids)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out_gpu = gpu(input_ids=ids.cuda(), labels=ids.cuda())
-    assert rel_err(out_gpu.logits.float().cpu(), out_cpu.logits) < 3e-2
-    out_cpu.loss.backward()
-    out_gpu.loss.backward()
-    gpu_grads = dict(gpu.named_parameters())
-    for name, p in cpu.named_parameters():
-        if p.grad is not None and p.grad.norm() > 0:
-            assert rel_err(gpu_grads[name].grad.cpu(), p.grad) < 1e-1, name
+    logits, grads = _loss_and_grads(models[0], ids)
+    logits_bf16, grads_bf16 = _loss_and_grads(models[1], ids, "cpu")
+    logits_gpu, grads_gpu = _loss_and_grads(models[2], ids.cuda(), "cuda")
+    assert rel_err(logits_gpu, logits) < 2 * rel_err(logits_bf16, logits) + 1e-2
+    for name, g in grads.items():
+        if g.norm() > 0:
+            assert rel_err(grads_gpu[name], g) < 2 * rel_err(grads_bf16[name], g) + 2e-2, name
 
 
 def test_cuda_prefill_decode_offload_matches_full_forward():
