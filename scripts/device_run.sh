@@ -19,6 +19,9 @@
 #                of ARCH (ramba, mamba2 or swa) for STEPS steps, then export $OUT/passkey-ARCH[-sN].safetensors and its
 #                metrics; SECONDS bounds the run (default 540); INIT: continue from these weights instead
 #                (a continuation: 50 warmup steps to lr 5e-4)
+#   passkey-eval:NAME:LENGTHS:SAMPLES[:DEPTHS]
+#                ramba eval passkey of passkey-NAME.safetensors (this call's $OUT, else .carry/models/, else the
+#                shipped model for NAME ramba) on the unseen python-doc haystack, fast mode, offload; JSON + PNG
 #   tasks-eval:NAME:LENGTHS:SAMPLES
 #                ramba eval tasks (niah_single, niah_multikey) of passkey-NAME.safetensors, found as for passkey-eval,
 #                on the python-doc haystack, 3 depths, fast mode, offload
@@ -26,14 +29,11 @@
 #                ramba eval ranks of passkey-NAME.safetensors (found as for passkey-eval) on the python-doc haystack:
 #                the needle chunk's rank and score margin at every answer digit (3 depths, fast mode)
 #   multigpu:NAME:STEPS[:SETTINGS]
-#                issue 8's scaling run (needs 2 GPUs): recipes/tiny-gpu.yaml with the ;-free --set SETTINGS
-#                (comma-separated, e.g. model.preset=370m,micro_batch=2) for STEPS steps on 1, then 2 GPUs
+#                issue 8's scaling run (needs 2 GPUs): recipes/tiny-gpu.yaml with the overrides SETTINGS
+#                (comma-separated KEY=VALUE, e.g. model.preset=370m,micro_batch=2) for STEPS steps on 1, then 2 GPUs
 #                (torchrun), then the 2-GPU run continued on 1 GPU for 10 steps; metrics as
 #                multigpu-NAME-{1,2,resumed}.metrics.jsonl (train-metrics.tgz), tokens/s = the logged global rate
 #   drop:GLOB    delete $OUT/GLOB (models a later stage of the same call superseded)
-#   passkey-eval:NAME:LENGTHS:SAMPLES[:DEPTHS]
-#                ramba eval passkey of passkey-NAME.safetensors (this call's $OUT, else .carry/models/, else the
-#                shipped model for NAME ramba) on the unseen python-doc haystack, fast mode, offload; JSON + PNG
 # Carried wheels in .whl/ (fla-core) are installed first. At most 8 files come back from $OUT.
 # The carried folder .carry/ (git-ignored; name it and .whl in the device call's carry list) holds the
 # corpora (scripts/device_carry.sh packs them), models and the kernel cache.
