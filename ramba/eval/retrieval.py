@@ -10,7 +10,6 @@ distractors crowding the needle out, as the long-context failures of a model tra
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +19,7 @@ import torch
 from ramba.data.tasks import TaskSample, make_task
 from ramba.eval.plots import Panel, line_plots
 from ramba.eval.results import EvalError, format_length, write_results
+from ramba.ops.retrieval import chunk_scores
 
 __all__ = ["needle_ranks", "evaluate_needle_ranks", "save_needle_ranks", "ranks_table"]
 
@@ -40,9 +40,8 @@ def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str =
     def capture(index):
         def hook(module, args, _out):
             hidden, landmarks = args[0], args[1]
-            q = module.q_proj(module.norm(hidden[:, -1])).view(-1, module.retrieval_heads, module.retrieval_dim)
-            scores = torch.einsum("brd,bcrd->bcr", q.float(), landmarks.float()) / math.sqrt(module.retrieval_dim)
-            captured[index] = scores[0].cpu()  # [C, R]
+            scores = chunk_scores(module.queries(hidden[:, -1:]), landmarks)  # [B, 1, R, C]
+            captured[index] = scores[0, 0].T.cpu()  # [C, R]
         return hook
 
     handles = [m.register_forward_hook(capture(i)) for i, m in layers]

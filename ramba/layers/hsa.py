@@ -100,10 +100,14 @@ class RetrievalLayer(nn.Module):
         self.norm = RMSNorm(d_model, eps=eps)
         self.q_proj = nn.Linear(d_model, retrieval_heads * retrieval_dim, bias=False)
 
+    def queries(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [B, T, d]`` -> the retrieval queries ``q_r [B, T, R, Dr]``."""
+        B, T, _ = hidden.shape
+        return self.q_proj(self.norm(hidden)).view(B, T, self.retrieval_heads, self.retrieval_dim)
+
     def forward(self, hidden: torch.Tensor, landmarks: torch.Tensor, positions: torch.Tensor | None = None) -> ChunkSelection:
         """``hidden [B, T, d]``, ``landmarks [B, C, R, Dr]``, ``positions [T]`` -> :class:`ChunkSelection`."""
-        B, T, _ = hidden.shape
-        q_r = self.q_proj(self.norm(hidden)).view(B, T, self.retrieval_heads, self.retrieval_dim)
+        q_r = self.queries(hidden)
         indices, weights = select_chunks(q_r, landmarks, self.chunk_size, self.topk, positions, self.weight_norm)
         return ChunkSelection(indices, weights)
 

@@ -113,6 +113,10 @@ class RambaModel(RambaPreTrainedModel):
             if not ctx.skip_hsa:
                 landmarks = ctx.memory.landmarks if cache is None else cache.memory.landmarks
                 ctx.selection = layer(hidden, landmarks, ctx.positions)
+                if cache is not None and cache.memory.fetch_tokens(ctx.selection) >= hidden.shape[1]:
+                    # one fetch serves every HSA layer of the group; a longer offloaded segment leaves
+                    # ctx.memory None and its HSA layers fetch block by block (_hsa_over_cache)
+                    ctx.memory, ctx.selection = cache.memory.fetch(ctx.selection)
             return hidden
         if kind == "mamba2" and cache is not None:
             state = cache.states[i]
@@ -123,7 +127,7 @@ class RambaModel(RambaPreTrainedModel):
                 return out[:, None]
             out, cache.states[i] = layer(hidden, state, return_state=True)
             return out
-        if kind == "hsa" and cache is not None and not ctx.skip_hsa:
+        if kind == "hsa" and cache is not None and not ctx.skip_hsa and ctx.memory is None:
             return self._hsa_over_cache(layer, hidden, cache.memory, ctx.selection)
         if kind == "hsa":
             args = (hidden, None, None) if ctx.skip_hsa else (hidden, ctx.memory, ctx.selection)
@@ -137,9 +141,9 @@ class RambaModel(RambaPreTrainedModel):
 
     @staticmethod
     def _hsa_over_cache(layer: nn.Module, hidden: torch.Tensor, store, selection: ChunkSelection) -> torch.Tensor:
-        """An HSA layer over the cached chunk memory, one block of ``store.fetch_tokens`` tokens at a time
-        (all at once when the memory is resident): an offloaded block copies in only the chunks it selected.
-        HSA layers act on each token alone, so the blocks give exactly the output of one call."""
+        """An HSA layer over offloaded chunk memory, one block of ``store.fetch_tokens`` tokens at a time:
+        each block copies in only the chunks it selected. HSA layers act on each token alone, so the blocks
+        give exactly the output of one call."""
         T = hidden.shape[1]
         step = store.fetch_tokens(selection)
         outputs = []

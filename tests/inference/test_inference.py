@@ -168,8 +168,12 @@ def test_offloaded_long_segment_fetches_block_by_block(name, monkeypatch):
         monkeypatch.setattr(cache_module, "FETCH_BYTES", 1)  # one token per fetch
         copied.clear()
         last, _ = prefill(model, ids[:, 100:], segment_len=50, offload=True, cache=cache)
+        blocks = list(copied)
+        copied.clear()
+        model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)  # a decoding step: one block
     torch.testing.assert_close(last, full[:, -1], atol=2e-5, rtol=2e-5)
-    n_hsa = model.config.layer_plan().count("hsa")
-    assert len(copied) == 50 * n_hsa and all(t == 1 for t, _ in copied)
+    plan = model.config.layer_plan()
+    assert len(blocks) == 50 * plan.count("hsa") and all(t == 1 for t, _ in blocks)
+    assert len(copied) == plan.count("retrieval")  # decoding: one fetch serves the group's HSA layers
     k, r = model.config.topk, model.config.retrieval_heads
-    assert all(u <= 2 * r * k for _, u in copied)  # 2 rows x R heads x K slots, whatever the chunk count
+    assert all(u <= 2 * r * k for _, u in blocks + copied)  # 2 rows x R heads x K slots, whatever the chunk count

@@ -120,6 +120,13 @@ def resolve_positions(positions: torch.Tensor | None, B: int, T: int, device: to
     return positions.long().expand(B, T)
 
 
+def chunk_scores(q_r: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+    """Every chunk's retrieval score ``q_r · landmark / sqrt(Dr)``, visible or not: ``q_r [B, T, R, Dr]``,
+    ``landmarks [B, C, R, Dr]`` -> ``[B, T, R, C]`` in the compute dtype (float32, float64 for float64)."""
+    acc = compute_dtype(q_r.dtype, landmarks.dtype)
+    return torch.einsum("btrd,bcrd->btrc", q_r.to(acc), landmarks.to(acc)) / math.sqrt(q_r.shape[-1])
+
+
 def select_chunks_naive(
     q_r: torch.Tensor,
     landmarks: torch.Tensor,
@@ -149,7 +156,7 @@ def select_chunks_naive(
     acc = compute_dtype(q_r.dtype, landmarks.dtype)
     pos = resolve_positions(positions, B, T, dev)
     with torch.no_grad():
-        scores = torch.einsum("btrd,bcrd->btrc", q_r.to(acc), landmarks.to(acc)) / math.sqrt(Dr)
+        scores = chunk_scores(q_r, landmarks)
         visible = (torch.arange(C, device=dev) + 1) * chunk_size <= pos[:, :, None]  # [B, T, C]
         scores = scores.masked_fill(~visible[:, :, None, :], -math.inf)
         # ties go to the more recent chunk: reverse the chunk axis so that a stable sort keeps
