@@ -28,7 +28,7 @@ import torch.nn.functional as F
 HQ, H, D, S, K = 16, 1, 64, 64, 8
 SHAPES = [(64, 4096), (16, 16384), (4, 65536), (1, 131072)]
 # tokens per HSA tile to time (hsa_triton's block_tokens); a list of several for sweeps
-BLOCK_TOKENS = [int(x) for x in os.environ.get("HSA_BENCH_BLOCK_TOKENS", "4,8").split(",")]
+BLOCK_TOKENS = [int(x) for x in os.environ.get("HSA_BENCH_BLOCK_TOKENS", "4").split(",")]
 
 
 def draw_indices(B: int, T: int, device, gen: torch.Generator):
@@ -67,7 +67,7 @@ def main() -> None:
     import triton
 
     from ramba.ops.hsa import hsa
-    from ramba.ops.hsa.triton import build_plan, hsa_triton
+    from ramba.ops.hsa.triton import _chunk_entries, hsa_triton, sorted_tile_chunks
 
     out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
@@ -102,9 +102,11 @@ def main() -> None:
         w.requires_grad_(True)
         do = torch.randn_like(q)
         for bt in (4, 8):
-            cnt = build_plan(idx, w.detach(), T // S, bt)[1]
-            row[f"distinct_chunks_per_tile_bt{bt}"] = cnt.float().mean().item()
-        row["plan_ms_bt4"] = bench(lambda: build_plan(idx, w.detach(), T // S, 4))
+            skey = sorted_tile_chunks(idx, T // S, bt)
+            row[f"distinct_chunks_per_tile_bt{bt}"] = _chunk_entries(skey, T // S)[2].item() / skey[..., 0].numel()
+        skey4 = sorted_tile_chunks(idx, T // S, 4)
+        row["tile_sort_ms_bt4"] = bench(lambda: sorted_tile_chunks(idx, T // S, 4))
+        row["entry_sort_ms_bt4"] = bench(lambda: _chunk_entries(skey4, T // S))
         scale = D ** -0.5
 
         def run(name, fwd, grads):

@@ -22,7 +22,7 @@ import argparse
 import logging
 import sys
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -49,6 +49,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a RambaConfig field of every preset (repeatable)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward")
+    p.add_argument("--profile", metavar="DIR", help="profile the timed steps; one table per model into DIR (slows them)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
@@ -57,8 +58,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: int, device: torch.device,
-            grad_checkpointing: bool, seed: int) -> dict:
-    """Times `steps` training steps on `[batch, length]` random tokens; returns tokens/s and memory."""
+            grad_checkpointing: bool, seed: int, profile_path: Path | None = None) -> dict:
+    """Times `steps` training steps on `[batch, length]` random tokens; returns tokens/s and memory.
+    With `profile_path`, the timed steps run under torch.profiler (slower) and its table of kernels by
+    self device time goes to that file."""
     torch.manual_seed(seed)
     model = RambaForCausalLM(config).to(device).train()
     if grad_checkpointing:
@@ -80,10 +83,11 @@ def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: in
     try:
         for _ in range(warmup):
             step()
-        start = synchronized_time(device)
-        for _ in range(steps):
-            step()
-        seconds = synchronized_time(device) - start
+        with profiled(device, profile_path):
+            start = synchronized_time(device)
+            for _ in range(steps):
+                step()
+            seconds = synchronized_time(device) - start
         row = {"params": n_params, "batch": batch, "tokens_per_step": batch * length, "seconds": seconds,
                "step_ms": 1e3 * seconds / steps, "tokens_per_s": batch * length * steps / seconds}
         if device.type == "cuda":
@@ -94,6 +98,22 @@ def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: in
         free_memory(device)
 
 
+@contextmanager
+def profiled(device: torch.device, path: Path | None):
+    """torch.profiler around the block when `path` is given; writes the top 40 ops by self device time there."""
+    if path is None:
+        yield
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        yield
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=80))
+
+
 def measure_fitting(config: RambaConfig, length: int, batch: int, args: argparse.Namespace,
                     device: torch.device) -> dict:
     """`measure` at `batch` sequences, halving the batch while it runs out of memory; a failure at one
@@ -101,7 +121,9 @@ def measure_fitting(config: RambaConfig, length: int, batch: int, args: argparse
     while True:
         error = None
         try:
-            return measure(config, length, batch, args.steps, args.warmup, device, args.grad_checkpointing, args.seed)
+            profile = None if args.profile is None else Path(args.profile) / f"{config.architecture}-{length}.profile.txt"
+            return measure(config, length, batch, args.steps, args.warmup, device, args.grad_checkpointing, args.seed,
+                           profile)
         except torch.OutOfMemoryError as exc:
             error = f"OutOfMemoryError at batch {batch}: {exc}"[:500]
         except Exception as exc:

@@ -5,10 +5,13 @@
 # not time benchmarks beside a lane). At the end every *.metrics.jsonl under $OUT goes into one
 # train-metrics.tgz (at most 8 files come back).
 # Sections (run in the order given, each bounded by its own timeout, outputs under $OUT):
-#   tests        all GPU tests (pytest -m gpu tests/gpu)
+#   tests        the GPU tests but the slow ones (fp32 fla kernels: minutes of compiling)
 #   tests-model  GPU tests of the SSD fast path and the model only
 #   hsa          HSA GPU tests + benchmarks/bench_hsa.py
 #   train        benchmarks/bench_train.py (370m and tiny layouts, 4K and 16K)
+#   profile:PRESET:ARCHS:LENGTH
+#                bench_train.py --profile for the comma-separated architectures (8192 tokens a step): a table of
+#                the kernels by device time per model under $OUT/profile/
 #   inference    benchmarks/bench_inference.py (tiny preset, 4K..64M, offload)
 #   save-cache   the Triton kernel cache as $OUT/triton-cache.tgz.part-* (copy them into .carry/ for the
 #                next fresh machine: the kernels of the last run then need no compiling or autotuning)
@@ -130,12 +133,16 @@ section() {
             IFS=: read -r _ arch lengths <<<"$1"
             python3 -m ramba eval ranks --model "$(passkey_model "$arch")" --lengths "$lengths" --depths 0,0.5,1 \
                 --mode fast --segment-len 65536 --haystack data/python-doc --out "$OUT" --name "ranks-$arch" --no-progress ;;
-        tests) timeout 300 python3 -m pytest -m gpu tests/gpu -v -x --tb=short -p no:cacheprovider ;;
-        tests-model) timeout 150 python3 -m pytest -m gpu tests/gpu/test_ssd_gpu.py tests/gpu/test_model_gpu.py -q -rfE -x -p no:cacheprovider ;;
+        tests) timeout 300 python3 -m pytest -m "gpu and not slow" tests/gpu -v -x --tb=short -p no:cacheprovider ;;
+        tests-model) timeout 500 python3 -m pytest -m gpu tests/gpu/test_ssd_gpu.py tests/gpu/test_model_gpu.py -q -rfE -x -p no:cacheprovider ;;
         hsa) timeout 150 python3 -m pytest -m gpu tests/gpu/test_hsa_gpu.py -q -rfE -p no:cacheprovider &&
              timeout 150 python3 benchmarks/bench_hsa.py "$OUT" ;;
         train) timeout 300 python3 benchmarks/bench_train.py --presets 370m,tiny --lengths 4096,16384 --batch-tokens 16384 \
                    --steps 5 --warmup 2 --out "$OUT" ;;
+        profile)
+            IFS=: read -r _ preset archs length <<<"$1"
+            timeout 300 python3 benchmarks/bench_train.py --presets "$preset" --architectures "$archs" --lengths "$length" \
+                --batch-tokens 8192 --steps 3 --warmup 2 --profile "$OUT/profile" --out "$OUT" --name "profile-$preset" ;;
         inference) timeout 240 python3 benchmarks/bench_inference.py --preset tiny --architectures ramba \
                    --lengths 4k,64k,1m,16m,64m --decode-tokens 16 --segment-len 65536 --mode fast --offload --out "$OUT" ;;
         multigpu)

@@ -173,28 +173,30 @@ def test_torch_backend_under_cpu_autocast_computes_as_without():
         assert a.dtype == b.dtype and torch.equal(a, b), name
 
 
-def test_build_plan_invariants():
-    pytest.importorskip("triton", reason="build_plan lives in the triton backend")
-    from ramba.ops.hsa.triton import build_plan
+def test_sorted_tile_chunks_and_chunk_entries():
+    pytest.importorskip("triton", reason="these helpers live in the triton backend")
+    from ramba.ops.hsa.triton import _chunk_entries, sorted_tile_chunks
 
-    _, _, _, w, idx, _ = make_inputs(2, 13, 4, 2, 16, 16, 5, 6, dtype=torch.float32, seed=5)
-    BT, C, K = 4, 6, 5
-    uniq, cnt, wt, pos = build_plan(idx, w, C, BT)
-    B, H, NT, L = uniq.shape
-    assert (NT, L) == (4, BT * K)
+    _, _, _, _, idx, _ = make_inputs(2, 13, 4, 2, 16, 16, 5, 6, dtype=torch.float32, seed=5)
+    BT, C = 4, 6
+    skey = sorted_tile_chunks(idx, C, BT)
+    B, H, NT, L = skey.shape
+    assert (NT, L) == (4, BT * 5)
+    expected_entries = []
     for b in range(B):
         for h in range(H):
             for j in range(NT):
                 toks = range(j * BT, min(13, (j + 1) * BT))
-                chosen = sorted({int(c) for t in toks for c in idx[b, t, h]})
-                n = int(cnt[b, h, j])
-                assert uniq[b, h, j, :n].tolist() == chosen
-                for i, t in enumerate(toks):
-                    for s in range(K):
-                        assert int(uniq[b, h, j, int(pos[b, h, j, i * K + s])]) == int(idx[b, t, h, s])
-                    per_chunk = torch.zeros(C).index_add_(0, idx[b, t, h].long(), w[b, t, h])
-                    torch.testing.assert_close(wt[b, h, j, :n, i], per_chunk[chosen])
-                assert (wt[b, h, j, n:] == 0).all()
+                ids = sorted(int(c) for t in toks for c in idx[b, t, h])
+                assert skey[b, h, j].tolist() == ids + [C] * (L - len(ids))
+                for c in sorted(set(ids)):
+                    expected_entries.append(((b * H + h) * C + c, (b * H + h) * NT + j))
+    ekey, order, n_valid = _chunk_entries(skey, C)
+    n = int(n_valid)
+    assert n == len(expected_entries)
+    assert (ekey[n:] == B * H * C).all()
+    got = sorted(zip(ekey[:n].tolist(), (order[:n] // L).tolist()))
+    assert got == sorted(expected_entries)
 
 
 _INTERPRET_SCRIPT = textwrap.dedent(

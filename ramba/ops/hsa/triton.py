@@ -1,26 +1,25 @@
 """HSA "triton" backend: fused forward and backward kernels, linear in T.
 
 Work is organised around *token tiles*: ``BT`` consecutive tokens of one (batch, kv head), whose
-``BT × G`` query rows (``G = HQ // H`` query heads per kv head) form one matrix tile. A tile's
-``BT × K`` (token, slot) pairs are reduced to the sorted list of the distinct chunks they select
-(the *plan*, built with a per-tile sort in PyTorch), with a dense ``[BT]`` weight column per
-distinct chunk (0 for tokens that did not select it; duplicate slots add their weights). Each
-distinct chunk's ``k, v`` are then loaded once per tile and multiplied against all ``BT × G``
-rows, so neighbouring tokens that select the same chunks share the chunk loads and the matrix
-products have ``BT × G`` rows instead of ``G``. The whole chunk (``S`` keys) sits in one tile, so
-each per-chunk softmax is computed exactly, without an online rescaling.
+``BT × G`` query rows (``G = HQ // H`` query heads per kv head) form one matrix tile. Each tile's
+``BT × K`` chunk ids are sorted once (one PyTorch sort, ``sorted_tile_chunks``); a kernel finds
+the runs of equal ids in that list and handles each *distinct* chunk once: its ``k, v`` are loaded once and multiplied
+against all ``BT × G`` rows, each row weighted by its token's weight for that chunk (0 for tokens
+that did not select it, the sum for duplicate slots). Neighbouring tokens that select the same
+chunks thus share the chunk loads, and the matrix products have ``BT × G`` rows instead of ``G``.
+The whole chunk (``S`` keys) sits in one tile, so each per-chunk softmax is exact (no online
+rescaling); normalisation and weights are applied per row after the products.
 
 Kernels:
-- forward, one program per (token tile, batch × kv head): ``o += (w · softmax1(q kᵀ)) v``.
-- backward dq/dw, same grid: recompute ``P``, ``dP = dO vᵀ``; ``dw = Σ_g rowsum(P ⊙ dP)`` per
-  (distinct chunk, token), ``dS = w P ⊙ (dP − rowsum(P ⊙ dP))``, ``dq += dS k · scale``.
-- backward dk/dv, chunk-major: the plan entries are sorted by chunk (one argsort, no scan over
-  (query, chunk) pairs); each program takes a fixed-size run of that sorted list (so a popular
-  chunk is split over several programs), keeps ``dk_c, dv_c`` in registers while the chunk stays
-  the same and adds them into fp32 buffers with one atomic add per (program, chunk).
+- forward, one program per (token tile, batch × kv head): ``o += w · softmax1(q kᵀ) v``.
+- backward dq/dw, same grid: recompute ``P``, ``dP = dO vᵀ``; ``dw = Σ_g rowsum(P ⊙ dP)`` for each
+  slot that selected the chunk, ``dS = w P ⊙ (dP − rowsum(P ⊙ dP))``, ``dq += dS k · scale``.
+- backward dk/dv, chunk-major: the (tile, distinct chunk) entries are sorted by chunk (one argsort,
+  no scan over (query, chunk) pairs); each program takes a fixed-size run of that sorted list (so a
+  popular chunk is split over several programs), keeps ``dk_c, dv_c`` in registers while the chunk
+  stays the same and adds them into fp32 buffers with one atomic add per (program, chunk).
 
-Buffers: the plan is O(T · K · BT) (distinct-chunk ids and weight columns), the sort keys O(T · K);
-nothing grows like T × (number of chunks).
+Buffers: sorted ids and sort keys O(T · K), fp32 dk/dv/dw; nothing grows like T × (number of chunks).
 
 Checks: ``hsa(..., backend="triton")`` checks shapes, dtypes and devices but, for speed, not the
 index range: ids outside ``[0, Tk // chunk_size)`` read out of bounds (undefined results). This
@@ -57,7 +56,26 @@ def _tile_rows(b, h, j, T, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, B
     ok = (g < G) & (t < T)
     row = ((b * T + t).to(tl.int64) * (H * G) + h * G + g) * D
     offs = row[:, None] + tl.arange(0, D)[None, :]
-    return offs, ok[:, None], tok
+    return offs, ok[:, None]
+
+
+@triton.jit
+def _tile_slots(indices, weights, b, h, j, T, H: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
+    """Tile j's chunk ids and weights ``[BT, KP]`` (padding: id -1, weight 0), their offsets and mask."""
+    t = j * BT + tl.arange(0, BT)[:, None]
+    s = tl.arange(0, KP)[None, :]
+    ok = (t < T) & (s < K)
+    offs = ((b * T + t).to(tl.int64) * H + h) * K + s
+    ids = tl.load(indices + offs, mask=ok, other=-1)
+    ws = tl.load(weights + offs, mask=ok, other=0.0)
+    return ids, ws, offs, ok
+
+
+@triton.jit
+def _row_weights(ids, ws, c, BT: tl.constexpr, GP: tl.constexpr):
+    """Weight of chunk c for each token ``[BT]`` (duplicate slots add up) and for each row ``[BT * GP]``."""
+    wtok = tl.sum(tl.where(ids == c, ws, 0.0), 1)
+    return wtok, tl.reshape(tl.broadcast_to(wtok[:, None], [BT, GP]), [BT * GP])
 
 
 @triton.jit
@@ -69,93 +87,114 @@ def _chunk_offsets(b, h, c, Tk, H: tl.constexpr, S: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
-def _probs(qt, kc, qk_scale, sm_n, HAS_SM_N: tl.constexpr, PREC: tl.constexpr):
-    """softmax1 over the chunk's S keys: ``[R, D] × [S, D] -> [R, S]`` (scores in log2 units)."""
-    s = tl.dot(qt, tl.trans(kc), input_precision=PREC) * qk_scale
+def _exp_scores(qt, kc, qk_scale, sm_n, HAS_SM_N: tl.constexpr, PREC: tl.constexpr):
+    """Unnormalised softmax1 over the chunk's S keys: ``e [R, S]`` and ``1 / denominator [R]``.
+
+    Normalising after the matrix products (per row) saves an elementwise division per score.
+    """
+    s = tl.dot(qt, tl.trans(kc), input_precision=PREC)
     m = tl.max(s, 1)
     if HAS_SM_N:
         m = tl.maximum(m, 0.0)  # as softmax1: the extra exp(0 - m) term must not overflow
-    e = tl.exp2(s - m[:, None])
+    ms = m * qk_scale
+    e = tl.exp2(s * qk_scale - ms[:, None])
     den = tl.sum(e, 1)
     if HAS_SM_N:
-        den += sm_n * tl.exp2(-m)
-    return e / den[:, None]
+        den += sm_n * tl.exp2(-ms)
+    return e, 1.0 / den
+
+
+@triton.jit
+def _distinct_chunks(skey, tile, C, L: tl.constexpr, LP: tl.constexpr):
+    """Tile's sorted chunk ids ``[LP]``, which of them start a run of equal ids, their run index, and the run count."""
+    i = tl.arange(0, LP)
+    keys = tl.load(skey + tile * L + i, mask=i < L, other=C)
+    prev = tl.load(skey + tile * L + i - 1, mask=(i > 0) & (i < L), other=-1)
+    first = (keys != prev) & (keys < C)
+    rank = tl.cumsum(first.to(tl.int32), 0) - 1
+    return keys, first, rank, tl.sum(first.to(tl.int32), 0)
 
 
 @triton.jit
 def _hsa_fwd_kernel(
-    q, k, v, o, uniq, cnt, wt, qk_scale, sm_n, T, Tk, NT,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, L: tl.constexpr,
-    S: tl.constexpr, D: tl.constexpr, HAS_SM_N: tl.constexpr, PREC: tl.constexpr,
+    q, k, v, o, indices, weights, skey, qk_scale, sm_n, T, Tk, NT, C,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+    LP: tl.constexpr, S: tl.constexpr, D: tl.constexpr, HAS_SM_N: tl.constexpr, PREC: tl.constexpr,
 ):
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs, ok, tok = _tile_rows(b, h, j, T, H, G, GP, BT, D)
+    offs, ok = _tile_rows(b, h, j, T, H, G, GP, BT, D)
     qt = tl.load(q + offs, mask=ok, other=0.0)
-    tile = (bh * NT + j).to(tl.int64)
-    n = tl.load(cnt + tile)
+    ids, ws, _, _ = _tile_slots(indices, weights, b, h, j, T, H, BT, K, KP)
+    keys, first, rank, n = _distinct_chunks(skey, (bh * NT + j).to(tl.int64), C, BT * K, LP)
     acc = tl.zeros([BT * GP, D], dtype=tl.float32)
-    for u in range(n):
-        c = tl.load(uniq + tile * L + u)
-        w = tl.load(wt + (tile * L + u) * BT + tok)
+    # (names bound inside the loop must not reuse `_` above: Triton types loop-carried names)
+    for u in range(n):  # each distinct chunk once
+        c = tl.sum(tl.where(first & (rank == u), keys, 0), 0)
+        wtok, w = _row_weights(ids, ws, c, BT, GP)
         kv = _chunk_offsets(b, h, c, Tk, H, S, D)
         kc = tl.load(k + kv)
         vc = tl.load(v + kv)
-        p = _probs(qt, kc, qk_scale, sm_n, HAS_SM_N, PREC) * w[:, None]
-        acc += tl.dot(p.to(vc.dtype), vc, input_precision=PREC)
+        e, inv = _exp_scores(qt, kc, qk_scale, sm_n, HAS_SM_N, PREC)
+        acc += tl.dot(e.to(vc.dtype), vc, input_precision=PREC) * (w * inv)[:, None]
     tl.store(o + offs, acc.to(o.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _hsa_bwd_dq_kernel(
-    q, k, v, do, dq, dwu, uniq, cnt, wt, qk_scale, scale, sm_n, T, Tk, NT,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, L: tl.constexpr,
-    S: tl.constexpr, D: tl.constexpr, HAS_SM_N: tl.constexpr, PREC: tl.constexpr,
+    q, k, v, do, dq, dw, indices, weights, skey, qk_scale, scale, sm_n, T, Tk, NT, C,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+    LP: tl.constexpr, S: tl.constexpr, D: tl.constexpr, HAS_SM_N: tl.constexpr, PREC: tl.constexpr,
 ):
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    offs, ok, tok = _tile_rows(b, h, j, T, H, G, GP, BT, D)
+    offs, ok = _tile_rows(b, h, j, T, H, G, GP, BT, D)
     qt = tl.load(q + offs, mask=ok, other=0.0)
     dot_ = tl.load(do + offs, mask=ok, other=0.0)
-    tile = (bh * NT + j).to(tl.int64)
-    n = tl.load(cnt + tile)
+    ids, ws, soffs, sok = _tile_slots(indices, weights, b, h, j, T, H, BT, K, KP)
+    keys, first, rank, n = _distinct_chunks(skey, (bh * NT + j).to(tl.int64), C, BT * K, LP)
     acc = tl.zeros([BT * GP, D], dtype=tl.float32)
+    dw_acc = tl.zeros([BT, KP], dtype=tl.float32)
     for u in range(n):
-        c = tl.load(uniq + tile * L + u)
-        w = tl.load(wt + (tile * L + u) * BT + tok)
+        c = tl.sum(tl.where(first & (rank == u), keys, 0), 0)
+        _, w = _row_weights(ids, ws, c, BT, GP)
         kv = _chunk_offsets(b, h, c, Tk, H, S, D)
         kc = tl.load(k + kv)
         vc = tl.load(v + kv)
-        p = _probs(qt, kc, qk_scale, sm_n, HAS_SM_N, PREC)
+        e, inv = _exp_scores(qt, kc, qk_scale, sm_n, HAS_SM_N, PREC)
         dp = tl.dot(dot_, tl.trans(vc), input_precision=PREC)
-        rs = tl.sum(p * dp, 1)  # dO . o_chunk per row; masked rows have dO = 0
-        tl.store(dwu + (tile * L + u) * BT + tl.arange(0, BT), tl.sum(tl.reshape(rs, [BT, GP]), 1))
-        ds = p * (dp - rs[:, None]) * w[:, None]
-        acc += tl.dot(ds.to(kc.dtype), kc, input_precision=PREC)
+        rs = tl.sum(e * dp, 1) * inv  # dO . o_chunk per row; masked rows have dO = 0
+        # every slot of a token that selected c gets d o / d w = dO . o_chunk
+        dtok = tl.sum(tl.reshape(rs, [BT, GP]), 1)
+        dw_acc += tl.where(ids == c, dtok[:, None], 0.0)
+        ds = e * (dp - rs[:, None])  # times w / den per row, applied after the product
+        acc += tl.dot(ds.to(kc.dtype), kc, input_precision=PREC) * (w * inv)[:, None]
     tl.store(dq + offs, (acc * scale).to(dq.dtype.element_ty), mask=ok)
+    tl.store(dw + soffs, dw_acc, mask=sok)
 
 
 @triton.jit
 def _hsa_bwd_dkv_kernel(
-    q, k, v, do, dk, dv, order, skey, n_valid, wt, qk_scale, scale, sm_n, T, Tk, NT, C,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, L: tl.constexpr,
-    S: tl.constexpr, D: tl.constexpr, HAS_SM_N: tl.constexpr, PREC: tl.constexpr, E: tl.constexpr,
+    q, k, v, do, dk, dv, indices, weights, order, ekey, n_valid, qk_scale, scale, sm_n, T, Tk, NT, C,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+    LP: tl.constexpr, S: tl.constexpr, D: tl.constexpr, HAS_SM_N: tl.constexpr, PREC: tl.constexpr,
+    E: tl.constexpr,
 ):
     start = tl.program_id(0) * E
     end = tl.minimum(start + E, tl.load(n_valid))
     if start < end:
-        cur = tl.load(skey + start)
+        cur = tl.load(ekey + start)  # (b * H + h) * C + chunk
         kv = _chunk_offsets((cur // C) // H, (cur // C) % H, cur % C, Tk, H, S, D)
         kc = tl.load(k + kv)
         vc = tl.load(v + kv)
         dk_acc = tl.zeros([S, D], dtype=tl.float32)
         dv_acc = tl.zeros([S, D], dtype=tl.float32)
         for i in range(start, end):
-            key = tl.load(skey + i)
+            key = tl.load(ekey + i)
             if key != cur:
                 tl.atomic_add(dk + kv, dk_acc * scale)
                 tl.atomic_add(dv + kv, dv_acc)
@@ -165,17 +204,19 @@ def _hsa_bwd_dkv_kernel(
                 vc = tl.load(v + kv)
                 dk_acc = tl.zeros([S, D], dtype=tl.float32)
                 dv_acc = tl.zeros([S, D], dtype=tl.float32)
-            e = tl.load(order + i)  # plan entry (bh * NT + j) * L + u
-            tile = e // L
+            tile = tl.load(order + i) // (BT * K)  # the entry's token tile: bh * NT + j
             bh = tile // NT
-            offs, ok, tok = _tile_rows(bh // H, bh % H, tile % NT, T, H, G, GP, BT, D)
+            b = bh // H
+            h = bh % H
+            ids, ws, _, _ = _tile_slots(indices, weights, b, h, tile % NT, T, H, BT, K, KP)
+            _, w = _row_weights(ids, ws, cur % C, BT, GP)
+            offs, ok = _tile_rows(b, h, tile % NT, T, H, G, GP, BT, D)
             qt = tl.load(q + offs, mask=ok, other=0.0)
             dot_ = tl.load(do + offs, mask=ok, other=0.0)
-            w = tl.load(wt + e * BT + tok)
-            p = _probs(qt, kc, qk_scale, sm_n, HAS_SM_N, PREC)
+            e, inv = _exp_scores(qt, kc, qk_scale, sm_n, HAS_SM_N, PREC)
             dp = tl.dot(dot_, tl.trans(vc), input_precision=PREC)
-            rs = tl.sum(p * dp, 1)
-            pw = p * w[:, None]
+            rs = tl.sum(e * dp, 1) * inv
+            pw = e * (w * inv)[:, None]
             ds = pw * (dp - rs[:, None])
             dv_acc += tl.dot(tl.trans(pw.to(vc.dtype)), dot_, input_precision=PREC)
             dk_acc += tl.dot(tl.trans(ds.to(kc.dtype)), qt, input_precision=PREC)
@@ -188,7 +229,7 @@ def _configs(rows: int):
     return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in (1, 2)]
 
 
-_KEY = ["G", "BT", "S", "D", "HAS_SM_N", "PREC"]
+_KEY = ["G", "BT", "K", "S", "D", "HAS_SM_N", "PREC"]
 if _INTERPRET:
     _fwd, _bwd_dq, _bwd_dkv = _hsa_fwd_kernel, _hsa_bwd_dq_kernel, _hsa_bwd_dkv_kernel
 else:
@@ -209,45 +250,39 @@ def default_block_tokens(group: int) -> int:
     return max(4, 16 // triton.next_power_of_2(group))
 
 
-def build_plan(indices: torch.Tensor, weights: torch.Tensor, n_chunks: int, block_tokens: int):
-    """Distinct chunks of each token tile.
+def sorted_tile_chunks(indices: torch.Tensor, n_chunks: int, block_tokens: int) -> torch.Tensor:
+    """Chunk ids of each token tile, ascending: ``[B, T, H, K]`` -> ``[B, H, NT, block_tokens · K]`` int32.
 
-    Args:
-        indices, weights: ``[B, T, H, K]``.
-    Returns:
-        uniq ``[B, H, NT, L]`` int32 distinct chunk ids, ascending, valid for ``u < cnt``
-        (``L = block_tokens · K``, ``NT = ceil(T / block_tokens)``); cnt ``[B, H, NT]`` int32;
-        wt ``[B, H, NT, L, block_tokens]`` float32 weight of each distinct chunk for each token
-        of the tile; pos ``[B, H, NT, L]`` int64, the distinct-chunk slot of each (token, slot) pair.
+    ``NT = ceil(T / block_tokens)``; the padding tokens of the last tile select ``n_chunks``.
     """
     B, T, H, K = indices.shape
-    BT = block_tokens
-    NT = -(-T // BT)
-    L = BT * K
+    NT = -(-T // block_tokens)
     idx = indices.permute(0, 2, 1, 3).to(torch.int32)
-    w = weights.permute(0, 2, 1, 3).to(torch.float32)
-    if NT * BT != T:  # padding tokens select the sentinel chunk n_chunks with weight 0
-        idx = torch.nn.functional.pad(idx, (0, 0, 0, NT * BT - T), value=n_chunks)
-        w = torch.nn.functional.pad(w, (0, 0, 0, NT * BT - T))
-    key, perm = idx.reshape(B, H, NT, L).sort(dim=-1)
-    new = key < n_chunks
-    new[..., 1:] &= key[..., 1:] != key[..., :-1]
-    rank = new.cumsum(-1) - 1
-    cnt = new.sum(-1, dtype=torch.int32)
-    uniq = torch.full((B, H, NT, L + 1), n_chunks, dtype=torch.int32, device=idx.device)
-    uniq.scatter_(-1, torch.where(new, rank, L), key)  # repeats land in the spare column L
-    pos = torch.empty_like(rank).scatter_(-1, perm, rank.clamp_min(0))
-    tok = torch.arange(L, device=idx.device) // K
-    wt = torch.zeros(B, H, NT, L * BT, dtype=torch.float32, device=idx.device)
-    wt.scatter_add_(-1, pos * BT + tok, w.reshape(B, H, NT, L))
-    return uniq[..., :L].contiguous(), cnt, wt.view(B, H, NT, L, BT), pos
+    if NT * block_tokens != T:
+        idx = torch.nn.functional.pad(idx, (0, 0, 0, NT * block_tokens - T), value=n_chunks)
+    return idx.reshape(B, H, NT, block_tokens * K).sort(dim=-1).values.contiguous()
+
+
+def _chunk_entries(skey: torch.Tensor, n_chunks: int):
+    """The (tile, distinct chunk) entries sorted by chunk, for the chunk-major dk/dv kernel.
+
+    Returns the sorted keys ``(b·H + h)·C + c`` (others ``B·H·C``) ``[B·H·NT·L]``, the flat tile-entry
+    position of each, and the number of valid entries ``[1]`` (on the device: no host sync).
+    """
+    B, H, NT, L = skey.shape
+    first = skey < n_chunks
+    first[..., 1:] &= skey[..., 1:] != skey[..., :-1]
+    bh = torch.arange(B * H, device=skey.device, dtype=torch.int32).view(B, H, 1, 1)
+    key = torch.where(first, bh * n_chunks + skey, B * H * n_chunks).view(-1)
+    ekey, order = key.sort()
+    return ekey, order, first.sum(dtype=torch.int32).view(1)
 
 
 class _HSATriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, weights, indices, chunk_size, scale, sm_n, block_tokens):
         B, T, HQ, D = q.shape
-        Tk, H = k.shape[1], k.shape[2]
+        Tk, H, K = k.shape[1], k.shape[2], indices.shape[-1]
         G, S = HQ // H, chunk_size
         GP = triton.next_power_of_2(G)
         BT = block_tokens or default_block_tokens(G)
@@ -256,55 +291,49 @@ class _HSATriton(torch.autograd.Function):
         q = q.contiguous()
         k = k.to(q.dtype).contiguous()
         v = v.to(q.dtype).contiguous()
-        uniq, cnt, wt, pos = build_plan(indices, weights, Tk // S, BT)
-        NT, L = uniq.shape[2], uniq.shape[3]
+        w32 = weights.to(torch.float32).contiguous()
+        indices = indices.contiguous()
+        C = Tk // S
+        skey = sorted_tile_chunks(indices, C, BT)
+        NT = skey.shape[2]
         o = torch.empty_like(q)
-        meta = dict(H=H, G=G, GP=GP, BT=BT, L=L, S=S, D=D, HAS_SM_N=bool(sm_n),
-                    PREC="ieee" if q.dtype == torch.float32 else "tf32")
+        meta = dict(H=H, G=G, GP=GP, BT=BT, K=K, KP=triton.next_power_of_2(K), LP=triton.next_power_of_2(BT * K), S=S, D=D,
+                    HAS_SM_N=bool(sm_n), PREC="ieee" if q.dtype == torch.float32 else "tf32")
         if o.numel():
-            _launch(_fwd, (NT, B * H), q, k, v, o, uniq, cnt, wt, scale * _LOG2E, float(sm_n), T, Tk, NT, **meta)
-        ctx.save_for_backward(q, k, v, uniq, cnt, wt, pos)
+            _launch(_fwd, (NT, B * H), q, k, v, o, indices, w32, skey, scale * _LOG2E, float(sm_n), T, Tk, NT, C, **meta)
+        ctx.save_for_backward(q, k, v, w32, indices, skey)
         ctx.meta = meta
-        ctx.hsa_args = (scale, float(sm_n), S, indices.shape[-1], weights.dtype, k.dtype, v.dtype)
+        ctx.hsa_args = (scale, float(sm_n), S, weights.dtype, k.dtype, v.dtype)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, uniq, cnt, wt, pos = ctx.saved_tensors
-        scale, sm_n, S, K, w_dtype, k_dtype, v_dtype = ctx.hsa_args
+        q, k, v, w32, indices, skey = ctx.saved_tensors
+        scale, sm_n, S, w_dtype, k_dtype, v_dtype = ctx.hsa_args
         meta = ctx.meta
         B, T, HQ, D = q.shape
-        Tk, H = k.shape[1], k.shape[2]
-        NT, L, BT, C = uniq.shape[2], uniq.shape[3], meta["BT"], Tk // S
+        Tk = k.shape[1]
+        NT, C = skey.shape[2], Tk // S
         do = do.to(q.dtype).contiguous()
         need_q, need_k, need_v, need_w = ctx.needs_input_grad[:4]
         dq = dk = dv = dw = None
         if need_q or need_w:
             dq = torch.empty_like(q)
-            dwu = torch.zeros(B, H, NT, L, BT, dtype=torch.float32, device=q.device)
+            dw = torch.empty(w32.shape, dtype=torch.float32, device=q.device)
             if q.numel():
-                _launch(_bwd_dq, (NT, B * H), q, k, v, do, dq, dwu, uniq, cnt, wt,
-                        scale * _LOG2E, scale, sm_n, T, Tk, NT, **meta)
-            # the (token, slot) pair's dw is its distinct chunk's dw for that token
-            tok = torch.arange(L, device=q.device) // K
-            dw = dwu.view(B, H, NT, L * BT).gather(-1, pos * BT + tok)
-            dw = dw.view(B, H, NT * BT, K)[:, :, :T].permute(0, 2, 1, 3).to(w_dtype)
+                _launch(_bwd_dq, (NT, B * meta["H"]), q, k, v, do, dq, dw, indices, w32, skey,
+                        scale * _LOG2E, scale, sm_n, T, Tk, NT, C, **meta)
+            dq = dq if need_q else None
+            dw = dw.to(w_dtype) if need_w else None
         if need_k or need_v:
-            bh = torch.arange(B * H, device=q.device).view(B, H, 1, 1)
-            valid = torch.arange(L, device=q.device) < cnt[..., None]
-            key = torch.where(valid, bh * C + uniq, B * H * C).view(-1)
-            skey, order = key.sort()
-            n_valid = cnt.sum(dtype=torch.int32).view(1)
+            ekey, order, n_valid = _chunk_entries(skey, C)
             dk32 = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
             dv32 = torch.zeros_like(dk32)
-            grid = (max(1, triton.cdiv(key.numel(), _DKV_ENTRIES)),)
+            grid = (max(1, triton.cdiv(ekey.numel(), _DKV_ENTRIES)),)
             if q.numel():
-                _launch(_bwd_dkv, grid, q, k, v, do, dk32, dv32, order, skey, n_valid, wt,
+                _launch(_bwd_dkv, grid, q, k, v, do, dk32, dv32, indices, w32, order, ekey, n_valid,
                         scale * _LOG2E, scale, sm_n, T, Tk, NT, C, E=_DKV_ENTRIES, **meta)
             dk, dv = dk32.to(k_dtype), dv32.to(v_dtype)
-        if dq is not None:
-            dq = dq if need_q else None
-            dw = dw if need_w else None
         return dq, dk, dv, dw, None, None, None, None, None
 
 
@@ -338,4 +367,4 @@ def hsa_triton(
     return _HSATriton.apply(q, k, v, weights, indices, chunk_size, scale, sm_n, block_tokens)
 
 
-__all__ = ["hsa_triton", "build_plan", "default_block_tokens"]
+__all__ = ["hsa_triton", "sorted_tile_chunks", "default_block_tokens"]

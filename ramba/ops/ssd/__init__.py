@@ -19,7 +19,7 @@ from ramba.ops.ssd.naive import compute_dtype, ssd_naive, ssd_step_naive
 BACKENDS = ("naive", "torch", "fla")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fla_available() -> bool:
     """Whether fla-core's simple-GLA kernels import (needs Triton and a CUDA build of PyTorch)."""
     try:
@@ -146,4 +146,4 @@ def ssd_step(
     return ssd_step_naive(x, dt, A, B, C, state)
 
 
-__all__ = ["ssd", "ssd_step", "ssd_naive", "ssd_chunk", "fla_available", "BACKENDS"]
+__all__ = ["BACKENDS", "fla_available", "ssd", "ssd_chunk", "ssd_naive", "ssd_step"]
