@@ -32,6 +32,7 @@ from ramba.eval.loading import resolve_device
 from ramba.eval.measure import free_memory, parse_overrides, synchronized_time
 from ramba.eval.plots import Panel, line_plots
 from ramba.eval.results import format_length, parse_lengths, write_results
+from ramba.layers.mamba2 import set_compile_glue
 
 logger = logging.getLogger("bench_train")
 ARCH_LABELS = {"ramba": "RAMba", "mamba2": "Mamba-2", "transformer": "Transformer (SDPA)", "mamba2-swa": "Mamba-2 + SWA"}
@@ -49,6 +50,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a RambaConfig field of every preset (repeatable)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward")
+    p.add_argument("--compile-glue", action="store_true",
+                   help="torch.compile the Mamba-2 layers' element-wise tail (see the training option compile_glue)")
     p.add_argument("--profile", metavar="DIR", help="profile the timed steps; one table per model into DIR (slows them)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     p.add_argument("--seed", type=int, default=0)
@@ -58,7 +61,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: int, device: torch.device,
-            grad_checkpointing: bool, seed: int, profile_path: Path | None = None) -> dict:
+            grad_checkpointing: bool, seed: int, profile_path: Path | None = None, compile_glue: bool = False) -> dict:
     """Times `steps` training steps on `[batch, length]` random tokens; returns tokens/s and memory.
     With `profile_path`, the timed steps run under torch.profiler (slower) and its table of kernels by
     self device time goes to that file."""
@@ -66,6 +69,7 @@ def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: in
     model = RambaForCausalLM(config).to(device).train()
     if grad_checkpointing:
         model.gradient_checkpointing_enable()
+    set_compile_glue(model, compile_glue)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
@@ -123,7 +127,7 @@ def measure_fitting(config: RambaConfig, length: int, batch: int, args: argparse
         try:
             profile = None if args.profile is None else Path(args.profile) / f"{config.architecture}-{length}.profile.txt"
             return measure(config, length, batch, args.steps, args.warmup, device, args.grad_checkpointing, args.seed,
-                           profile)
+                           profile, args.compile_glue)
         except torch.OutOfMemoryError as exc:
             error = f"OutOfMemoryError at batch {batch}: {exc}"[:500]
         except Exception as exc:

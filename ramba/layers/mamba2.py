@@ -12,6 +12,7 @@ mamba_ssm's ``Mamba2``), so ``backbone.layers.{i}.*`` weights load 1:1:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ramba.layers.norm import GatedRMSNorm, RMSNorm
+from ramba.layers.norm import GatedRMSNorm, RMSNorm, gated_rms_norm
 from ramba.ops.ssd import ssd, ssd_step
 
 
@@ -39,6 +40,31 @@ class Mamba2State:
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def skip_and_norm(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Tensor, norm_weight: torch.Tensor,
+                  group_size: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """The mixer's element-wise tail: ``gated_rms_norm(y + D x, z)``. y, x ``[..., H, P]``; z ``[..., H*P]``;
+    D ``[H]``; norm_weight ``[H*P]``. Returns ``[..., H*P]`` in ``dtype``."""
+    acc = _compute_dtype(x)
+    h = y.to(acc) + x.to(acc) * D.to(acc)[:, None]
+    return gated_rms_norm(h.flatten(-2), z, norm_weight, group_size, eps).to(dtype)
+
+
+@functools.cache
+def compiled_skip_and_norm():
+    """:func:`skip_and_norm` through ``torch.compile``: a few fused kernels, and only its inputs kept for the
+    backward instead of the float32 intermediates (measured on the CPU: 12 KB instead of 49 KB per token for
+    the 370m layout's widths)."""
+    return torch.compile(skip_and_norm, dynamic=True)
+
+
+def set_compile_glue(model: nn.Module, enabled: bool = True) -> int:
+    """Switch ``compile_glue`` on (or off) in every Mamba-2 mixer of ``model``; returns how many there are."""
+    mixers = [m for m in model.modules() if isinstance(m, Mamba2Mixer)]
+    for m in mixers:
+        m.compile_glue = enabled
+    return len(mixers)
 
 
 class Mamba2Mixer(nn.Module):
@@ -91,6 +117,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
         self.layer_idx = layer_idx
         self.backend = backend
+        self.compile_glue = False  # True: the element-wise tail runs through torch.compile (see compiled_skip_and_norm)
         self.conv_dim = d_inner + 2 * n_groups * d_state
 
         self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + n_heads, bias=use_bias)
@@ -164,10 +191,9 @@ class Mamba2Mixer(nn.Module):
 
     def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """D skip, gated RMSNorm and out_proj. y, x ``[..., H, P]``, z ``[..., d_inner]``."""
-        acc = _compute_dtype(x)
-        y = y.to(acc) + x.to(acc) * self.D.to(acc)[:, None]
-        y = self.norm(y.flatten(-2), z)
-        return self.out_proj(y.to(dtype))
+        tail = compiled_skip_and_norm() if self.compile_glue else skip_and_norm
+        y = tail(y, x, z, self.D, self.norm.weight, self.norm.group_size, self.norm.eps, dtype)
+        return self.out_proj(y)
 
     def forward(self, hidden: torch.Tensor, state: Mamba2State | None = None, return_state: bool = False):
         """Args: hidden ``[B, T, d_model]``; state to continue from (None: sequence start).

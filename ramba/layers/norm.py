@@ -11,6 +11,16 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    """``weight * RMSNorm(x * silu(z))`` with the RMS per group of ``group_size`` channels, in float32
+    (float64 for float64 x). x, z ``[..., dim]``; weight ``[dim]``; returns ``[..., dim]`` in x's dtype times weight."""
+    acc = _compute_dtype(x)
+    h = x.to(acc) * F.silu(z.to(acc))
+    hg = h.unflatten(-1, (-1, group_size))
+    hg = hg * torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hg.flatten(-2).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim, computed in float32
     (float64 for float64 input).
@@ -55,11 +65,7 @@ class GatedRMSNorm(nn.Module):
             raise ValueError(
                 f"GatedRMSNorm: x and z must both be [..., {self.weight.shape[0]}], got {tuple(x.shape)} and {tuple(z.shape)}"
             )
-        acc = _compute_dtype(x)
-        h = x.to(acc) * F.silu(z.to(acc))
-        hg = h.unflatten(-1, (-1, self.group_size))
-        hg = hg * torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * hg.flatten(-2).to(x.dtype)
+        return gated_rms_norm(x, z, self.weight, self.group_size, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"

@@ -196,6 +196,11 @@ class TrainConfig:
         "auto", "auto: bf16 autocast on CUDA, fp32 on CPU. Weights and optimizer state stay fp32."
     )
     grad_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    compile_glue: bool = _f(
+        False,
+        "Run the Mamba-2 layers' element-wise tail (D skip, gated RMSNorm) through torch.compile: fewer kernels and "
+        "less memory kept for the backward; the first step compiles (needs a C++ compiler on the CPU).",
+    )
     loss_average: Literal["token", "sequence"] = _f(
         "token",
         "token: the loss is the mean over every labelled token of the batch. sequence: the mean over sequences of "

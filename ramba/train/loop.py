@@ -29,6 +29,7 @@ from ramba.data.mixture import DistributedSampler, Mixture, TaskStream, TokenWin
 from ramba.data.tasks import TemplateHaystack, TokenFileHaystack, make_task
 from ramba.data.tokenizer import load_tokenizer
 from ramba.data.tokens import TokenFile
+from ramba.layers.mamba2 import set_compile_glue
 
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, model_folder, save_checkpoint
 from .config import ConfigError, TrainConfig
@@ -306,6 +307,8 @@ def _train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
         # transformers 5 renamed gradient_checkpointing_enable (now deprecated) to activation_checkpointing_enable.
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+    if cfg.compile_glue:
+        set_compile_glue(model)
     model = wrap_model(model, info, cfg.distributed.strategy)
     optimizer = torch.optim.AdamW(
         _param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps

@@ -3,6 +3,7 @@ losses exactly; SIGTERM stops after the current step with a checkpoint; torchrun
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +58,9 @@ def test_gradient_checkpointing_and_accumulation(config_dict, tmp_path):
     config_dict["checkpoint"] = {"every": 0, "keep": 1}
     base = losses_of(config_dict, tmp_path / "base")
     assert losses_of({**config_dict, "grad_checkpointing": True}, tmp_path / "ckpt") == base
+    if shutil.which("g++") or shutil.which("c++"):  # torch.compile on the CPU needs a C++ compiler
+        fused = losses_of({**config_dict, "compile_glue": True}, tmp_path / "fused")
+        assert np.allclose(list(fused.values()), list(base.values()), rtol=1e-5, atol=1e-6)
     # Two micro-batches of 2 see the same 4 sequences as one of 4: same losses up to float rounding.
     accum = losses_of({**config_dict, "micro_batch": 2, "grad_accum": 2}, tmp_path / "accum")
     assert np.allclose(list(accum.values()), list(base.values()), rtol=1e-5, atol=1e-6)
