@@ -9,6 +9,7 @@
 #   tests-model  GPU tests of the SSD fast path and the model only
 #   hsa          HSA GPU tests + benchmarks/bench_hsa.py
 #   train        benchmarks/bench_train.py (370m and tiny layouts, 4K and 16K)
+#   train-fused  the same with --compile-glue (the mixers' element-wise tail through torch.compile)
 #   profile:PRESET:ARCHS:LENGTH
 #                bench_train.py --profile for the comma-separated architectures (8192 tokens a step): a table of
 #                the kernels by device time per model under $OUT/profile/
@@ -139,6 +140,8 @@ section() {
              timeout 150 python3 benchmarks/bench_hsa.py "$OUT" ;;
         train) timeout 300 python3 benchmarks/bench_train.py --presets 370m,tiny --lengths 4096,16384 --batch-tokens 16384 \
                    --steps 5 --warmup 2 --out "$OUT" ;;
+        train-fused) timeout 300 python3 benchmarks/bench_train.py --presets 370m,tiny --lengths 4096,16384 --batch-tokens 16384 \
+                   --steps 5 --warmup 2 --compile-glue --out "$OUT" --name bench_train_fused ;;
         profile)
             IFS=: read -r _ preset archs length <<<"$1"
             timeout 300 python3 benchmarks/bench_train.py --presets "$preset" --architectures "$archs" --lengths "$length" \
