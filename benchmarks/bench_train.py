@@ -5,16 +5,16 @@ Usage:
     python benchmarks/bench_train.py --presets tiny --set d_model=64 --lengths 64,128 --batch-tokens 256 --steps 2 --warmup 1
 
 For every (preset, architecture, length): a model with random weights, AdamW, random tokens, batch
-`max(1, batch_tokens // length)` sequences of `length` tokens (halved while out of memory; the
-batch used is recorded); `warmup` full training steps
-(forward + backward + optimizer) are run untimed, then `steps` timed ones. tokens/s = tokens per
+`max(1, batch_tokens // length)` sequences of `length` tokens (halved while out of memory, then with
+`--checkpoint-fallback` one sequence with gradient checkpointing; the batch and checkpointing used are
+recorded); `warmup` full training steps (forward + backward + optimizer) are run untimed, then `steps` timed ones. tokens/s = tokens per
 step x steps / seconds. bf16 autocast on CUDA (fp32 weights, as in training), fp32 on the CPU.
 Peak GPU memory is torch.cuda.max_memory_allocated over the run of that model. A configuration
 that fails (e.g. out of memory) is recorded with its error and the run goes on.
 
 Writes <out>/<name>.json (machine, date, versions, settings, every number, the RAMba/baseline
 ratios and the issue's goals: RAMba >= 0.8x Mamba-2 tokens/s at 4K, faster than the Transformer at
-16K) and <out>/<name>.png, and prints a table.
+16K) and <out>/<name>.png after every model (a run cut short keeps what it measured), and prints a table.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import argparse
 import logging
 import sys
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -50,8 +51,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a RambaConfig field of every preset (repeatable)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward")
-    p.add_argument("--compile-glue", action="store_true",
-                   help="torch.compile the Mamba-2 layers' element-wise tail (see the training option compile_glue)")
+    p.add_argument("--checkpoint-fallback", action="store_true",
+                   help="a model out of memory at one sequence is measured again with gradient checkpointing")
+    p.add_argument("--compile-glue", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the Mamba-2 layers' element-wise work around the scan, or not (default: on "
+                        "with CUDA; see the training option compile_glue)")
     p.add_argument("--profile", metavar="DIR", help="profile the timed steps; one table per model into DIR (slows them)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     p.add_argument("--seed", type=int, default=0)
@@ -61,7 +65,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: int, device: torch.device,
-            grad_checkpointing: bool, seed: int, profile_path: Path | None = None, compile_glue: bool = False) -> dict:
+            grad_checkpointing: bool, seed: int, profile_path: Path | None = None, compile_glue: bool | None = None) -> dict:
     """Times `steps` training steps on `[batch, length]` random tokens; returns tokens/s and memory.
     With `profile_path`, the timed steps run under torch.profiler (slower) and its table of kernels by
     self device time goes to that file."""
@@ -120,33 +124,49 @@ def profiled(device: torch.device, path: Path | None):
 
 def measure_fitting(config: RambaConfig, length: int, batch: int, args: argparse.Namespace,
                     device: torch.device) -> dict:
-    """`measure` at `batch` sequences, halving the batch while it runs out of memory; a failure at one
-    sequence (or any other error) is returned as `{"error": ...}` so the run goes on."""
+    """`measure` at `batch` sequences, halving the batch while it runs out of memory, then (with
+    `--checkpoint-fallback`) at one sequence with gradient checkpointing; the row records both. A failure
+    at the last resort (or any other error) is returned as `{"error": ...}` so the run goes on."""
+    checkpointing = args.grad_checkpointing
     while True:
         error = None
         try:
             profile = None if args.profile is None else Path(args.profile) / f"{config.architecture}-{length}.profile.txt"
-            return measure(config, length, batch, args.steps, args.warmup, device, args.grad_checkpointing, args.seed,
-                           profile, args.compile_glue)
+            row = measure(config, length, batch, args.steps, args.warmup, device, checkpointing, args.seed,
+                          profile, args.compile_glue)
+            return {**row, "grad_checkpointing": checkpointing}
         except torch.OutOfMemoryError as exc:
             error = f"OutOfMemoryError at batch {batch}: {exc}"[:500]
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"[:500]
             logger.debug("%s", traceback.format_exc())
         free_memory(device)  # after the except block, whose exception held the failed step's tensors
-        if not error.startswith("OutOfMemoryError") or batch == 1:
+        if not error.startswith("OutOfMemoryError"):
             return {"error": error}
-        logger.info("%s %s: out of memory at batch %d, trying %d", config.architecture, length, batch, batch // 2)
-        batch //= 2
+        if batch > 1:
+            logger.info("%s %s: out of memory at batch %d, trying %d", config.architecture, length, batch, batch // 2)
+            batch //= 2
+        elif args.checkpoint_fallback and not checkpointing:
+            logger.info("%s %s: out of memory at batch 1, trying gradient checkpointing", config.architecture, length)
+            checkpointing = True
+        else:
+            return {"error": error}
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, on_row: Callable[[dict], None] | None = None) -> dict:
+    """Measures every (preset, length, architecture); `on_row(partial result)` after each one."""
     device = resolve_device(args.device)
     lengths = parse_lengths(args.lengths)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     archs = [a.strip() for a in args.architectures.split(",") if a.strip()]
     overrides = parse_overrides(args.overrides)
     configs = {(p, a): RambaConfig.preset(p, architecture=a, **overrides) for p in presets for a in archs}
+
+    def summary(rows: list[dict]) -> dict:
+        return {"device": str(device), "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+                "rows": rows, "ratios": ratios(rows), "goals": goals(rows), "settings": dict(vars(args)),
+                "configs": {f"{p}/{a}": c.to_dict() for (p, a), c in configs.items()}}
+
     rows = []
     for preset in presets:
         for length in lengths:
@@ -160,9 +180,9 @@ def run(args: argparse.Namespace) -> dict:
                     logger.info("%s %s %s: %.0f tokens/s (batch %d)", preset, arch, format_length(length),
                                 row["tokens_per_s"], row["batch"])
                 rows.append(row)
-    return {"device": str(device), "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-            "rows": rows, "ratios": ratios(rows), "goals": goals(rows),
-            "settings": {k: v for k, v in vars(args).items()}, "configs": {f"{p}/{a}": c.to_dict() for (p, a), c in configs.items()}}
+                if on_row is not None:
+                    on_row(summary(rows))
+    return summary(rows)
 
 
 def _tps(rows, preset, arch, length):
@@ -232,7 +252,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    result = run(args)
+    # the results so far are written after every model, so that a run cut short keeps them
+    result = run(args, on_row=lambda partial: save(partial, args.out, args.name, args.seed))
     print(table(result))
     for path in save(result, args.out, args.name, args.seed):
         print(f"wrote {path}")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Packs what scripts/device_run.sh needs on a GPU machine that has no internet into git-ignored folders,
-# to be named in the device call's carry list: .whl/ (the fla-core wheel for Python 3.12) and .carry/corpus/
+# to be named in the device call's carry list: .whl/ (the fla-core and einops wheels, and mamba-ssm's built
+# as pure Python: its Triton SSD kernels without the CUDA extensions) and .carry/corpus/
 # (corpora from scripts/get_corpus.sh's ./corpus, compressed). A call carries at most 64 MiB with the
 # working tree (~12 MB) and any kernel-cache parts (~21 MB): pack only the corpora the call uses, e.g.
 #   scripts/device_carry.sh shakespeare gcide python-doc    # training stages 1-2 and the evaluation
@@ -17,6 +18,16 @@ if ! compgen -G ".whl/fla_core-*.whl" > /dev/null; then
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl fla-core==0.6.0
+fi
+if ! compgen -G ".whl/mamba_ssm-*.whl" > /dev/null; then
+    # PyPI has only its source; MAMBA_SKIP_CUDA_BUILD builds the Python files alone (setup.py imports torch)
+    tmp=$(mktemp -d)
+    MAMBA_SKIP_CUDA_BUILD=TRUE "$PY" -m pip download -q --no-deps --no-binary=:all: --no-build-isolation -d "$tmp" mamba-ssm==2.3.2.post1
+    "$PY" -m pip install -q wheel
+    tar -xzf "$tmp"/mamba_ssm-*.tar.gz -C "$tmp"
+    MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl "$tmp"/mamba_ssm-*/
+    "$PY" -m pip download -q --no-deps -d .whl einops==0.8.2
+    rm -rf "$tmp"
 fi
 for c in "$@"; do
     case "$c" in

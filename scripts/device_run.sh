@@ -8,8 +8,12 @@
 #   tests        the GPU tests but the slow ones (fp32 fla kernels: minutes of compiling)
 #   tests-model  GPU tests of the SSD fast path and the model only
 #   hsa          HSA GPU tests + benchmarks/bench_hsa.py
-#   train        benchmarks/bench_train.py (370m and tiny layouts, 4K and 16K)
-#   train-fused  the same with --compile-glue (the mixers' element-wise tail through torch.compile)
+#   ssd          the GPU tests of the SSD fast paths but the slow ones
+#   train[:PRESETS]
+#                benchmarks/bench_train.py (default the 370m and tiny layouts; 4K and 16K; gradient checkpointing
+#                where one sequence does not fit)
+#   train-eager[:PRESETS]
+#                the same with --no-compile-glue (the mixers' element-wise work in eager PyTorch)
 #   profile:PRESET:ARCHS:LENGTH
 #                bench_train.py --profile for the comma-separated architectures (8192 tokens a step): a table of
 #                the kernels by device time per model under $OUT/profile/
@@ -38,7 +42,7 @@
 #                (torchrun), then the 2-GPU run continued on 1 GPU for 10 steps; metrics as
 #                multigpu-NAME-{1,2,resumed}.metrics.jsonl (train-metrics.tgz), tokens/s = the logged global rate
 #   drop:GLOB    delete $OUT/GLOB (models a later stage of the same call superseded)
-# Carried wheels in .whl/ (fla-core) are installed first. At most 8 files come back from $OUT.
+# Carried wheels in .whl/ (fla-core, mamba-ssm built with MAMBA_SKIP_CUDA_BUILD=TRUE, einops) are installed first. At most 8 files come back from $OUT.
 # The carried folder .carry/ (git-ignored; name it and .whl in the device call's carry list) holds the
 # corpora (scripts/device_carry.sh packs them), models and the kernel cache.
 set -o pipefail
@@ -138,10 +142,13 @@ section() {
         tests-model) timeout 500 python3 -m pytest -m gpu tests/gpu/test_ssd_gpu.py tests/gpu/test_model_gpu.py -q -rfE -x -p no:cacheprovider ;;
         hsa) timeout 150 python3 -m pytest -m gpu tests/gpu/test_hsa_gpu.py -q -rfE -p no:cacheprovider &&
              timeout 150 python3 benchmarks/bench_hsa.py "$OUT" ;;
-        train) timeout 300 python3 benchmarks/bench_train.py --presets 370m,tiny --lengths 4096,16384 --batch-tokens 16384 \
-                   --steps 5 --warmup 2 --out "$OUT" ;;
-        train-fused) timeout 300 python3 benchmarks/bench_train.py --presets 370m,tiny --lengths 4096,16384 --batch-tokens 16384 \
-                   --steps 5 --warmup 2 --compile-glue --out "$OUT" --name bench_train_fused ;;
+        ssd) timeout 200 python3 -m pytest -m "gpu and not slow" tests/gpu/test_ssd_gpu.py -q -rfE -p no:cacheprovider ;;
+        train|train-eager)
+            local presets=${1#*:} eager=()
+            [ "$presets" != "$1" ] || presets=370m,tiny
+            [ "$name" = train ] || eager=(--no-compile-glue --name bench_train_eager)
+            timeout 300 python3 benchmarks/bench_train.py --presets "$presets" --lengths 4096,16384 --batch-tokens 16384 \
+                --steps 5 --warmup 2 --checkpoint-fallback "${eager[@]}" --out "$OUT" ;;
         profile)
             IFS=: read -r _ preset archs length <<<"$1"
             timeout 300 python3 benchmarks/bench_train.py --presets "$preset" --architectures "$archs" --lengths "$length" \

@@ -42,6 +42,38 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def conv_and_ssm_inputs(history: torch.Tensor, xBC: torch.Tensor, dt_raw: torch.Tensor, conv_weight: torch.Tensor,
+                        conv_bias: torch.Tensor | None, dt_bias: torch.Tensor, A_log: torch.Tensor, n_groups: int,
+                        head_dim: int, dt_limit: tuple[float, float]):
+    """The mixer's element-wise head: causal depthwise conv + SiLU, split, and the SSM parameters.
+
+    Args: history ``[B, K, conv_dim]``, the K = d_conv inputs before xBC, oldest first (zeros at a sequence
+    start); xBC ``[B, T, conv_dim]``; dt_raw ``[B, T, H]``; conv_weight ``[conv_dim, 1, K]``; conv_bias
+    ``[conv_dim]`` or None; dt_bias, A_log ``[H]``.
+    Returns x ``[B, T, H, P]``, B, C ``[B, T, G, N]`` (xBC's dtype); dt ``[B, T, H]`` =
+    clamp(softplus(dt_raw + dt_bias)) and A ``[H]`` = -exp(A_log) in float32 (float64 for float64 input);
+    and the last K inputs ``[B, K, conv_dim]`` (the next conv history).
+    """
+    K, T = history.shape[1], xBC.shape[1]
+    acc = _compute_dtype(xBC)
+    window = torch.cat([history.to(xBC.dtype), xBC], dim=1)  # [B, K + T, conv_dim]
+    weight = conv_weight[:, 0].to(acc)  # [conv_dim, K]
+    conv = window[:, 1:1 + T].to(acc) * weight[:, 0]
+    for k in range(1, K):
+        conv = conv + window[:, 1 + k:1 + k + T].to(acc) * weight[:, k]
+    if conv_bias is not None:
+        conv = conv + conv_bias.to(acc)
+    xBC = F.silu(conv).to(xBC.dtype)
+    H = dt_raw.shape[-1]
+    N = (xBC.shape[-1] - H * head_dim) // (2 * n_groups)
+    x, B, C = xBC.split([H * head_dim, n_groups * N, n_groups * N], dim=-1)
+    dt = F.softplus(dt_raw.to(acc) + dt_bias.to(acc)).clamp(*dt_limit)
+    A = -torch.exp(A_log.to(acc))
+    lead = xBC.shape[:-1]
+    return (x.reshape(*lead, H, head_dim), dt, A, B.reshape(*lead, n_groups, N), C.reshape(*lead, n_groups, N),
+            window[:, -K:])
+
+
 def skip_and_norm(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Tensor, norm_weight: torch.Tensor,
                   group_size: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """The mixer's element-wise tail: ``gated_rms_norm(y + D x, z)``. y, x ``[..., H, P]``; z ``[..., H*P]``;
@@ -52,15 +84,16 @@ def skip_and_norm(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Te
 
 
 @functools.cache
-def compiled_skip_and_norm():
-    """:func:`skip_and_norm` through ``torch.compile``: a few fused kernels, and only its inputs kept for the
-    backward instead of the float32 intermediates (measured on the CPU: 12 KB instead of 49 KB per token for
-    the 370m layout's widths)."""
-    return torch.compile(skip_and_norm, dynamic=True)
+def compiled(fn):
+    """``fn`` (:func:`conv_and_ssm_inputs` or :func:`skip_and_norm`) through ``torch.compile``: a few fused
+    kernels instead of dozens, and only the inputs kept for the backward instead of float32 intermediates
+    (for the tail, measured on the CPU: 12 KB instead of 49 KB per token for the 370m layout's widths)."""
+    return torch.compile(fn, dynamic=True)
 
 
-def set_compile_glue(model: nn.Module, enabled: bool = True) -> int:
-    """Switch ``compile_glue`` on (or off) in every Mamba-2 mixer of ``model``; returns how many there are."""
+def set_compile_glue(model: nn.Module, enabled: bool | None = True) -> int:
+    """Set ``compile_glue`` (True, False or None: automatic) in every Mamba-2 mixer of ``model``; returns how
+    many there are."""
     mixers = [m for m in model.modules() if isinstance(m, Mamba2Mixer)]
     for m in mixers:
         m.compile_glue = enabled
@@ -72,7 +105,9 @@ class Mamba2Mixer(nn.Module):
 
     ``forward(hidden [B, T, d_model], state=None, return_state=False)`` continues exactly from
     ``state`` (segmented prefill); ``step(hidden [B, d_model], state)`` is the one-token update.
-    ``backend`` is passed to :func:`ramba.ops.ssd.ssd` (None: fla on CUDA when available, else torch).
+    ``backend`` is passed to :func:`ramba.ops.ssd.ssd` (None: its :func:`~ramba.ops.ssd.default_backend`).
+    ``compile_glue``: run the element-wise work around the scan (:func:`conv_and_ssm_inputs`,
+    :func:`skip_and_norm`) through ``torch.compile``; None (default) does so when training on CUDA.
     """
 
     def __init__(
@@ -117,7 +152,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
         self.layer_idx = layer_idx
         self.backend = backend
-        self.compile_glue = False  # True: the element-wise tail runs through torch.compile (see compiled_skip_and_norm)
+        self.compile_glue: bool | None = None
         self.conv_dim = d_inner + 2 * n_groups * d_state
 
         self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + n_heads, bias=use_bias)
@@ -172,27 +207,22 @@ class Mamba2Mixer(nn.Module):
         if tuple(state.ssm.shape) != ssm:
             raise ValueError(f"Mamba2Mixer: state.ssm must be [B, H, P, N] = {ssm}, got {tuple(state.ssm.shape)}")
 
-    def _ssm_inputs(self, xBC: torch.Tensor, dt_raw: torch.Tensor):
-        """Split the conv output ``[..., conv_dim]`` into x ``[..., H, P]``, B, C ``[..., G, N]``;
-        dt ``[..., H]`` = clamp(softplus(dt_raw + dt_bias)); A ``[H]`` = -exp(A_log)."""
-        G, N = self.n_groups, self.d_state
-        x, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
-        acc = _compute_dtype(dt_raw)
-        dt = F.softplus(dt_raw.to(acc) + self.dt_bias.to(acc)).clamp(*self.time_step_limit)
-        A = -torch.exp(self.A_log.to(acc))
-        lead = xBC.shape[:-1]
-        return (
-            x.reshape(*lead, self.n_heads, self.head_dim),
-            dt,
-            A,
-            B.reshape(*lead, G, N),
-            C.reshape(*lead, G, N),
-        )
+    def _glue(self, fn, hidden: torch.Tensor):
+        """``fn`` itself, or compiled (see ``compile_glue``)."""
+        on = self.compile_glue
+        if on is None:
+            on = hidden.is_cuda and torch.is_grad_enabled()
+        return compiled(fn) if on else fn
+
+    def _ssm_inputs(self, history: torch.Tensor, xBC: torch.Tensor, dt_raw: torch.Tensor):
+        """:func:`conv_and_ssm_inputs` with this mixer's parameters; history ``[B, d_conv, conv_dim]``."""
+        return self._glue(conv_and_ssm_inputs, xBC)(
+            history, xBC, dt_raw, self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.n_groups,
+            self.head_dim, self.time_step_limit)
 
     def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """D skip, gated RMSNorm and out_proj. y, x ``[..., H, P]``, z ``[..., d_inner]``."""
-        tail = compiled_skip_and_norm() if self.compile_glue else skip_and_norm
-        y = tail(y, x, z, self.D, self.norm.weight, self.norm.group_size, self.norm.eps, dtype)
+        y = self._glue(skip_and_norm, x)(y, x, z, self.D, self.norm.weight, self.norm.group_size, self.norm.eps, dtype)
         return self.out_proj(y)
 
     def forward(self, hidden: torch.Tensor, state: Mamba2State | None = None, return_state: bool = False):
@@ -203,15 +233,11 @@ class Mamba2Mixer(nn.Module):
         if state is not None:
             self._check_state(state, Bsz)
         z, xBC, dt_raw = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        xBC = xBC.transpose(1, 2)  # [B, conv_dim, T]
-        if state is None:
-            history = xBC.new_zeros(Bsz, self.conv_dim, self.d_conv)
+        if state is None:  # zeros stand in for the inputs before a fresh sequence
+            history = xBC.new_zeros(Bsz, self.d_conv, self.conv_dim)
         else:
-            history = state.conv.to(xBC.dtype)
-        window = torch.cat([history, xBC], dim=-1)  # [B, conv_dim, d_conv + T]
-        # the d_conv - 1 past inputs stand in for the zero padding of a fresh sequence
-        conv = F.conv1d(window[..., 1:], self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
-        x, dt, A, B, C = self._ssm_inputs(F.silu(conv).transpose(1, 2), dt_raw)
+            history = state.conv.transpose(1, 2)
+        x, dt, A, B, C, last_inputs = self._ssm_inputs(history, xBC, dt_raw)
         out = ssd(
             x, dt, A, B, C,
             chunk_size=self.chunk_size,
@@ -222,7 +248,7 @@ class Mamba2Mixer(nn.Module):
         y, ssm_state = out if return_state else (out, None)
         y = self._output(y, x, z, hidden.dtype)
         if return_state:
-            return y, Mamba2State(conv=window[..., -self.d_conv:], ssm=ssm_state)
+            return y, Mamba2State(conv=last_inputs.transpose(1, 2), ssm=ssm_state)
         return y
 
     def step(self, hidden: torch.Tensor, state: Mamba2State) -> tuple[torch.Tensor, Mamba2State]:
@@ -231,11 +257,9 @@ class Mamba2Mixer(nn.Module):
         self._check_hidden(hidden, 2, "[B, d_model]")
         self._check_state(state, hidden.shape[0])
         z, xBC, dt_raw = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        window = torch.cat([state.conv[..., 1:].to(xBC.dtype), xBC[..., None]], dim=-1)  # [B, conv_dim, d_conv]
-        conv = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)[..., 0]
-        x, dt, A, B, C = self._ssm_inputs(F.silu(conv), dt_raw)
-        y, ssm_state = ssd_step(x, dt, A, B, C, state.ssm)
-        return self._output(y, x, z, hidden.dtype), Mamba2State(conv=window, ssm=ssm_state)
+        x, dt, A, B, C, last_inputs = self._ssm_inputs(state.conv.transpose(1, 2), xBC[:, None], dt_raw[:, None])
+        y, ssm_state = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], state.ssm)
+        return self._output(y, x[:, 0], z, hidden.dtype), Mamba2State(conv=last_inputs.transpose(1, 2), ssm=ssm_state)
 
 
 class Mamba2Block(nn.Module):

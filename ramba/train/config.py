@@ -196,10 +196,11 @@ class TrainConfig:
         "auto", "auto: bf16 autocast on CUDA, fp32 on CPU. Weights and optimizer state stay fp32."
     )
     grad_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
-    compile_glue: bool = _f(
-        False,
-        "Run the Mamba-2 layers' element-wise tail (D skip, gated RMSNorm) through torch.compile: fewer kernels and "
-        "less memory kept for the backward; the first step compiles (needs a C++ compiler on the CPU).",
+    compile_glue: bool | None = _f(
+        None,
+        "Run the Mamba-2 layers' element-wise work around the scan (conv, SiLU, dt; D skip, gated RMSNorm) through "
+        "torch.compile: fewer kernels and less memory kept for the backward; the first step compiles (on the CPU "
+        "this needs a C++ compiler). null: on with CUDA, off on the CPU.",
     )
     loss_average: Literal["token", "sequence"] = _f(
         "token",

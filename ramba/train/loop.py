@@ -307,8 +307,7 @@ def _train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
         # transformers 5 renamed gradient_checkpointing_enable (now deprecated) to activation_checkpointing_enable.
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
-    if cfg.compile_glue:
-        set_compile_glue(model)
+    set_compile_glue(model, cfg.compile_glue)
     model = wrap_model(model, info, cfg.distributed.strategy)
     optimizer = torch.optim.AdamW(
         _param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps

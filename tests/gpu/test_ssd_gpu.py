@@ -1,11 +1,13 @@
-"""fla-core (Triton) SSD path against the chunked PyTorch path on CUDA: forward, gradients, states.
+"""The Triton SSD paths (mamba_ssm's and fla-core's) against the chunked PyTorch path on CUDA: forward,
+gradients, states.
 
-Run on a GPU machine with ``pytest -m gpu tests/gpu/test_ssd_gpu.py`` (needs ``fla-core``)."""
+Run on a GPU machine with ``pytest -m gpu tests/gpu/test_ssd_gpu.py`` (needs ``mamba-ssm`` and ``fla-core``)."""
 import pytest
 import torch
 
-from ramba.ops.ssd import ssd
+from ramba.ops.ssd import default_backend, ssd
 from ramba.ops.ssd.fla import simple_gla_backward_ok, ssd_fla
+from ramba.ops.ssd.mamba_triton import chunk_scan_combined
 
 pytestmark = [
     pytest.mark.gpu,
@@ -87,36 +89,54 @@ def test_fla_matches_torch(kernel, case):
     check(y, h, g, y_ref, h_ref, g_ref, dtype)
 
 
+MAMBA_CASES = CASES + [
+    pytest.param((torch.bfloat16, (8, 2), True, 64, 40), id="bf16-GQA4-h0-short"),
+    pytest.param((torch.bfloat16, (8, 8), False, 16, 129), id="bf16-G8-N16"),
+]
+
+
+@pytest.mark.parametrize("case", MAMBA_CASES)
+def test_mamba_ssm_matches_torch(case):
+    dtype, (H, G), init, N, T = case
+    inputs = make_inputs(2, T, H, 64, G, N, init, seed=T + H + N)
+    y_ref, h_ref, g_ref = run("torch", inputs, dtype)
+    check(*run("mamba_ssm", inputs, dtype), y_ref, h_ref, g_ref, dtype)
+
+
 def test_default_fla_kernel_trains():
     inputs = make_inputs(1, 100, 4, 64, 2, 64, True, seed=1)
     y_ref, h_ref, g_ref = run("torch", inputs, torch.bfloat16)
     check(*run("fla", inputs, torch.bfloat16), y_ref, h_ref, g_ref, torch.bfloat16)
 
 
-def test_default_backend_on_cuda_is_fla():
+def test_default_backend_on_cuda():
+    cuda = torch.device("cuda")
+    assert chunk_scan_combined() is not None  # the device script carries mamba_ssm
+    assert default_backend(cuda) == "mamba_ssm" and default_backend(cuda, chunk_size=48) == "fla"
     x, dt, A, B, C, _ = make_inputs(1, 100, 4, 64, 1, 64, False, seed=0)
     x, B, C = x.bfloat16(), B.bfloat16(), C.bfloat16()
-    torch.testing.assert_close(ssd(x, dt, A, B, C), ssd(x, dt, A, B, C, backend="fla"), rtol=0, atol=0)
+    torch.testing.assert_close(ssd(x, dt, A, B, C), ssd(x, dt, A, B, C, backend="mamba_ssm"), rtol=0, atol=0)
 
 
-def test_mixer_fla_matches_torch_with_segments():
-    """The layer under bf16 autocast (as in training): segmented prefill, fla vs the torch path."""
+@pytest.mark.parametrize("backend", ["fla", "mamba_ssm"])
+def test_mixer_matches_torch_with_segments(backend):
+    """The layer under bf16 autocast (as in training): segmented prefill, a Triton path vs the torch path."""
     from ramba.layers.mamba2 import Mamba2Mixer
 
     torch.manual_seed(0)
     m = Mamba2Mixer(128, d_state=64, head_dim=64, n_groups=2).cuda()
     x = torch.randn(2, 150, 128, device="cuda")
     outs = {}
-    for backend in ("torch", "fla"):
-        m.backend = backend
+    for name in ("torch", backend):
+        m.backend = name
         m.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y1, s = m(x[:, :70], return_state=True)
             y2, s = m(x[:, 70:], s, return_state=True)
             y = torch.cat([y1, y2], 1)
         (y.float().square().mean() + s.ssm.square().mean()).backward()
-        outs[backend] = (y.detach(), s.ssm.detach(), {k: p.grad.clone() for k, p in m.named_parameters()})
-    (y_t, s_t, g_t), (y_f, s_f, g_f) = outs["torch"], outs["fla"]
+        outs[name] = (y.detach(), s.ssm.detach(), {k: p.grad.clone() for k, p in m.named_parameters()})
+    (y_t, s_t, g_t), (y_f, s_f, g_f) = outs["torch"], outs[backend]
     assert rel_err(y_f, y_t) < 3e-2 and rel_err(s_f, s_t) < 3e-2
     for k in g_t:
         assert rel_err(g_f[k], g_t[k]) < 6e-2, (k, rel_err(g_f[k], g_t[k]))

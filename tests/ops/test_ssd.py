@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from ramba.ops.ssd import ssd, ssd_step
+from ramba.ops.ssd import default_backend, ssd, ssd_step
 
 
 def make_inputs(b, T, H, P, G, N, dtype=torch.float64, init=False, seed=0, dt_scale=1.0):
@@ -128,6 +128,7 @@ def test_empty_sequence_and_default_backend():
     torch.testing.assert_close(h, h0)
     x, dt, A, B, C, _ = make_inputs(1, 5, 4, 3, 2, 4)
     torch.testing.assert_close(ssd(x, dt, A, B, C), ssd(x, dt, A, B, C, backend="torch"), rtol=0, atol=0)
+    assert default_backend(torch.device("cpu")) == "torch"
 
 
 def test_bad_inputs():
@@ -150,8 +151,9 @@ def test_bad_inputs():
         ssd(x, dt.tolist(), A, B, C)
     with pytest.raises(ValueError, match="backend"):
         ssd(x, dt, A, B, C, backend="cuda")
-    with pytest.raises(ValueError, match="CUDA"):
-        ssd(x, dt, A, B, C, backend="fla")
+    for backend in ("fla", "mamba_ssm"):
+        with pytest.raises(ValueError, match=f"'{backend}' needs CUDA"):
+            ssd(x, dt, A, B, C, backend=backend)
     with pytest.raises(ValueError, match="chunk_size"):
         ssd(x, dt, A, B, C, chunk_size=0)
     with pytest.raises(ValueError, match="state must be"):

@@ -14,9 +14,10 @@ import functools
 import torch
 
 from ramba.ops.ssd.chunk import ssd_chunk
+from ramba.ops.ssd.mamba_triton import chunk_scan_combined, ssd_mamba_triton
 from ramba.ops.ssd.naive import compute_dtype, ssd_naive, ssd_step_naive
 
-BACKENDS = ("naive", "torch", "fla")
+BACKENDS = ("naive", "torch", "fla", "mamba_ssm")
 
 
 @functools.cache
@@ -27,6 +28,17 @@ def fla_available() -> bool:
     except Exception:  # any import-time failure (missing package, Triton/driver mismatch) means unusable
         return False
     return True
+
+
+def default_backend(device: torch.device, chunk_size: int = 64) -> str:
+    """The backend ``ssd(backend=None)`` uses on ``device``: on CUDA mamba_ssm's kernels when they import
+    (fused forward and backward; power-of-two ``chunk_size`` only), else fla's; else the chunked PyTorch path."""
+    if device.type == "cuda":
+        if chunk_scan_combined() is not None and chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0:
+            return "mamba_ssm"
+        if fla_available():
+            return "fla"
+    return "torch"
 
 
 def _check_tensor(name: str, t, rank: int, shape_doc: str) -> None:
@@ -91,16 +103,16 @@ def ssd(
         chunk_size: block length of the chunked algorithms (does not change the result).
         initial_state: ``[B, H, P, N]`` state before the first token, or None (zeros).
         return_final_state: also return the state after the last token.
-        backend: ``"naive"`` (per-token loop), ``"torch"`` (chunked PyTorch) or ``"fla"``
-            (fla-core Triton kernels, CUDA); ``None`` picks ``"fla"`` for CUDA tensors when it
-            imports, else ``"torch"``.
+        backend: ``"naive"`` (per-token loop), ``"torch"`` (chunked PyTorch), ``"mamba_ssm"``
+            (mamba_ssm's Triton kernels, CUDA) or ``"fla"`` (fla-core's Triton kernels, CUDA);
+            ``None``: :func:`default_backend`.
     Returns:
         y ``[B, T, H, P]`` in x's dtype; with ``return_final_state`` also the final state
         ``[B, H, P, N]`` in float32 (float64 for float64 inputs on CPU backends).
         Differentiable in x, dt, A, B, C and initial_state.
     """
     if backend is None:
-        backend = "fla" if x.is_cuda and fla_available() else "torch"
+        backend = default_backend(x.device, chunk_size)
     if backend not in BACKENDS:
         raise ValueError(f"ssd: backend must be one of {BACKENDS} or None, got {backend!r}")
     if not isinstance(chunk_size, int) or chunk_size <= 0:
@@ -119,7 +131,9 @@ def ssd(
     if backend == "torch":
         return ssd_chunk(x, dt, A, B, C, chunk_size, initial_state, return_final_state)
     if not x.is_cuda:
-        raise ValueError(f"ssd: backend 'fla' needs CUDA tensors, got device {x.device}")
+        raise ValueError(f"ssd: backend {backend!r} needs CUDA tensors, got device {x.device}")
+    if backend == "mamba_ssm":
+        return ssd_mamba_triton(x, dt, A, B, C, chunk_size, initial_state, return_final_state)
     from ramba.ops.ssd.fla import ssd_fla
 
     return ssd_fla(x, dt, A, B, C, initial_state, return_final_state)
@@ -146,4 +160,4 @@ def ssd_step(
     return ssd_step_naive(x, dt, A, B, C, state)
 
 
-__all__ = ["BACKENDS", "fla_available", "ssd", "ssd_chunk", "ssd_naive", "ssd_step"]
+__all__ = ["BACKENDS", "default_backend", "fla_available", "ssd", "ssd_chunk", "ssd_naive", "ssd_step"]
