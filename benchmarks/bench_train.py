@@ -9,7 +9,9 @@ For every (preset, architecture, length): a model with random weights, AdamW, ra
 `--checkpoint-fallback` one sequence with gradient checkpointing; the batch and checkpointing used are
 recorded); `warmup` full training steps (forward + backward + optimizer) are run untimed, then `steps` timed ones. tokens/s = tokens per
 step x steps / seconds. bf16 autocast on CUDA (fp32 weights, as in training), fp32 on the CPU.
-Peak GPU memory is torch.cuda.max_memory_allocated over the run of that model. A configuration
+Peak GPU memory is torch.cuda.max_memory_allocated over the run of that model, alloc_retries the times the
+caching allocator had to free its cache to allocate (each one slow and synchronising). The CUDA allocator runs
+with expandable segments unless PYTORCH_CUDA_ALLOC_CONF says otherwise (as in `ramba train`; recorded). A configuration
 that fails (e.g. out of memory) is recorded with its error and the run goes on.
 
 Writes <out>/<name>.json (machine, date, versions, settings, every number, the RAMba/baseline
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -34,6 +37,7 @@ from ramba.eval.measure import free_memory, parse_overrides, synchronized_time
 from ramba.eval.plots import Panel, line_plots
 from ramba.eval.results import format_length, parse_lengths, write_results
 from ramba.layers.mamba2 import set_compile_glue
+from ramba.train.distributed import prefer_expandable_segments
 
 logger = logging.getLogger("bench_train")
 ARCH_LABELS = {"ramba": "RAMba", "mamba2": "Mamba-2", "transformer": "Transformer (SDPA)", "mamba2-swa": "Mamba-2 + SWA"}
@@ -80,6 +84,7 @@ def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: in
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.reset_accumulated_memory_stats(device)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -100,6 +105,8 @@ def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: in
                "step_ms": 1e3 * seconds / steps, "tokens_per_s": batch * length * steps / seconds}
         if device.type == "cuda":
             row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            # the caching allocator freeing everything to retry a failed cudaMalloc: slow, synchronising
+            row["alloc_retries"] = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
         return row
     finally:
         del model, opt, ids
@@ -164,6 +171,7 @@ def run(args: argparse.Namespace, on_row: Callable[[dict], None] | None = None) 
 
     def summary(rows: list[dict]) -> dict:
         return {"device": str(device), "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+                "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                 "rows": rows, "ratios": ratios(rows), "goals": goals(rows), "settings": dict(vars(args)),
                 "configs": {f"{p}/{a}": c.to_dict() for (p, a), c in configs.items()}}
 
@@ -252,6 +260,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    prefer_expandable_segments()  # as `ramba train` does
     # the results so far are written after every model, so that a run cut short keeps them
     result = run(args, on_row=lambda partial: save(partial, args.out, args.name, args.seed))
     print(table(result))

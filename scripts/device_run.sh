@@ -8,12 +8,13 @@
 #   tests        the GPU tests but the slow ones (fp32 fla kernels: minutes of compiling)
 #   tests-model  GPU tests of the SSD fast path and the model only
 #   hsa          HSA GPU tests + benchmarks/bench_hsa.py
-#   ssd          the GPU tests of the SSD fast paths but the slow ones
-#   train[:PRESETS]
-#                benchmarks/bench_train.py (default the 370m and tiny layouts; 4K and 16K; gradient checkpointing
-#                where one sequence does not fit)
-#   train-eager[:PRESETS]
-#                the same with --no-compile-glue (the mixers' element-wise work in eager PyTorch)
+#   ssd[:KEXPR]  the GPU tests of the SSD fast paths but the slow ones (those pytest -k KEXPR selects)
+#   train[:PRESETS[:ARCHS[:LENGTHS]]]
+#                benchmarks/bench_train.py (default the 370m and tiny layouts, RAMba, Mamba-2 and Transformer, 4K and
+#                16K; gradient checkpointing where one sequence does not fit); environment: BENCH_TOKENS tokens a step
+#                (default 16384), BENCH_STEPS timed steps (default 5), BENCH_NAME results file stem (default bench_train)
+#   train-eager[:PRESETS[:ARCHS[:LENGTHS]]]
+#                the same with --no-compile-glue (the mixers' element-wise work in eager PyTorch; bench_train-eager)
 #   profile:PRESET:ARCHS:LENGTH
 #                bench_train.py --profile for the comma-separated architectures (8192 tokens a step): a table of
 #                the kernels by device time per model under $OUT/profile/
@@ -142,13 +143,18 @@ section() {
         tests-model) timeout 500 python3 -m pytest -m gpu tests/gpu/test_ssd_gpu.py tests/gpu/test_model_gpu.py -q -rfE -x -p no:cacheprovider ;;
         hsa) timeout 150 python3 -m pytest -m gpu tests/gpu/test_hsa_gpu.py -q -rfE -p no:cacheprovider &&
              timeout 150 python3 benchmarks/bench_hsa.py "$OUT" ;;
-        ssd) timeout 200 python3 -m pytest -m "gpu and not slow" tests/gpu/test_ssd_gpu.py -q -rfE -p no:cacheprovider ;;
+        ssd)
+            local select=${1#ssd}
+            timeout 200 python3 -m pytest -m "gpu and not slow" tests/gpu/test_ssd_gpu.py -q -rfE -p no:cacheprovider \
+                ${select:+-k "${select#:}"} ;;
         train|train-eager)
-            local presets=${1#*:} eager=()
-            [ "$presets" != "$1" ] || presets=370m,tiny
-            [ "$name" = train ] || eager=(--no-compile-glue --name bench_train_eager)
-            timeout 300 python3 benchmarks/bench_train.py --presets "$presets" --lengths 4096,16384 --batch-tokens 16384 \
-                --steps 5 --warmup 2 --checkpoint-fallback "${eager[@]}" --out "$OUT" ;;
+            local presets archs eager=()
+            IFS=: read -r _ presets archs lengths <<<"$1"
+            [ "$name" = train ] || eager=(--no-compile-glue)
+            timeout 300 python3 benchmarks/bench_train.py --presets "${presets:-370m,tiny}" \
+                --architectures "${archs:-ramba,mamba2,transformer}" --lengths "${lengths:-4096,16384}" \
+                --batch-tokens "${BENCH_TOKENS:-16384}" --steps "${BENCH_STEPS:-5}" --warmup 2 --checkpoint-fallback \
+                "${eager[@]}" --out "$OUT" --name "${BENCH_NAME:-bench_$name}" ;;
         profile)
             IFS=: read -r _ preset archs length <<<"$1"
             timeout 300 python3 benchmarks/bench_train.py --presets "$preset" --architectures "$archs" --lengths "$length" \
