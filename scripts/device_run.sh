@@ -6,7 +6,7 @@
 # train-metrics.tgz (at most 8 files come back).
 # Sections (run in the order given, each bounded by its own timeout, outputs under $OUT):
 #   tests        the GPU tests but the slow ones (fp32 fla kernels: minutes of compiling)
-#   tests-model  GPU tests of the SSD fast path and the model only
+#   tests-model  the GPU tests of the model (fast paths against the CPU paths, cache and offload, a training step)
 #   hsa          HSA GPU tests + benchmarks/bench_hsa.py
 #   ssd[:KEXPR]  the GPU tests of the SSD fast paths but the slow ones (those pytest -k KEXPR selects)
 #   train[:PRESETS[:ARCHS[:LENGTHS]]]
@@ -140,7 +140,7 @@ section() {
             python3 -m ramba eval ranks --model "$(passkey_model "$arch")" --lengths "$lengths" --depths 0,0.5,1 \
                 --mode fast --segment-len 65536 --haystack data/python-doc --out "$OUT" --name "ranks-$arch" --no-progress ;;
         tests) timeout 300 python3 -m pytest -m "gpu and not slow" tests/gpu -v -x --tb=short -p no:cacheprovider ;;
-        tests-model) timeout 500 python3 -m pytest -m gpu tests/gpu/test_ssd_gpu.py tests/gpu/test_model_gpu.py -q -rfE -x -p no:cacheprovider ;;
+        tests-model) timeout 400 python3 -m pytest -m "gpu and not slow" tests/gpu/test_model_gpu.py -q -rfE -p no:cacheprovider ;;
         hsa) timeout 150 python3 -m pytest -m gpu tests/gpu/test_hsa_gpu.py -q -rfE -p no:cacheprovider &&
              timeout 150 python3 benchmarks/bench_hsa.py "$OUT" ;;
         ssd)

@@ -1,7 +1,8 @@
-"""The model on CUDA: the fast paths (Triton HSA, fla SSD) against the CPU torch paths; cache and offload on CUDA.
+"""The model on CUDA: the fast paths (Triton HSA, the default Triton SSD, compile_glue) against the CPU torch
+paths; cache and offload on CUDA.
 
-Run under bf16 autocast, the way models train and serve on GPUs (fla's fp32 kernels take minutes to
-compile and tune), so tolerances are bf16 ones.
+Run under bf16 autocast, the way models train and serve on GPUs (fp32 SSD kernels take minutes to compile and
+tune), so tolerances are bf16 ones.
 """
 import pytest
 import torch
