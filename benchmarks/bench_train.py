@@ -7,12 +7,13 @@ Usage:
 For every (preset, architecture, length): a model with random weights, AdamW, random tokens, batch
 `max(1, batch_tokens // length)` sequences of `length` tokens (halved while out of memory, then with
 `--checkpoint-fallback` one sequence with gradient checkpointing; the batch and checkpointing used are
-recorded); `warmup` full training steps (forward + backward + optimizer) are run untimed, then `steps` timed ones. tokens/s = tokens per
-step x steps / seconds. bf16 autocast on CUDA (fp32 weights, as in training), fp32 on the CPU.
-Peak GPU memory is torch.cuda.max_memory_allocated over the run of that model, alloc_retries the times the
-caching allocator had to free its cache to allocate (each one slow and synchronising). The CUDA allocator runs
-with expandable segments unless PYTORCH_CUDA_ALLOC_CONF says otherwise (as in `ramba train`; recorded). A configuration
-that fails (e.g. out of memory) is recorded with its error and the run goes on.
+recorded); `warmup` full training steps (forward + backward + optimizer) are run untimed, then `steps` timed
+ones, each on its own. tokens/s = tokens per step / the median step time (robust to the odd slow step; the
+mean-based rate and every step time are recorded too). bf16 autocast on CUDA (fp32 weights, as in training),
+fp32 on the CPU. Peak GPU memory is torch.cuda.max_memory_allocated over the run of that model, alloc_retries
+the times the caching allocator had to free its cache to allocate (each one slow and synchronising);
+PYTORCH_CUDA_ALLOC_CONF is recorded. A configuration that fails (e.g. out of memory) is recorded with its
+error and the run goes on.
 
 Writes <out>/<name>.json (machine, date, versions, settings, every number, the RAMba/baseline
 ratios and the issue's goals: RAMba >= 0.8x Mamba-2 tokens/s at 4K, faster than the Transformer at
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import sys
 import traceback
 from collections.abc import Callable
@@ -37,7 +39,6 @@ from ramba.eval.measure import free_memory, parse_overrides, synchronized_time
 from ramba.eval.plots import Panel, line_plots
 from ramba.eval.results import format_length, parse_lengths, write_results
 from ramba.layers.mamba2 import set_compile_glue
-from ramba.train.distributed import prefer_expandable_segments
 
 logger = logging.getLogger("bench_train")
 ARCH_LABELS = {"ramba": "RAMba", "mamba2": "Mamba-2", "transformer": "Transformer (SDPA)", "mamba2-swa": "Mamba-2 + SWA"}
@@ -96,13 +97,16 @@ def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: in
     try:
         for _ in range(warmup):
             step()
+        step_seconds = []
         with profiled(device, profile_path):
-            start = synchronized_time(device)
             for _ in range(steps):
+                start = synchronized_time(device)
                 step()
-            seconds = synchronized_time(device) - start
-        row = {"params": n_params, "batch": batch, "tokens_per_step": batch * length, "seconds": seconds,
-               "step_ms": 1e3 * seconds / steps, "tokens_per_s": batch * length * steps / seconds}
+                step_seconds.append(synchronized_time(device) - start)
+        median = statistics.median(step_seconds)
+        row = {"params": n_params, "batch": batch, "tokens_per_step": batch * length, "seconds": sum(step_seconds),
+               "step_ms": 1e3 * median, "step_ms_all": [1e3 * t for t in step_seconds],
+               "tokens_per_s": batch * length / median, "tokens_per_s_mean": batch * length * steps / sum(step_seconds)}
         if device.type == "cuda":
             row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             # the caching allocator freeing everything to retry a failed cudaMalloc: slow, synchronising
@@ -260,7 +264,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    prefer_expandable_segments()  # as `ramba train` does
     # the results so far are written after every model, so that a run cut short keeps them
     result = run(args, on_row=lambda partial: save(partial, args.out, args.name, args.seed))
     print(table(result))

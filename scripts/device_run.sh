@@ -12,7 +12,7 @@
 #   train[:PRESETS[:ARCHS[:LENGTHS]]]
 #                benchmarks/bench_train.py (default the 370m and tiny layouts, RAMba, Mamba-2 and Transformer, 4K and
 #                16K; gradient checkpointing where one sequence does not fit); environment: BENCH_TOKENS tokens a step
-#                (default 16384), BENCH_STEPS timed steps (default 5), BENCH_NAME results file stem (default bench_train)
+#                (default 16384), BENCH_STEPS timed steps (default 15), BENCH_NAME results file stem (default bench_train)
 #   train-eager[:PRESETS[:ARCHS[:LENGTHS]]]
 #                the same with --no-compile-glue (the mixers' element-wise work in eager PyTorch; bench_train-eager)
 #   profile:PRESET:ARCHS:LENGTH
@@ -153,7 +153,7 @@ section() {
             [ "$name" = train ] || eager=(--no-compile-glue)
             timeout 300 python3 benchmarks/bench_train.py --presets "${presets:-370m,tiny}" \
                 --architectures "${archs:-ramba,mamba2,transformer}" --lengths "${lengths:-4096,16384}" \
-                --batch-tokens "${BENCH_TOKENS:-16384}" --steps "${BENCH_STEPS:-5}" --warmup 2 --checkpoint-fallback \
+                --batch-tokens "${BENCH_TOKENS:-16384}" --steps "${BENCH_STEPS:-15}" --warmup 2 --checkpoint-fallback \
                 "${eager[@]}" --out "$OUT" --name "${BENCH_NAME:-bench_$name}" ;;
         profile)
             IFS=: read -r _ preset archs length <<<"$1"

@@ -43,21 +43,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def prefer_expandable_segments() -> None:
-    """Let PyTorch's CUDA caching allocator grow its segments instead of cutting new ones: RAMba's 370m layout
-    trained at 4K with 41.8K-45.2K tokens/s with them, 36.2K-37.3K without (H100, 2026-11-24; mixed at 16K,
-    see the README). A ``PYTORCH_CUDA_ALLOC_CONF`` already set wins; no effect once CUDA has allocated."""
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
-
 def init_distributed(backend: str = "auto", device: str | None = None) -> DistInfo:
-    """Joins the torchrun process group when WORLD_SIZE > 1 and picks this rank's device (with
-    :func:`prefer_expandable_segments`).
+    """Joins the torchrun process group when WORLD_SIZE > 1 and picks this rank's device.
 
     backend: 'auto' (nccl with CUDA, else gloo), 'nccl' or 'gloo'. device: None picks
     cuda:<LOCAL_RANK> when CUDA is available, else cpu.
     """
-    prefer_expandable_segments()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
