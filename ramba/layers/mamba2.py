@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ramba.layers.norm import GatedRMSNorm, RMSNorm, gated_rms_norm, rms_norm
+from ramba.layers.norm import GatedRMSNorm, RMSNorm, gated_rms_norm
 from ramba.ops.ssd import ssd, ssd_step
 
 
@@ -85,9 +85,9 @@ def skip_and_norm(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Te
 
 @functools.cache
 def compiled(fn):
-    """``fn`` (:func:`conv_and_ssm_inputs`, :func:`skip_and_norm`, the block's ``rms_norm``) through
-    ``torch.compile``: a few fused kernels instead of dozens, and fewer bytes kept for the backward (for the
-    tail, measured on the CPU: 12 KB instead of 49 KB per token for the 370m layout's widths)."""
+    """``fn`` (:func:`conv_and_ssm_inputs` or :func:`skip_and_norm`) through ``torch.compile``: a few fused
+    kernels instead of dozens, and only the inputs kept for the backward instead of float32 intermediates
+    (for the tail, measured on the CPU: 12 KB instead of 49 KB per token for the 370m layout's widths)."""
     return torch.compile(fn, dynamic=True)
 
 
@@ -107,8 +107,7 @@ class Mamba2Mixer(nn.Module):
     ``state`` (segmented prefill); ``step(hidden [B, d_model], state)`` is the one-token update.
     ``backend`` is passed to :func:`ramba.ops.ssd.ssd` (None: its :func:`~ramba.ops.ssd.default_backend`).
     ``compile_glue``: run the element-wise work around the scan (:func:`conv_and_ssm_inputs`,
-    :func:`skip_and_norm`, and the block's pre-norm) through ``torch.compile``; None (default) does so when
-    training on CUDA.
+    :func:`skip_and_norm`) through ``torch.compile``; None (default) does so when training on CUDA.
     """
 
     def __init__(
@@ -278,9 +277,7 @@ class Mamba2Block(nn.Module):
 
     def forward(self, hidden: torch.Tensor, state: Mamba2State | None = None, return_state: bool = False):
         """hidden ``[B, T, d_model]`` -> ``[B, T, d_model]`` (and the new state if ``return_state``)."""
-        self.mixer._check_hidden(hidden, 3, "[B, T, d_model]")
-        normed = self.mixer._glue(rms_norm, hidden)(hidden, self.norm.weight, self.norm.eps)
-        out = self.mixer(normed, state=state, return_state=return_state)
+        out = self.mixer(self.norm(hidden), state=state, return_state=return_state)
         if return_state:
             return hidden + out[0], out[1]
         return hidden + out

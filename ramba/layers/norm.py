@@ -21,14 +21,6 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     return weight * hg.flatten(-2).to(x.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim, in float32 (float64 for float64 x).
-    x ``[..., dim]``; weight ``[dim]``; returns x's dtype times weight."""
-    h = x.to(_compute_dtype(x))
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
 class RMSNorm(nn.Module):
     """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim, computed in float32
     (float64 for float64 input).
@@ -45,7 +37,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.weight.shape[0]:
             raise ValueError(f"RMSNorm: input must be [..., {self.weight.shape[0]}], got {tuple(x.shape)}")
-        return rms_norm(x, self.weight, self.eps)
+        h = x.to(_compute_dtype(x))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -258,8 +258,7 @@ def test_compiled_glue_matches_eager(dtype):
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_glue_step_and_auto():
-    """compile_glue in the one-token step and in the block (its pre-norm compiled too) equals eager; None
-    (automatic) stays eager on the CPU."""
+    """compile_glue in the one-token step equals eager; None (automatic) stays eager on the CPU."""
     torch.manual_seed(1)
     mixer = Mamba2Mixer(64, d_state=16, head_dim=16, chunk_size=16).double()
     state = mixer.empty_state(2)
@@ -273,19 +272,5 @@ def test_compiled_glue_step_and_auto():
     torch.testing.assert_close(outs[True][1].conv, outs[False][1].conv, rtol=0, atol=0)
     torch.testing.assert_close(outs[True][1].ssm, outs[False][1].ssm, rtol=1e-9, atol=1e-9)
     assert mixer._glue(skip_and_norm, h) is not skip_and_norm  # compile_glue=True
-    block = Mamba2Block(64, d_state=16, head_dim=16, chunk_size=16).double()
-    with torch.no_grad():
-        block.norm.weight.normal_()
-    x = torch.randn(2, 11, 64, dtype=torch.float64)
-    outs = {}
-    for compiled in (False, True):
-        block.mixer.compile_glue = compiled
-        block.zero_grad()
-        leaf = x.clone().requires_grad_()
-        y = block(leaf)
-        (y * y.detach()).sum().backward()
-        outs[compiled] = (y.detach(), leaf.grad, block.norm.weight.grad.clone())
-    for a, b in zip(outs[True], outs[False]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
     mixer.compile_glue = None
     assert mixer._glue(skip_and_norm, h) is skip_and_norm
