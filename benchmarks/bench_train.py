@@ -11,7 +11,8 @@ recorded); `warmup` full training steps (forward + backward + optimizer) are run
 ones, each on its own. tokens/s = tokens per step / the median step time (robust to the odd slow step; the
 mean-based rate and every step time are recorded too). bf16 autocast on CUDA (fp32 weights, as in training),
 fp32 on the CPU. Peak GPU memory is torch.cuda.max_memory_allocated over the run of that model, alloc_retries
-the times the caching allocator had to free its cache to allocate (each one slow and synchronising);
+the times the caching allocator had to free its cache to allocate (each one slow and synchronising),
+device_allocs_timed its cudaMalloc calls during the timed steps;
 PYTORCH_CUDA_ALLOC_CONF is recorded. A configuration that fails (e.g. out of memory) is recorded with its
 error and the run goes on.
 
@@ -97,6 +98,7 @@ def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: in
     try:
         for _ in range(warmup):
             step()
+        allocs_before = _device_allocs(device)
         step_seconds = []
         with profiled(device, profile_path):
             for _ in range(steps):
@@ -111,10 +113,18 @@ def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: in
             row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             # the caching allocator freeing everything to retry a failed cudaMalloc: slow, synchronising
             row["alloc_retries"] = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
+            # cudaMalloc calls during the timed steps: a steady state needs none
+            allocs = _device_allocs(device)
+            row["device_allocs_timed"] = None if allocs is None or allocs_before is None else allocs - allocs_before
         return row
     finally:
         del model, opt, ids
         free_memory(device)
+
+
+def _device_allocs(device: torch.device) -> int | None:
+    """How many times the CUDA caching allocator has called cudaMalloc (None off CUDA or where not counted)."""
+    return torch.cuda.memory_stats(device).get("num_device_alloc") if device.type == "cuda" else None
 
 
 @contextmanager
