@@ -145,7 +145,7 @@ section() {
              timeout 150 python3 benchmarks/bench_hsa.py "$OUT" ;;
         ssd)
             local select=${1#ssd}
-            timeout 200 python3 -m pytest -m "gpu and not slow" tests/gpu/test_ssd_gpu.py -q -rfE -p no:cacheprovider \
+            timeout 200 python3 -m pytest -m "gpu and not slow" tests/gpu/test_ssd_gpu.py -q -rfEs -p no:cacheprovider \
                 ${select:+-k "${select#:}"} ;;
         train|train-eager)
             local presets archs eager=()
