@@ -16,7 +16,7 @@
 #   train-eager[:PRESETS[:ARCHS[:LENGTHS]]]
 #                the same with --no-compile-glue (the mixers' element-wise work in eager PyTorch; bench_train-eager)
 #   profile:PRESET:ARCHS:LENGTH
-#                bench_train.py --profile for the comma-separated architectures (8192 tokens a step): a table of
+#                bench_train.py --profile for the comma-separated architectures (BENCH_TOKENS a step, default 8192): a table of
 #                the kernels by device time per model under $OUT/profile/
 #   inference    benchmarks/bench_inference.py (tiny preset, 4K..64M, offload)
 #   save-cache   the Triton kernel cache as $OUT/triton-cache.tgz.part-* (copy them into .carry/ for the
@@ -158,7 +158,7 @@ section() {
         profile)
             IFS=: read -r _ preset archs length <<<"$1"
             timeout 300 python3 benchmarks/bench_train.py --presets "$preset" --architectures "$archs" --lengths "$length" \
-                --batch-tokens 8192 --steps 3 --warmup 2 --profile "$OUT/profile" --out "$OUT" --name "profile-$preset" ;;
+                --batch-tokens "${BENCH_TOKENS:-8192}" --steps 3 --warmup 2 --profile "$OUT/profile" --out "$OUT" --name "profile-$preset" ;;
         inference) timeout 240 python3 benchmarks/bench_inference.py --preset tiny --architectures ramba \
                    --lengths 4k,64k,1m,16m,64m --decode-tokens 16 --segment-len 65536 --mode fast --offload --out "$OUT" ;;
         multigpu)
