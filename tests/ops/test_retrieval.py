@@ -274,3 +274,18 @@ def test_bad_inputs_raise(fn):
             norm_fn(torch.zeros(2, 3), torch.ones(2, 4, dtype=torch.bool))
         with pytest.raises(TypeError, match="valid"):
             norm_fn(torch.zeros(3), torch.ones(3))
+
+
+@pytest.mark.parametrize("C", [3, 7, 11])
+def test_default_positions_need_no_device_sync(C, monkeypatch):
+    """With default positions the chunk loop's bound comes from the shapes, not from ``n_vis.max()`` (a
+    device-to-host sync on GPUs); fewer, exactly as many and more landmarks than complete chunks."""
+    q, lm = _inputs(2, 30, C, 1, 5, seed=C)
+    kw = dict(chunk_size=4, topk=3)
+    ref = _run(select_chunks_naive, q, lm, **kw)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("Tensor.max called: a device sync")
+
+    monkeypatch.setattr(torch.Tensor, "max", no_sync)
+    _assert_same(_run(select_chunks, q, lm, block_chunks=2, block_tokens=7, **kw), ref)

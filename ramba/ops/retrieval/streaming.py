@@ -83,13 +83,15 @@ class _SelectedScores(torch.autograd.Function):
 
 
 def _running_topk(
-    q_r: torch.Tensor, landmarks: torch.Tensor, n_vis: torch.Tensor, K: int, block_chunks: int
+    q_r: torch.Tensor, landmarks: torch.Tensor, n_vis: torch.Tensor, K: int, block_chunks: int,
+    max_visible: int | None = None,
 ) -> torch.Tensor:
     """Top-K visible chunks of one token block, streamed over chunk blocks.
 
     Args:
         q_r: ``[B, t, R, Dr]`` in the compute dtype; landmarks ``[B, C, R, Dr]``;
-        n_vis: ``[B, t]`` visible chunks per token (chunks ``0 .. n_vis - 1``).
+        n_vis: ``[B, t]`` visible chunks per token (chunks ``0 .. n_vis - 1``);
+        max_visible: ``n_vis.max()`` when the caller knows it (saves a device-to-host sync), else None.
     Returns:
         ``[B, t, R, K]`` int64 chunk ids, most recent first, empty slots ``-1`` last.
     """
@@ -98,7 +100,9 @@ def _running_topk(
     run_s = torch.full((B, t, R, K), -math.inf, dtype=q_r.dtype, device=dev)
     run_i = torch.full((B, t, R, K), -1, dtype=torch.long, device=dev)
     # chunks at or beyond the block's largest visible count are masked for every token: skip them
-    for c0 in range(0, int(n_vis.max()) if n_vis.numel() else 0, block_chunks):
+    if max_visible is None:
+        max_visible = int(n_vis.max()) if n_vis.numel() else 0
+    for c0 in range(0, max_visible, block_chunks):
         c1 = min(C, c0 + block_chunks)
         cidx = torch.arange(c0, c1, device=dev)
         s = torch.einsum("btrd,bcrd->btrc", q_r, landmarks[:, c0:c1].to(q_r.dtype)) / math.sqrt(Dr)
@@ -157,7 +161,9 @@ def select_chunks_streaming(
     with torch.no_grad():
         for t0 in range(0, T, tokens_topk):
             t1 = min(T, t0 + tokens_topk)
-            indices[:, t0:t1] = _running_topk(q_r[:, t0:t1].to(acc), landmarks, n_vis[:, t0:t1], K, block_chunks)
+            # default positions: the block's last token sees the most chunks, known without asking the device
+            known = None if positions is not None else min(C, (t1 - 1) // chunk_size)
+            indices[:, t0:t1] = _running_topk(q_r[:, t0:t1].to(acc), landmarks, n_vis[:, t0:t1], K, block_chunks, known)
     valid = indices >= 0
     indices = indices.clamp_min(0)
     selected = _SelectedScores.apply(q_r, landmarks, indices, valid, tokens_gather)
