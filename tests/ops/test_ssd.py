@@ -129,6 +129,9 @@ def test_empty_sequence_and_default_backend():
     x, dt, A, B, C, _ = make_inputs(1, 5, 4, 3, 2, 4)
     torch.testing.assert_close(ssd(x, dt, A, B, C), ssd(x, dt, A, B, C, backend="torch"), rtol=0, atol=0)
     assert default_backend(torch.device("cpu")) == "torch"
+    from ramba.ops.ssd.mamba_triton import supports_chunk_size
+
+    assert [c for c in (8, 16, 48, 64, 256) if supports_chunk_size(c)] == [16, 64, 256]
 
 
 def test_bad_inputs():

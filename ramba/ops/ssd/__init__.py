@@ -14,7 +14,7 @@ import functools
 import torch
 
 from ramba.ops.ssd.chunk import ssd_chunk
-from ramba.ops.ssd.mamba_triton import chunk_scan_combined, ssd_mamba_triton
+from ramba.ops.ssd.mamba_triton import chunk_scan_combined, ssd_mamba_triton, supports_chunk_size
 from ramba.ops.ssd.naive import compute_dtype, ssd_naive, ssd_step_naive
 
 BACKENDS = ("naive", "torch", "fla", "mamba_ssm")
@@ -34,7 +34,7 @@ def default_backend(device: torch.device, chunk_size: int = 64) -> str:
     """The backend ``ssd(backend=None)`` uses on ``device``: on CUDA mamba_ssm's kernels when they import
     (fused forward and backward; power-of-two ``chunk_size`` only), else fla's; else the chunked PyTorch path."""
     if device.type == "cuda":
-        if chunk_scan_combined() is not None and chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0:
+        if chunk_scan_combined() is not None and supports_chunk_size(chunk_size):
             return "mamba_ssm"
         if fla_available():
             return "fla"

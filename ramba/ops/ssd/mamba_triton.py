@@ -36,6 +36,11 @@ def chunk_scan_combined():
         return None
 
 
+def supports_chunk_size(chunk_size: int) -> bool:
+    """Whether the kernels take this block length: a power of two >= 16."""
+    return chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
+
+
 def ssd_mamba_triton(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -58,7 +63,7 @@ def ssd_mamba_triton(
     scan = chunk_scan_combined()
     if scan is None:
         raise RuntimeError("ssd: backend 'mamba_ssm' needs mamba_ssm's Triton kernels (pip install mamba-ssm)")
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+    if not supports_chunk_size(chunk_size):
         raise ValueError(f"ssd: backend 'mamba_ssm' needs a power-of-two chunk_size >= 16, got {chunk_size}")
     h0 = None if initial_state is None else initial_state.float()
     out = scan(x, dt.float(), A.float(), B.to(x.dtype), C.to(x.dtype), chunk_size,
