@@ -10,7 +10,8 @@ For every (preset, architecture, length): a model with random weights, AdamW, ra
 recorded); `warmup` full training steps (forward + backward + optimizer) are run untimed, then `steps` timed
 ones, each on its own. tokens/s = tokens per step / the median step time (robust to the odd slow step; the
 mean-based rate and every step time are recorded too). bf16 autocast on CUDA (fp32 weights, as in training),
-fp32 on the CPU. Peak GPU memory is torch.cuda.max_memory_allocated over the run of that model, alloc_retries
+fp32 on the CPU. With `--cuda-graph` the forward and backward are one CUDA graph, captured in the first
+warmup step (after two eager runs of its own). Peak GPU memory is torch.cuda.max_memory_allocated over the run of that model, alloc_retries
 the times the caching allocator had to free its cache to allocate (each one slow and synchronising),
 device_allocs_timed its cudaMalloc calls during the timed steps;
 PYTORCH_CUDA_ALLOC_CONF is recorded. A configuration that fails (e.g. out of memory) is recorded with its
@@ -40,6 +41,7 @@ from ramba.eval.measure import free_memory, parse_overrides, synchronized_time
 from ramba.eval.plots import Panel, line_plots
 from ramba.eval.results import format_length, parse_lengths, write_results
 from ramba.layers.mamba2 import set_compile_glue
+from ramba.train.cuda_graph import GraphedLoss
 
 logger = logging.getLogger("bench_train")
 ARCH_LABELS = {"ramba": "RAMba", "mamba2": "Mamba-2", "transformer": "Transformer (SDPA)", "mamba2-swa": "Mamba-2 + SWA"}
@@ -62,6 +64,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--compile-glue", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the Mamba-2 layers' element-wise work around the scan, or not (default: on "
                         "with CUDA; see the training option compile_glue)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture forward + backward in a CUDA graph (ramba.train.cuda_graph.GraphedLoss; the training "
+                        "option cuda_graph) and replay it every step; the optimizer step stays eager")
     p.add_argument("--profile", metavar="DIR", help="profile the timed steps; one table per model into DIR (slows them)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     p.add_argument("--seed", type=int, default=0)
@@ -71,7 +76,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: int, device: torch.device,
-            grad_checkpointing: bool, seed: int, profile_path: Path | None = None, compile_glue: bool | None = None) -> dict:
+            grad_checkpointing: bool, seed: int, profile_path: Path | None = None, compile_glue: bool | None = None,
+            cuda_graph: bool = False) -> dict:
     """Times `steps` training steps on `[batch, length]` random tokens; returns tokens/s and memory.
     With `profile_path`, the timed steps run under torch.profiler (slower) and its table of kernels by
     self device time goes to that file."""
@@ -83,16 +89,25 @@ def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: in
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    # autocast's cast cache would live in the CUDA graph's memory: off when capturing
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cuda_graph) if device.type == "cuda" \
+        else nullcontext()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.reset_accumulated_memory_stats(device)
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
+    def loss_fn(tokens: torch.Tensor) -> torch.Tensor:
         with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+            return model(input_ids=tokens, labels=tokens).loss
+
+    graphed = GraphedLoss(loss_fn, model.parameters()) if cuda_graph else None
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=graphed is None)  # a CUDA graph writes the .grad tensors it captured
+        if graphed is None:
+            loss_fn(ids).backward()
+        else:
+            graphed(ids)
         opt.step()
 
     try:
@@ -118,7 +133,7 @@ def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: in
             row["device_allocs_timed"] = None if allocs is None or allocs_before is None else allocs - allocs_before
         return row
     finally:
-        del model, opt, ids
+        del model, opt, ids, graphed
         free_memory(device)
 
 
@@ -154,7 +169,7 @@ def measure_fitting(config: RambaConfig, length: int, batch: int, args: argparse
         try:
             profile = None if args.profile is None else Path(args.profile) / f"{config.architecture}-{length}.profile.txt"
             row = measure(config, length, batch, args.steps, args.warmup, device, checkpointing, args.seed,
-                          profile, args.compile_glue)
+                          profile, args.compile_glue, args.cuda_graph)
             return {**row, "grad_checkpointing": checkpointing}
         except torch.OutOfMemoryError as exc:
             error = f"OutOfMemoryError at batch {batch}: {exc}"[:500]

@@ -15,6 +15,9 @@
 #                (default 16384), BENCH_STEPS timed steps (default 15), BENCH_NAME results file stem (default bench_train)
 #   train-eager[:PRESETS[:ARCHS[:LENGTHS]]]
 #                the same with --no-compile-glue (the mixers' element-wise work in eager PyTorch; bench_train-eager)
+#   train-graph[:PRESETS[:ARCHS[:LENGTHS]]]
+#                the same with --cuda-graph (forward + backward replayed from a CUDA graph; bench_train-graph)
+#   tests-graph  the GPU tests of the CUDA-graph training step (tests/gpu/test_cuda_graph_gpu.py)
 #   profile:PRESET:ARCHS:LENGTH
 #                bench_train.py --profile for the comma-separated architectures (BENCH_TOKENS a step, default 8192): a table of
 #                the kernels by device time per model under $OUT/profile/
@@ -140,6 +143,7 @@ section() {
             python3 -m ramba eval ranks --model "$(passkey_model "$arch")" --lengths "$lengths" --depths 0,0.5,1 \
                 --mode fast --segment-len 65536 --haystack data/python-doc --out "$OUT" --name "ranks-$arch" --no-progress ;;
         tests) timeout 300 python3 -m pytest -m "gpu and not slow" tests/gpu -v -x --tb=short -p no:cacheprovider ;;
+        tests-graph) timeout 400 python3 -m pytest -m gpu tests/gpu/test_cuda_graph_gpu.py -q -rfE -p no:cacheprovider ;;
         tests-model) timeout 400 python3 -m pytest -m "gpu and not slow" tests/gpu/test_model_gpu.py -q -rfE -p no:cacheprovider ;;
         hsa) timeout 150 python3 -m pytest -m gpu tests/gpu/test_hsa_gpu.py -q -rfE -p no:cacheprovider &&
              timeout 150 python3 benchmarks/bench_hsa.py "$OUT" ;;
@@ -147,14 +151,15 @@ section() {
             local select=${1#ssd}
             timeout 200 python3 -m pytest -m "gpu and not slow" tests/gpu/test_ssd_gpu.py -q -rfEs -p no:cacheprovider \
                 ${select:+-k "${select#:}"} ;;
-        train|train-eager)
-            local presets archs eager=()
+        train|train-eager|train-graph)
+            local presets archs mode=()
             IFS=: read -r _ presets archs lengths <<<"$1"
-            [ "$name" = train ] || eager=(--no-compile-glue)
+            [ "$name" != train-eager ] || mode=(--no-compile-glue)
+            [ "$name" != train-graph ] || mode=(--cuda-graph)
             timeout 300 python3 benchmarks/bench_train.py --presets "${presets:-370m,tiny}" \
                 --architectures "${archs:-ramba,mamba2,transformer}" --lengths "${lengths:-4096,16384}" \
                 --batch-tokens "${BENCH_TOKENS:-16384}" --steps "${BENCH_STEPS:-15}" --warmup 2 --checkpoint-fallback \
-                "${eager[@]}" --out "$OUT" --name "${BENCH_NAME:-bench_$name}" ;;
+                "${mode[@]}" --out "$OUT" --name "${BENCH_NAME:-bench_$name}" ;;
         profile)
             IFS=: read -r _ preset archs length <<<"$1"
             timeout 300 python3 benchmarks/bench_train.py --presets "$preset" --architectures "$archs" --lengths "$length" \

@@ -112,7 +112,8 @@ class RambaModel(RambaPreTrainedModel):
         if kind == "retrieval":
             if not ctx.skip_hsa:
                 landmarks = ctx.memory.landmarks if cache is None else cache.memory.landmarks
-                ctx.selection = layer(hidden, landmarks, ctx.positions)
+                # without a cache the positions are 0 .. T-1, select_chunks' default, which it bounds without a sync
+                ctx.selection = layer(hidden, landmarks, None if cache is None else ctx.positions)
                 if cache is not None and cache.memory.fetch_tokens(ctx.selection) >= hidden.shape[1]:
                     # one fetch serves every HSA layer of the group; a longer offloaded segment leaves
                     # ctx.memory None and its HSA layers fetch block by block (_hsa_over_cache)

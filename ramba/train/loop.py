@@ -33,6 +33,7 @@ from ramba.layers.mamba2 import set_compile_glue
 
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, model_folder, save_checkpoint
 from .config import ConfigError, TrainConfig
+from .cuda_graph import GraphedLoss
 from .distributed import (
     DistInfo,
     all_reduce_mean,
@@ -299,6 +300,11 @@ def _train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
         except ValueError as e:
             raise ConfigError(f"config key 'eval.tasks': {e}") from None
 
+    if cfg.cuda_graph and (info.device.type != "cuda" or info.enabled):
+        raise ConfigError(
+            f"config key 'cuda_graph': needs a single CUDA process, got device {info.device} with {info.world_size} "
+            "rank(s); turn it off"
+        )
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -316,7 +322,10 @@ def _train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
 
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and info.device.type == "cuda")
     autocast = (
-        functools.partial(torch.autocast, device_type=info.device.type, dtype=torch.bfloat16)
+        # autocast's cast cache would live in the CUDA graph's memory: off when capturing
+        functools.partial(
+            torch.autocast, device_type=info.device.type, dtype=torch.bfloat16, cache_enabled=not cfg.cuda_graph
+        )
         if use_bf16
         else contextlib.nullcontext
     )
@@ -399,6 +408,12 @@ def _train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
         disable=not (info.is_main and cfg.log.progress),
         dynamic_ncols=True,
     )
+    def micro_loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's loss, scaled so that the micro-batches' gradients add up to the step's."""
+        with autocast():
+            return _loss(model, ids, labels, cfg.loss_average) / cfg.grad_accum
+
+    graphed = GraphedLoss(micro_loss, model.parameters()) if cfg.cuda_graph else None
     last: dict = {}
     model.train()
     # Throughput counts training steps only, not evaluation or checkpoint time.
@@ -410,10 +425,14 @@ def _train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
                 loss_sum = torch.zeros((), device=info.device)
                 for micro in range(cfg.grad_accum):
                     ids, labels = collate([mixture.example(i) for i in sampler.indices(examples, micro)])
-                    sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
-                    with contextlib.nullcontext() if sync else model.no_sync(), autocast():
-                        loss = _loss(model, ids.to(info.device), labels.to(info.device), cfg.loss_average)
-                    (loss / cfg.grad_accum).backward()
+                    ids, labels = ids.to(info.device), labels.to(info.device)
+                    if graphed is not None:
+                        loss = graphed(ids, labels)
+                    else:
+                        sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+                        with contextlib.nullcontext() if sync else model.no_sync():
+                            loss = micro_loss(ids, labels)
+                        loss.backward()
                     loss_sum += loss.detach().float()
                 if cfg.optim.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -424,7 +443,8 @@ def _train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                # a CUDA graph writes the .grad tensors it captured: zero them, keep them
+                optimizer.zero_grad(set_to_none=graphed is None)
                 step += 1
                 examples += sampler.examples_per_step
                 steps_since += 1
@@ -433,7 +453,7 @@ def _train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
                 busy += time.perf_counter() - t0
 
                 if step % cfg.log.every == 0 or step == cfg.max_steps:
-                    loss_val = all_reduce_mean(loss_sum / cfg.grad_accum).item()
+                    loss_val = all_reduce_mean(loss_sum).item()
                     if not math.isfinite(loss_val):
                         raise FloatingPointError(f"step {step}: loss is {loss_val}; lower optim.lr or check the data")
                     tok_s = tokens_per_step * steps_since / max(busy, 1e-9)

@@ -94,6 +94,7 @@ def test_wrong_types(patch, key, expected):
         ({**BASE, "precision": "fp16"}, "precision"),
         ({**BASE, "max_steps": 0}, "max_steps"),
         ({"data": {"holdout": 1.0, "sources": [{"task": "passkey"}]}}, "holdout"),
+        ({**BASE, "cuda_graph": True, "grad_checkpointing": True}, "'cuda_graph' and 'grad_checkpointing'"),
     ],
 )
 def test_bad_values(d, match):
