@@ -44,7 +44,8 @@ from ramba.layers.mamba2 import set_compile_glue
 from ramba.train.cuda_graph import GraphedLoss
 
 logger = logging.getLogger("bench_train")
-ARCH_LABELS = {"ramba": "RAMba", "mamba2": "Mamba-2", "transformer": "Transformer (SDPA)", "mamba2-swa": "Mamba-2 + SWA"}
+ARCH_LABELS = {"ramba": "RAMba", "mamba2": "Mamba-2", "transformer": "Transformer (SDPA)", "mamba2-swa": "Mamba-2 + SWA",
+               "mamba2-nsa": "Mamba-2 + NSA"}
 GOALS = [("mamba2", 4096, 0.8, ">="), ("transformer", 16384, 1.0, ">")]
 
 
@@ -200,6 +201,7 @@ def run(args: argparse.Namespace, on_row: Callable[[dict], None] | None = None) 
 
     def summary(rows: list[dict]) -> dict:
         return {"device": str(device), "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+                "step": "CUDA graph" if args.cuda_graph else "eager",
                 "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                 "rows": rows, "ratios": ratios(rows), "goals": goals(rows), "settings": dict(vars(args)),
                 "configs": {f"{p}/{a}": c.to_dict() for (p, a), c in configs.items()}}
@@ -280,7 +282,7 @@ def save(result: dict, out: str, name: str, seed: int) -> tuple[Path, Path]:
             series[ARCH_LABELS.get(arch, arch)] = ([r["length"] for r in pts], [r.get("tokens_per_s") for r in pts])
         panels.append(Panel(f"training tokens/s, {preset}", "context length (tokens)", "tokens/s", series, length_axis=True))
     json_path = write_results(Path(out) / f"{name}.json", result, result["settings"], seed)
-    png_path = line_plots(panels, Path(out) / f"{name}.png", title=f"training throughput ({result['device']}, {result['precision']})")
+    png_path = line_plots(panels, Path(out) / f"{name}.png", title=f"training throughput ({result['device']}, {result['precision']}, {result['step']} step)")
     return json_path, png_path
 
 

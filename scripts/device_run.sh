@@ -18,6 +18,7 @@
 #   train-graph[:PRESETS[:ARCHS[:LENGTHS]]]
 #                the same with --cuda-graph (forward + backward replayed from a CUDA graph; bench_train-graph)
 #   tests-graph  the GPU tests of the CUDA-graph training step (tests/gpu/test_cuda_graph_gpu.py)
+#   tests-nsa    the GPU tests of the NSA baseline (fla's kernels vs the torch path; tests/gpu/test_nsa_gpu.py)
 #   profile:PRESET:ARCHS:LENGTH
 #                bench_train.py --profile for the comma-separated architectures (BENCH_TOKENS a step, default 8192): a table of
 #                the kernels by device time per model under $OUT/profile/
@@ -144,6 +145,7 @@ section() {
                 --mode fast --segment-len 65536 --haystack data/python-doc --out "$OUT" --name "ranks-$arch" --no-progress ;;
         tests) timeout 300 python3 -m pytest -m "gpu and not slow" tests/gpu -v -x --tb=short -p no:cacheprovider ;;
         tests-graph) timeout 400 python3 -m pytest -m gpu tests/gpu/test_cuda_graph_gpu.py -q -rfE -p no:cacheprovider ;;
+        tests-nsa) timeout 300 python3 -m pytest -m gpu tests/gpu/test_nsa_gpu.py -v -rfEs --durations=5 -p no:cacheprovider ;;
         tests-model) timeout 400 python3 -m pytest -m "gpu and not slow" tests/gpu/test_model_gpu.py -q -rfE -p no:cacheprovider ;;
         hsa) timeout 150 python3 -m pytest -m gpu tests/gpu/test_hsa_gpu.py -q -rfE -p no:cacheprovider &&
              timeout 150 python3 benchmarks/bench_hsa.py "$OUT" ;;

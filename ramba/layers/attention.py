@@ -1,4 +1,5 @@
-"""Softmax attention layers: causal / sliding-window self-attention and the transformer block."""
+"""Softmax attention layers: causal / sliding-window self-attention, native sparse attention (the NSA
+baseline) and the transformer block."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from ramba.layers.mlp import SwiGLU
 from ramba.layers.norm import RMSNorm
 from ramba.layers.rotary import apply_rotary, rotary_cos_sin
 from ramba.ops.attention import causal_attention
+from ramba.ops.nsa import nsa
 
 
 @dataclass
@@ -82,6 +84,32 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.extend(k, v, self.window)
         return self.attend(q, k, v)
+
+
+class NativeSparseAttention(Attention):
+    """NSA (Yuan et al., 2025): compressed, selected and sliding-window branches mixed by per-head sigmoid gates,
+    the ``mamba2-nsa`` baseline's layer in place of HSA (see :mod:`ramba.ops.nsa`; fla's kernels on CUDA).
+
+    Blocks of ``block_size`` tokens, ``topk`` selected per token, a sliding window of ``window`` tokens.
+    Full forwards only: there is no cache for decoding.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, block_size: int, topk: int,
+                 window: int, rope_theta: float = 10000.0):
+        super().__init__(d_model, n_heads, n_kv_heads, head_dim, window=window, causal=True, rope_theta=rope_theta)
+        self.block_size, self.topk = block_size, topk
+        self.g_proj = nn.Linear(d_model, 3 * n_heads, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """``x [B, T, d]`` -> ``[B, T, d]``; ``positions [T]`` must be ``0 .. T-1`` (the default)."""
+        if cache is not None:
+            raise ValueError("NativeSparseAttention: the NSA baseline has no cache; run full forwards (use_cache=False)")
+        B, T, _ = x.shape
+        q, k, v = self.project(x, torch.arange(T, device=x.device) if positions is None else positions)
+        g_cmp, g_slc, g_swa = torch.sigmoid(self.g_proj(x)).view(B, T, self.n_heads, 3).unbind(-1)
+        o = nsa(q, k, v, g_cmp, g_slc, self.topk, self.block_size)
+        o = o + g_swa[..., None] * causal_attention(q, k, v, self.window)
+        return self.o_proj(o.reshape(B, T, self.n_heads * self.head_dim))
 
 
 class AttentionBlock(nn.Module):

@@ -114,6 +114,9 @@ class RambaCache:
 
     def __init__(self, config, batch_size: int, device: torch.device, dtype: torch.dtype, offload: bool = False):
         self.layer_plan = config.layer_plan()
+        if "nsa" in self.layer_plan:
+            raise ValueError("RambaCache: the NSA baseline (architecture 'mamba2-nsa') has no cached decoding; "
+                             "call the model on whole sequences without use_cache or past_key_values")
         self.config = config
         self.config_key = config.to_json_string(use_diff=False)
         self.batch_size, self.device, self.dtype, self.offload = batch_size, torch.device(device), dtype, offload

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-ARCHITECTURES = ("ramba", "mamba2", "mamba2-swa", "transformer")
+ARCHITECTURES = ("ramba", "mamba2", "mamba2-swa", "mamba2-nsa", "transformer")
 LOCAL_MIXERS = ("mamba2", "swa")
 WEIGHT_NORMS = ("stick_breaking", "softmax")
 
@@ -50,7 +50,8 @@ class RambaConfig(PreTrainedConfig):
         d_state / ssm_head_dim / expand / conv_kernel / n_groups / ssm_chunk_size: the Mamba-2 mixer.
         local_mixer: "mamba2" or "swa" (sliding-window attention with window ``window``, the SWA+HSA model).
         architecture: "ramba", or a baseline: "mamba2" (Mamba-2 only), "mamba2-swa" (SWA in place of the HSA layers),
-            "transformer" (full causal attention in every layer).
+            "mamba2-nsa" (native sparse attention in place of the HSA layers: blocks of chunk_size, topk of them,
+            a window of window tokens; fla's kernels on CUDA), "transformer" (full causal attention in every layer).
         mlp_hidden: SwiGLU width (default ~8/3 d_model rounded to 64). rope_theta, rms_norm_eps, initializer_range.
         tie_embeddings: share the LM head with the embeddings.
     """
@@ -128,7 +129,7 @@ class RambaConfig(PreTrainedConfig):
         need((self.d_model * self.expand) % self.ssm_head_dim == 0, "ssm_head_dim",
              f"must divide d_model * expand = {self.d_model * self.expand}")
         need(self.sm_n in (0, 1, 0.0, 1.0), "sm_n", "must be 0 or 1")
-        if self.architecture in ("ramba", "mamba2-swa"):
+        if self.architecture in ("ramba", "mamba2-swa", "mamba2-nsa"):
             per_group = self.retrieval_groups * self.mamba_per_hsa
             need(self.n_upper_layers % per_group == 0 and self.n_upper_layers > 0, "n_upper_layers",
                  f"must be a positive multiple of retrieval_groups * mamba_per_hsa = {per_group}")
@@ -138,23 +139,24 @@ class RambaConfig(PreTrainedConfig):
     @property
     def n_hsa_layers(self) -> int:
         """HSA layers in the whole model (0 for the baselines without HSA)."""
-        if self.architecture not in ("ramba", "mamba2-swa"):
+        if self.architecture not in ("ramba", "mamba2-swa", "mamba2-nsa"):
             return 0
         return self.n_upper_layers // self.mamba_per_hsa
 
     def layer_plan(self) -> list[str]:
         """The kind of every layer after the embeddings, in order.
 
-        Kinds: "mamba2", "swa" (sliding-window attention block), "attention" (full causal block),
-        "chunk_encoder", "retrieval", "hsa".
+        Kinds: "mamba2", "swa" (sliding-window attention block), "nsa" (native sparse attention block),
+        "attention" (full causal block), "chunk_encoder", "retrieval", "hsa".
         """
         lower, upper = self.n_lower_layers, self.n_upper_layers
         if self.architecture == "mamba2":
             return ["mamba2"] * (lower + upper)
         if self.architecture == "transformer":
             return ["attention"] * (lower + upper)
-        if self.architecture == "mamba2-swa":
-            return ["mamba2"] * lower + (["swa"] + ["mamba2"] * self.mamba_per_hsa) * self.n_hsa_layers
+        if self.architecture in ("mamba2-swa", "mamba2-nsa"):
+            sparse = self.architecture.removeprefix("mamba2-")
+            return ["mamba2"] * lower + ([sparse] + ["mamba2"] * self.mamba_per_hsa) * self.n_hsa_layers
         local = self.local_mixer
         plan = [local] * lower + ["chunk_encoder"]
         per_group = self.n_hsa_layers // self.retrieval_groups

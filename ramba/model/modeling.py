@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ramba.layers.attention import Attention, AttentionBlock
+from ramba.layers.attention import Attention, AttentionBlock, NativeSparseAttention
 from ramba.layers.hsa import ChunkEncoder, ChunkMemory, ChunkSelection, HSALayer, RetrievalLayer
 from ramba.layers.mamba2 import Mamba2Block, Mamba2Mixer
 from ramba.layers.norm import GatedRMSNorm, RMSNorm
@@ -29,6 +29,10 @@ def build_layer(kind: str, config: RambaConfig, layer_idx: int) -> nn.Module:
     if kind in ("swa", "attention"):
         window = c.window if kind == "swa" else None
         attn = Attention(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, window=window, rope_theta=c.rope_theta)
+        return AttentionBlock(c.d_model, attn, c.mlp_hidden, c.rms_norm_eps)
+    if kind == "nsa":
+        attn = NativeSparseAttention(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.chunk_size, c.topk, c.window,
+                                     c.rope_theta)
         return AttentionBlock(c.d_model, attn, c.mlp_hidden, c.rms_norm_eps)
     if kind == "chunk_encoder":
         return ChunkEncoder(

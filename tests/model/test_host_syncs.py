@@ -49,8 +49,8 @@ def test_the_checker_catches_syncs(sync):
 @pytest.mark.parametrize("overrides", [
     dict(architecture="ramba"), dict(architecture="ramba", local_mixer="swa"), dict(architecture="ramba", n_heads=4,
     n_kv_heads=2, retrieval_groups=2, n_upper_layers=4, weight_norm="softmax"), dict(architecture="mamba2"),
-    dict(architecture="mamba2-swa"), dict(architecture="transformer"),
-], ids=["ramba", "ramba-swa", "ramba-gqa-groups", "mamba2", "mamba2-swa", "transformer"])
+    dict(architecture="mamba2-swa"), dict(architecture="mamba2-nsa"), dict(architecture="transformer"),
+], ids=["ramba", "ramba-swa", "ramba-gqa-groups", "mamba2", "mamba2-swa", "mamba2-nsa", "transformer"])
 @pytest.mark.parametrize("length", [64, 75])
 def test_training_step_has_no_host_sync(overrides, length):
     """Forward, loss and backward (T a multiple of the chunk and not) never sync outside the CPU HSA backend."""

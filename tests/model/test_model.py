@@ -13,6 +13,8 @@ VARIANTS = {
     "ramba-2groups": dict(n_upper_layers=4, retrieval_groups=2, encoder_layers=2),
     "mamba2": dict(architecture="mamba2"),
     "mamba2-swa": dict(architecture="mamba2-swa"),
+    "mamba2-nsa": dict(architecture="mamba2-nsa", topk=2),
+    "mamba2-nsa-gqa": dict(architecture="mamba2-nsa", n_heads=4, n_kv_heads=2, topk=3),
     "transformer": dict(architecture="transformer"),
 }
 
@@ -46,6 +48,22 @@ def test_retrieval_reaches_far_chunks():
     with torch.no_grad():
         a, b = small_model(architecture="mamba2-swa", window=4)(input_ids=ids).logits, None
     assert a.shape == (1, 64, 64)
+
+
+def test_nsa_baseline_reaches_far_blocks_and_has_no_cache():
+    """The NSA layers see a block far behind the window (compressed and selected branches); decoding with a
+    cache is refused with a clear error."""
+    model = small_model(architecture="mamba2-nsa", window=4, n_lower_layers=0)
+    layers = [m for m in model.modules() if type(m).__name__ == "NativeSparseAttention"]
+    assert len(layers) == model.config.n_hsa_layers == 2
+    ids = torch.randint(3, 64, (1, 64))
+    changed = ids.clone()
+    changed[0, :16] = torch.randint(3, 64, (16,))
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, model(input_ids=changed).logits
+    assert not torch.allclose(a[:, 40:], b[:, 40:])
+    with pytest.raises(ValueError, match="NSA baseline .* has no cached decoding"):
+        model(input_ids=ids, use_cache=True)
 
 
 def test_short_and_ragged_lengths():
