@@ -91,8 +91,8 @@ def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: in
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
     # autocast's cast cache would live in the CUDA graph's memory: off when capturing
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cuda_graph) if device.type == "cuda" \
-        else nullcontext()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cuda_graph) if device.type == "cuda"
+                else nullcontext())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.reset_accumulated_memory_stats(device)

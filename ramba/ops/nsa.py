@@ -105,13 +105,12 @@ def nsa(
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"nsa: {name} must be a positive int, got {value!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if backend is None:
-        backend = "fla" if _fla_supports(q, k) else "torch"
-    if backend not in BACKENDS:
+    if backend not in (*BACKENDS, None):
         raise ValueError(f"nsa: backend must be one of {BACKENDS} or None, got {backend!r}")
-    if backend == "torch":
+    fla_ok = backend != "torch" and _fla_supports(q, k)
+    if backend == "torch" or (backend is None and not fla_ok):
         return nsa_torch(q, k, v, g_cmp, g_slc, topk, block_size, scale)
-    if not _fla_supports(q, k):
+    if not fla_ok:
         raise ValueError("nsa: backend 'fla' needs fla-core installed, CUDA tensors and HQ / H a power of 2 >= 16, "
                          f"got device {q.device}, HQ={q.shape[2]}, H={k.shape[2]}")
     from fla.ops.nsa import parallel_nsa

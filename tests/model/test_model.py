@@ -51,17 +51,21 @@ def test_retrieval_reaches_far_chunks():
 
 
 def test_nsa_baseline_reaches_far_blocks_and_has_no_cache():
-    """The NSA layers see a block far behind the window (compressed and selected branches); decoding with a
-    cache is refused with a clear error."""
+    """The first NSA layer's output (its input: the embeddings) at positions 40+ depends on tokens 0-15, far
+    behind its 4-token window: the compressed and selected branches reach them. Decoding with a cache is refused."""
+    from ramba.layers.attention import NativeSparseAttention
+
     model = small_model(architecture="mamba2-nsa", window=4, n_lower_layers=0)
-    layers = [m for m in model.modules() if type(m).__name__ == "NativeSparseAttention"]
+    layers = [m for m in model.modules() if isinstance(m, NativeSparseAttention)]
     assert len(layers) == model.config.n_hsa_layers == 2
+    outputs = []
+    layers[0].register_forward_hook(lambda module, args, out: outputs.append(out))
     ids = torch.randint(3, 64, (1, 64))
     changed = ids.clone()
     changed[0, :16] = torch.randint(3, 64, (16,))
     with torch.no_grad():
-        a, b = model(input_ids=ids).logits, model(input_ids=changed).logits
-    assert not torch.allclose(a[:, 40:], b[:, 40:])
+        model(input_ids=ids), model(input_ids=changed)
+    assert not torch.allclose(outputs[0][:, 40:], outputs[1][:, 40:])
     with pytest.raises(ValueError, match="NSA baseline .* has no cached decoding"):
         model(input_ids=ids, use_cache=True)
 
