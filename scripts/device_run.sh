@@ -32,6 +32,9 @@
 #                of ARCH (ramba, mamba2 or swa) for STEPS steps, then export $OUT/passkey-ARCH[-sN].safetensors and its
 #                metrics; SECONDS bounds the run (default 540); INIT: continue from these weights instead
 #                (a continuation: 50 warmup steps to lr 5e-4)
+#   recipe:FILE:NAME:STEPS[:SECONDS[:SETTINGS]]
+#                ramba train FILE for STEPS steps (SECONDS bounds it, default 540) with the overrides SETTINGS
+#                (comma-separated KEY=VALUE), then export $OUT/NAME.safetensors and NAME.metrics.jsonl
 #   passkey-eval:NAME:LENGTHS:SAMPLES[:DEPTHS]
 #                ramba eval passkey of passkey-NAME.safetensors (this call's $OUT, else .carry/models/, else the
 #                shipped model for NAME ramba) on the unseen python-doc haystack, fast mode, offload; JSON + PNG
@@ -102,6 +105,17 @@ section() {
             for src in corpus/*; do
                 python3 -m ramba prepare "$src" -o "data/$(basename "$src" .txt)" --overwrite --no-progress || return 1
             done ;;
+        recipe)
+            local file sets args=()
+            IFS=: read -r _ file stem steps seconds sets <<<"$1"
+            for kv in ${sets//,/ }; do args+=(--set "$kv"); done
+            rm -rf "runs/$stem"
+            timeout -k 60 "${seconds:-540}" python3 -m ramba train "$file" --set "out_dir=runs/$stem" \
+                --set "max_steps=$steps" --set log.progress=false "${args[@]}"
+            local rc=$?
+            cp "runs/$stem/metrics.jsonl" "$OUT/$stem.metrics.jsonl" 2>/dev/null
+            python3 -m ramba export --model "runs/$stem" -o "$OUT/$stem.safetensors" || return 1
+            return $rc ;;
         passkey-train)
             # stage 1: recipes/tiny-passkey-1k.yaml from scratch; stages 2 to 4 from the stage before
             local overrides recipe run init="" stem prev
