@@ -21,7 +21,8 @@ Options every task takes (their defaults give the samples of the first versions,
 - `distractors`: near-miss needles (a key, name or value one character off the asked one) at random depths;
 - `key_format` / `value_format`: "number" (of `digits` digits), "word" (a pronounceable pseudo-word) or
   "uuid" (`8-4-4-4-12` hex digits); `phrasing`: an index into the task's needle and question wordings;
-- `vary`: draw the formats, the number of digits and the phrasing per sample instead;
+- `vary`: draw the formats, the number of digits and the phrasing per sample instead (again while the
+  sample would not fit its length, so short contexts get the shorter formats more often);
 - `edge_depths`: when the depth is drawn (depth None), the probability of an edge depth instead of a
   uniform one: 0, 1 (the needle right before the question) or inside the last `edge_tokens` haystack
   tokens (the last chunks, the local mixer's window), where a model trained on uniform depths is weakest.
@@ -207,6 +208,13 @@ def _contains_word(text: str, word: str) -> bool:
     return re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", text) is not None
 
 
+class _TooShort(ValueError):
+    """The needles, question and answer of a sample need more tokens than its length."""
+
+
+_VARY_ATTEMPTS = 100  # `vary`: options are drawn again (up to this often) until the sample fits its length
+
+
 class Task:
     """Base class: subclasses draw the needles, question and answer; `_assemble` lays them out."""
 
@@ -263,7 +271,12 @@ class Task:
             depth = rng.random()
             if self.edge_depths and rng.random() < self.edge_depths:
                 depth = self._edge_depth(int(length), rng)
-        return self._generate(int(length), float(depth), rng, self.options(rng))
+        for attempt in range(_VARY_ATTEMPTS):
+            try:
+                return self._generate(int(length), float(depth), rng, self.options(rng))
+            except _TooShort:
+                if not self.vary or attempt == _VARY_ATTEMPTS - 1:
+                    raise
 
     def _generate(self, length: int, depth: float, rng: random.Random, opt: dict) -> TaskSample:
         raise NotImplementedError
@@ -295,7 +308,7 @@ class Task:
         fixed = len(head) + sum(map(len, needle_ids)) + len(question_ids) + len(answer_ids)
         n_hay = length - fixed
         if n_hay < 0:
-            raise ValueError(f"length: {length} tokens is too short for task {self.name}; it needs at least {fixed}")
+            raise _TooShort(f"length: {length} tokens is too short for task {self.name}; it needs at least {fixed}")
         hay = self.haystack.tokens(n_hay, rng)
         positions = [round(d * n_hay) for d in depths]
         order = sorted(range(len(needles)), key=lambda i: (positions[i], i))

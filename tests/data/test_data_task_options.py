@@ -203,3 +203,33 @@ def test_bad_options():
     with pytest.raises(ValueError, match="cannot draw"):  # 1-digit keys have too few near misses
         make_task("niah_single", TOK, key_format="number", value_format="number", digits=1, distractors=12).generate(
             2000, 0.5)
+
+
+def test_vary_draws_again_until_the_sample_fits():
+    task = make_task("niah_multivalue", TOK, vary=True, distractors=2)
+    samples = [task.generate(900, None, seed) for seed in range(30)]  # 4 UUID values and keys need more than 900
+    assert all(len(s.input_ids) == 900 for s in samples)
+    assert {s.metadata["value_format"] for s in samples} >= {"number", "word"}
+    with pytest.raises(ValueError, match="too short"):  # without vary the options are fixed, so it fails
+        make_task("niah_multivalue", TOK, key_format="uuid", value_format="uuid").generate(900, 0.5)
+
+
+def test_training_config_takes_a_list_of_haystacks(tmp_path):
+    from ramba.train.config import config_from_dict
+    from ramba.train.loop import build_data
+
+    paths = []
+    for i, word in enumerate(["alpha ", "omega "]):
+        with TokenFileWriter(tmp_path / f"t{i}", TOK) as w:
+            w.add(TOK.encode(word * 2000))
+            paths.append(str(w.close().path))
+    cfg = config_from_dict({"data": {"seq_len": 1024, "sources": [
+        {"task": "niah_multikey", "haystack": paths, "params": {"vary": True, "distractors": 2, "edge_depths": 0.5}},
+        {"task": "passkey", "haystack": paths[0]}]}})
+    mixture, _ = build_data(cfg, TOK)
+    stream = mixture.sources[0]
+    assert isinstance(stream.task.haystack, MixedHaystack)
+    # each haystack stops before its file's held-out tail (data.holdout)
+    assert all(0 < len(h.file) - h.end == round(len(h.file) * 0.01) for h in stream.task.haystack.haystacks)
+    texts = [TOK.decode(stream.example(i)[0]) for i in range(10)]
+    assert any("alpha" in t for t in texts) and any("omega" in t for t in texts)
