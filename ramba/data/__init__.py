@@ -2,7 +2,7 @@
 
 from .mixture import DistributedSampler, Mixture, TaskStream, TokenWindows, collate
 from .prepare import prepare
-from .tasks import TASKS, TaskSample, TemplateHaystack, TokenFileHaystack, make_task
+from .tasks import TASKS, MixedHaystack, TaskSample, TemplateHaystack, TokenFileHaystack, make_task
 from .tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from .tokens import DataError, TokenFile, TokenFileWriter
 
@@ -18,6 +18,7 @@ __all__ = [
     "TaskSample",
     "TemplateHaystack",
     "TokenFileHaystack",
+    "MixedHaystack",
     "make_task",
     "Mixture",
     "TaskStream",

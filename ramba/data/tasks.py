@@ -16,12 +16,23 @@ Tasks (`make_task(name, tokenizer, haystack, **params)`):
   word keys, with distractor keys, several values per key, or several keys asked at once;
 - `variable_tracking`: chains `VAR A = 12345`, `VAR B = A`, ...; name every variable holding the value.
 Each task's `score(sample, prediction)` returns a float in [0, 1].
+
+Options every task takes (their defaults give the samples of the first versions, seed for seed):
+- `distractors`: near-miss needles (a key, name or value one character off the asked one) at random depths;
+- `key_format` / `value_format`: "number" (of `digits` digits), "word" (a pronounceable pseudo-word) or
+  "uuid" (`8-4-4-4-12` hex digits); `phrasing`: an index into the task's needle and question wordings;
+- `vary`: draw the formats, the number of digits and the phrasing per sample instead (again while the
+  sample would not fit its length, so short contexts get the shorter formats more often);
+- `edge_depths`: when the depth is drawn (depth None), the probability of an edge depth instead of a
+  uniform one: 0, 1 (the needle right before the question) or inside the last `edge_tokens` haystack
+  tokens (the last chunks, the local mixer's window), where a model trained on uniform depths is weakest.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -33,6 +44,8 @@ __all__ = [
     "TaskSample",
     "TemplateHaystack",
     "TokenFileHaystack",
+    "MixedHaystack",
+    "FORMATS",
     "PasskeyTask",
     "NeedleTask",
     "VariableTrackingTask",
@@ -55,6 +68,8 @@ class TaskSample:
     needles:    `(start, end)` token spans of the needles in `input_ids`, in order of position.
     target:     index into `needles` of the needle asked about (placed at `depth`).
     haystack_span: `(start, end)` of the region holding haystack and needles.
+    answer_needles: per answer, the index into `needles` of the needle that holds it.
+    metadata:   the sample's options (formats, digits, phrasing), drawn per sample with `vary`.
     """
 
     task: str
@@ -66,6 +81,7 @@ class TaskSample:
     target: int
     depth: float
     haystack_span: tuple[int, int]
+    answer_needles: list[int] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
 
     @property
@@ -115,22 +131,88 @@ class TokenFileHaystack:
         return np.tile(region, -(-n // size))[:n]
 
 
-def _pseudo_word(rng: random.Random) -> str:
-    consonants, vowels = "bdfgklmnprstvz", "aeiou"
-    return "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(3))
+class MixedHaystack:
+    """One of several haystacks, drawn per sample (e.g. spans of several corpora)."""
+
+    def __init__(self, haystacks: Sequence):
+        if not haystacks:
+            raise ValueError("haystacks: need at least one haystack")
+        self.haystacks = list(haystacks)
+
+    def tokens(self, n: int, rng: random.Random) -> np.ndarray:
+        """`[n]` int64 ids from a haystack drawn with `rng`."""
+        return rng.choice(self.haystacks).tokens(n, rng)
 
 
-def _unique(draw: Callable[[], str], n: int) -> list[str]:
+_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+FORMATS = ("number", "word", "uuid")
+_VARY_DIGITS = (3, 10)  # `vary`: numbers of 3 to 10 digits
+_EDGE_DEPTHS = (0.2, 0.3)  # of the edge depths: the share of depth 0, of depth 1; the rest lie in the last tokens
+
+
+def _pseudo_word(rng: random.Random, syllables: int = 3) -> str:
+    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(syllables))
+
+
+def _draw(fmt: str, rng: random.Random, digits: int) -> str:
+    """A random key or value of format `fmt` (see FORMATS)."""
+    if fmt == "number":
+        return str(rng.randrange(10 ** (digits - 1), 10**digits))
+    if fmt == "word":
+        return _pseudo_word(rng)
+    return str(uuid.UUID(int=rng.getrandbits(128)))
+
+
+def _near_miss(text: str, fmt: str, rng: random.Random) -> str:
+    """`text` with one character replaced by another of its kind (digit, vowel, consonant, hex digit)."""
+    spots = [i for i, c in enumerate(text) if c != "-"]
+    i = rng.choice(spots)
+    c = text[i]
+    if fmt == "uuid":
+        pool = "0123456789abcdef"
+    elif c.isdigit():
+        pool = "123456789" if i == 0 else "0123456789"
+    else:
+        pool = _VOWELS if c in _VOWELS else _CONSONANTS
+    return text[:i] + rng.choice(pool.replace(c, "")) + text[i + 1 :]
+
+
+# What a key of each format looks like in a prediction (a longer run of digits or letters is not the key).
+_PATTERNS = {
+    "number": r"\d+",
+    "word": r"[A-Za-z]+",
+    "uuid": r"(?<![\w-])[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}(?![\w-])",
+}
+
+
+def _unique(draw: Callable[[], str], n: int, taken: Sequence[str] = ()) -> list[str]:
+    """`n` distinct draws, none of them in `taken`."""
     out: list[str] = []
-    while len(out) < n:
+    for _ in range(1000 * (n + 1)):
+        if len(out) == n:
+            return out
         x = draw()
-        if x not in out:
+        if x not in out and x not in taken:
             out.append(x)
-    return out
+    if len(out) == n:
+        return out
+    raise ValueError(f"cannot draw {n} distinct keys or values (e.g. {out[:3]}); use more digits or fewer needles")
+
+
+def _check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def _contains_word(text: str, word: str) -> bool:
     return re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", text) is not None
+
+
+class _TooShort(ValueError):
+    """The needles, question and answer of a sample need more tokens than its length."""
+
+
+_VARY_ATTEMPTS = 100  # `vary`: options are drawn again (up to this often) until the sample fits its length
 
 
 class Task:
@@ -142,9 +224,41 @@ class Task:
         "Find it and memorize it. I will quiz you about it.\n"
     )
 
-    def __init__(self, tokenizer, haystack=None):
+    # The (needle, question, ...) wordings `phrasing` picks from; index 0 is the first version's.
+    phrasings: tuple = ()
+    formats: tuple = ("key_format", "value_format")  # the format options the task uses
+
+    def __init__(self, tokenizer, haystack=None, distractors: int = 0, key_format: str = "number",
+                 value_format: str = "number", digits: int = 5, phrasing: int = 0, vary: bool = False,
+                 edge_depths: float = 0.0, edge_tokens: int = 512):
         self.tokenizer = tokenizer
         self.haystack = haystack if haystack is not None else TemplateHaystack(tokenizer)
+        if not isinstance(distractors, int) or distractors < 0:
+            raise ValueError(f"distractors: expected an int >= 0, got {distractors!r}")
+        _check_choice("key_format", key_format, FORMATS)
+        _check_choice("value_format", value_format, FORMATS)
+        if not isinstance(digits, int) or digits < 1:
+            raise ValueError(f"digits: expected an int >= 1, got {digits!r}")
+        _check_choice("phrasing", phrasing, range(len(self.phrasings)))
+        if not 0.0 <= edge_depths <= 1.0 or edge_tokens < 1:
+            raise ValueError(f"edge_depths, edge_tokens: need a probability in [0, 1] and >= 1, got "
+                             f"{edge_depths}, {edge_tokens}")
+        self.distractors, self.key_format, self.value_format = distractors, key_format, value_format
+        self.digits, self.phrasing, self.vary = digits, phrasing, bool(vary)
+        self.edge_depths, self.edge_tokens = edge_depths, edge_tokens
+
+    def options(self, rng: random.Random) -> dict:
+        """The sample's formats (those in `self.formats`), digits and phrasing: the task's own, or with
+        `vary` drawn from `rng`."""
+        if not self.vary:
+            return {**{f: getattr(self, f) for f in self.formats}, "digits": self.digits, "phrasing": self.phrasing}
+        return {**{f: rng.choice(FORMATS) for f in self.formats}, "digits": rng.randint(*_VARY_DIGITS),
+                "phrasing": rng.randrange(len(self.phrasings))}
+
+    def _edge_depth(self, length: int, rng: random.Random) -> float:
+        u, near = rng.random(), min(1.0, self.edge_tokens / length)
+        zero, one = _EDGE_DEPTHS
+        return 0.0 if u < zero else 1.0 if u < zero + one else 1.0 - near * rng.random()
 
     def generate(self, length: int, depth: float | None = None, seed: int = 0) -> TaskSample:
         """A sample of exactly `length` tokens; `depth` in [0, 1] (None: drawn from the seed)."""
@@ -155,9 +269,16 @@ class Task:
         rng = random.Random(f"{self.name}:{seed}")
         if depth is None:
             depth = rng.random()
-        return self._generate(int(length), float(depth), rng)
+            if self.edge_depths and rng.random() < self.edge_depths:
+                depth = self._edge_depth(int(length), rng)
+        for attempt in range(_VARY_ATTEMPTS):
+            try:
+                return self._generate(int(length), float(depth), rng, self.options(rng))
+            except _TooShort:
+                if not self.vary or attempt == _VARY_ATTEMPTS - 1:
+                    raise
 
-    def _generate(self, length: int, depth: float, rng: random.Random) -> TaskSample:
+    def _generate(self, length: int, depth: float, rng: random.Random, opt: dict) -> TaskSample:
         raise NotImplementedError
 
     def score(self, sample: TaskSample, prediction: str) -> float:
@@ -174,7 +295,11 @@ class Task:
         question: str,
         answer: str,
         answers: list[str],
+        answer_needles: list[int],
+        metadata: dict,
     ) -> TaskSample:
+        """Lays out `needles` (the i-th at `depths[i]`) in the haystack; `target` and `answer_needles` index
+        `needles` as given, the sample's fields index them in order of position."""
         tok = self.tokenizer
         head = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(self.intro)
         needle_ids = [tok.encode(" " + n + " ") for n in needles]
@@ -183,7 +308,7 @@ class Task:
         fixed = len(head) + sum(map(len, needle_ids)) + len(question_ids) + len(answer_ids)
         n_hay = length - fixed
         if n_hay < 0:
-            raise ValueError(f"length: {length} tokens is too short for task {self.name}; it needs at least {fixed}")
+            raise _TooShort(f"length: {length} tokens is too short for task {self.name}; it needs at least {fixed}")
         hay = self.haystack.tokens(n_hay, rng)
         positions = [round(d * n_hay) for d in depths]
         order = sorted(range(len(needles)), key=lambda i: (positions[i], i))
@@ -212,6 +337,8 @@ class Task:
             target=order.index(target),
             depth=depths[target],
             haystack_span=(len(head), hay_end),
+            answer_needles=[order.index(i) for i in answer_needles],
+            metadata=metadata,
         )
 
 
@@ -224,52 +351,89 @@ DISTRACTOR_NAMES = (
 
 
 class PasskeyTask(Task):
-    """Find a random pass key of `digits` digits (or always the same `key`, a string of digits).
-    `distractors` near-miss sentences (another name, another number: "The net mask is 255.255.255.0.")
-    go at random depths, for training a retrieval that tells the pass key from look-alikes."""
+    """Find a random pass key of `digits` digits (or always the same `key`); with `key_format` a word or
+    UUID-like string instead. `distractors` near-miss sentences (another name, another number or a near miss
+    of the key: "The net mask is 255.255.255.0.") go at random depths, for training a retrieval that tells
+    the pass key from look-alikes."""
 
     name = "passkey"
+    formats = ("key_format",)
+    # (needle, question); the answer is " KEY."
+    phrasings = (
+        ("The pass key is {key}. Remember it. {key} is the pass key.", "What is the pass key? The pass key is"),
+        ("Remember this pass key: {key}. The pass key is {key}.",
+         "Question: which pass key was given in the text? Answer: the pass key is"),
+        ("Here is the pass key you will need later: {key}.", "Tell me the pass key from the text above. The pass key is"),
+        ("Pass key = {key}.", "Recall the pass key. Pass key ="),
+    )
 
-    def __init__(self, tokenizer, haystack=None, digits: int = 5, key: str | None = None, distractors: int = 0):
-        super().__init__(tokenizer, haystack)
-        if digits < 1:
-            raise ValueError(f"digits: expected >= 1, got {digits}")
-        if key is not None and not (isinstance(key, str) and key.isascii() and key.isdigit()):
-            raise ValueError(f"key: expected a string of digits, got {key!r}")
-        if not isinstance(distractors, int) or distractors < 0:
-            raise ValueError(f"distractors: expected an int >= 0, got {distractors!r}")
-        self.digits, self.key, self.distractors = digits, key, distractors
+    def __init__(self, tokenizer, haystack=None, digits: int = 5, key: str | None = None, distractors: int = 0,
+                 **options):
+        super().__init__(tokenizer, haystack, distractors, digits=digits, **options)
+        if key is not None and not (isinstance(key, str) and key.isascii()
+                                    and re.fullmatch(_PATTERNS[self.key_format], key)):
+            kind = "a string of digits" if self.key_format == "number" else f"a {self.key_format} (key_format)"
+            raise ValueError(f"key: expected {kind}, got {key!r}")
+        self.key = key
 
-    def _generate(self, length, depth, rng):
-        key = str(rng.randrange(10 ** (self.digits - 1), 10**self.digits))
+    def _generate(self, length, depth, rng, opt):
+        if self.key is not None:
+            opt["key_format"] = self.key_format  # a fixed key keeps its format
+        fmt, digits = opt["key_format"], opt["digits"]
+        key = _draw(fmt, rng, digits)
         key = self.key or key  # the draw happens either way, so the haystack of a seed does not depend on `key`
-        needles = [f"The pass key is {key}. Remember it. {key} is the pass key."]
+        needle, question = self.phrasings[opt["phrasing"]]
+        needles = [needle.format(key=key)]
         depths = [depth]
         for _ in range(self.distractors):  # drawn after the key: a seed's sample without distractors is unchanged
             name = rng.choice(DISTRACTOR_NAMES)
-            if rng.random() < 0.3:
+            if fmt != "number":
+                number = _near_miss(key, fmt, rng) if rng.random() < 0.3 else _draw(fmt, rng, digits)
+            elif rng.random() < 0.3:
                 number = ".".join(str(rng.choice((255, 0, rng.randrange(256)))) for _ in range(4))
             else:
-                number = str(rng.randrange(10 ** (self.digits - 1), 10**self.digits))
+                number = _draw(fmt, rng, digits)
             needles.append(f"The {name} is {number}. {number} is the {name}.")
             depths.append(rng.random())
-        return self._assemble(
-            length, rng, needles, depths, 0, "What is the pass key? The pass key is", f" {key}.", [key]
-        )
+        return self._assemble(length, rng, needles, depths, 0, question, f" {key}.", [key], [0], opt)
 
     def score(self, sample, prediction):
-        """1 when the first number in `prediction` is the pass key, else 0."""
-        m = re.search(r"\d+", prediction)
+        """1 when the first number (word, UUID: the key's format) in `prediction` is the pass key, else 0."""
+        m = re.search(_PATTERNS[sample.metadata.get("key_format", "number")], prediction)
         return float(m is not None and m.group() == sample.answers[0])
 
 
-class NeedleTask(Task):
-    """RULER needle-in-a-haystack: `num_keys` keys each with `num_values` "special magic numbers"
-    (7 digits); the question asks for the values of `num_queries` of the keys. The first value of
-    the first queried key is placed at `depth`, every other needle at a random depth."""
+_NOUNS = {"number": "number", "word": "word", "uuid": "UUID"}
 
-    def __init__(self, tokenizer, haystack=None, num_keys=1, num_values=1, num_queries=1, name="niah"):
-        super().__init__(tokenizer, haystack)
+
+class NeedleTask(Task):
+    """RULER needle-in-a-haystack: `num_keys` keys (`key_format`, default pseudo-words) each with
+    `num_values` "special magic numbers" (`value_format`, default numbers of `digits` = 7 digits); the
+    question asks for the values of `num_queries` of the keys. The first value of the first queried key is
+    placed at `depth`, every other needle at a random depth; the `distractors` give a near miss of a
+    queried key (one letter or digit off) a value of its own."""
+
+    # (needle, question for one value, question for several); {noun}: number, word or UUID
+    phrasings = (
+        ("One of the special magic {noun}s for {key} is: {value}.",
+         "What is the special magic {noun} for {who} mentioned in the provided text? "
+         "The special magic {noun} for {who} mentioned in the provided text is",
+         "What are all the special magic {noun}s for {who} mentioned in the provided text? "
+         "The special magic {noun}s for {who} mentioned in the provided text are"),
+        ("The secret {noun} of {key} is {value}.",
+         "Which secret {noun} belongs to {who}? The secret {noun} of {who} is",
+         "Which secret {noun}s belong to {who}? The secret {noun}s of {who} are"),
+        ("Note: {key} is linked to the {noun} {value}.",
+         "Which {noun} is linked to {who}? Answer:",
+         "List every {noun} linked to {who}, in order. Answer:"),
+        ("Record for {key}: {value}.",
+         "Look up {who} in the records above. The {noun} recorded for {who} is",
+         "Look up {who} in the records above. The {noun}s recorded for {who} are"),
+    )
+
+    def __init__(self, tokenizer, haystack=None, num_keys=1, num_values=1, num_queries=1, name="niah",
+                 key_format="word", digits=7, **options):
+        super().__init__(tokenizer, haystack, key_format=key_format, digits=digits, **options)
         if not (num_keys >= 1 and num_values >= 1 and 1 <= num_queries <= num_keys):
             raise ValueError(
                 f"num_keys, num_values, num_queries: need >= 1 and num_queries <= num_keys, "
@@ -278,13 +442,16 @@ class NeedleTask(Task):
         self.num_keys, self.num_values, self.num_queries = num_keys, num_values, num_queries
         self.name = name
 
-    def _generate(self, length, depth, rng):
-        keys = _unique(lambda: _pseudo_word(rng), self.num_keys)
-        values = _unique(lambda: str(rng.randrange(1_000_000, 10_000_000)), self.num_keys * self.num_values)
+    def _generate(self, length, depth, rng, opt):
+        kf, vf, digits = opt["key_format"], opt["value_format"], opt["digits"]
+        needle, ask_one, ask_many = self.phrasings[opt["phrasing"]]
+        noun = _NOUNS[vf]
+        keys = _unique(lambda: _draw(kf, rng, digits), self.num_keys)
+        values = _unique(lambda: _draw(vf, rng, digits), self.num_keys * self.num_values, keys)
         needles, depths, owner = [], [], []
         for k, key in enumerate(keys):
             for v in range(self.num_values):
-                needles.append(f"One of the special magic numbers for {key} is: {values[k * self.num_values + v]}.")
+                needles.append(needle.format(noun=noun, key=key, value=values[k * self.num_values + v]))
                 depths.append(rng.random())
                 owner.append(k)
         depths[0] = depth
@@ -292,59 +459,76 @@ class NeedleTask(Task):
         if 0 not in queried:
             queried[0] = 0
             queried.sort()
+        if self.distractors:  # drawn last: a seed's sample without distractors is unchanged
+            near = [keys[rng.choice(queried)] for _ in range(self.distractors)]
+            fake_keys = [_unique(lambda: _near_miss(k, kf, rng), 1, keys)[0] for k in near]
+            fake_values = _unique(lambda: _draw(vf, rng, digits), self.distractors, keys + values + fake_keys)
+            for key, value in zip(fake_keys, fake_values):
+                needles.append(needle.format(noun=noun, key=key, value=value))
+                depths.append(rng.random())
+                owner.append(-1)
         # Values are listed per queried key in order of appearance (depth), as a reader would find them.
-        answers = []
+        answers, answer_needles = [], []
         for k in queried:
             idx = [i for i in range(len(needles)) if owner[i] == k]
-            answers += [values[i] for i in sorted(idx, key=lambda i: (depths[i], i))]
+            for i in sorted(idx, key=lambda i: (depths[i], i)):
+                answers.append(values[i])
+                answer_needles.append(i)
         names = [keys[k] for k in queried]
         who = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-        if len(answers) == 1:
-            question = (
-                f"What is the special magic number for {who} mentioned in the provided text? "
-                f"The special magic number for {who} mentioned in the provided text is"
-            )
-        else:
-            question = (
-                f"What are all the special magic numbers for {who} mentioned in the provided text? "
-                f"The special magic numbers for {who} mentioned in the provided text are"
-            )
-        return self._assemble(length, rng, needles, depths, 0, question, " " + ", ".join(answers) + ".", answers)
+        question = (ask_one if len(answers) == 1 else ask_many).format(noun=noun, who=who)
+        return self._assemble(length, rng, needles, depths, 0, question, " " + ", ".join(answers) + ".", answers,
+                              answer_needles, opt)
 
 
 class VariableTrackingTask(Task):
     """RULER variable tracking: `num_chains` chains of `num_hops + 1` assignments
-    (`VAR A = 12345`, `VAR B = A`, ...); name every variable of the chain holding the asked value.
-    The asked chain's first assignment is placed at `depth`, its later ones after it."""
+    (`VAR A = 12345`, `VAR B = A`, ...); name every variable of the chain holding the asked value
+    (`value_format`, default numbers of `digits` = 5 digits). The asked chain's first assignment is placed
+    at `depth`, its later ones after it; the `distractors` are more chains whose value is a near miss of
+    the asked one (a digit or letter off). The variables' names are 5 capital letters."""
 
     name = "variable_tracking"
+    formats = ("value_format",)
+    # (assignment, question); the answer lists the chain's variables
+    phrasings = (
+        ("VAR {cur} = {prev}.",
+         "Question: Find all variables that are assigned the value {value} in the text above. "
+         "Answer: The variables assigned the value {value} are:"),
+        ("Set {cur} to {prev}.",
+         "Question: Which variables hold the value {value} after the steps above? Answer: The variables are:"),
+        ("let {cur} := {prev};", "Which variables end up equal to {value}? They are:"),
+    )
 
-    def __init__(self, tokenizer, haystack=None, num_chains=1, num_hops=4):
-        super().__init__(tokenizer, haystack)
+    def __init__(self, tokenizer, haystack=None, num_chains=1, num_hops=4, digits=5, **options):
+        super().__init__(tokenizer, haystack, digits=digits, **options)
         if num_chains < 1 or num_hops < 0:
             raise ValueError(f"num_chains, num_hops: need >= 1 and >= 0, got {num_chains}, {num_hops}")
         self.num_chains, self.num_hops = num_chains, num_hops
 
-    def _generate(self, length, depth, rng):
+    def _generate(self, length, depth, rng, opt):
         upper = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-        names = _unique(lambda: "".join(rng.choice(upper) for _ in range(5)), self.num_chains * (self.num_hops + 1))
-        values = _unique(lambda: str(rng.randrange(10_000, 100_000)), self.num_chains)
+        assign, question = self.phrasings[opt["phrasing"]]
+        hops = self.num_hops + 1
+        names = _unique(lambda: "".join(rng.choice(upper) for _ in range(5)), self.num_chains * hops)
+        values = _unique(lambda: _draw(opt["value_format"], rng, opt["digits"]), self.num_chains)
+        if self.distractors:  # drawn here but laid out last: a seed's sample without distractors is unchanged
+            fake = _unique(lambda: _near_miss(values[0], opt["value_format"], rng), self.distractors, values)
+            names += _unique(lambda: "".join(rng.choice(upper) for _ in range(5)), self.distractors * hops, names)
+            values += fake
         needles, depths = [], []
-        for c in range(self.num_chains):
-            chain = names[c * (self.num_hops + 1) : (c + 1) * (self.num_hops + 1)]
+        for c in range(len(values)):
+            chain = names[c * hops : (c + 1) * hops]
             start = depth if c == 0 else rng.random()
             later = sorted(rng.uniform(start, 1.0) for _ in range(self.num_hops))
-            needles.append(f"VAR {chain[0]} = {values[c]}.")
+            needles.append(assign.format(cur=chain[0], prev=values[c]))
             depths.append(start)
             for prev, cur, d in zip(chain, chain[1:], later):
-                needles.append(f"VAR {cur} = {prev}.")
+                needles.append(assign.format(cur=cur, prev=prev))
                 depths.append(d)
-        answers = names[: self.num_hops + 1]
-        question = (
-            f"Question: Find all variables that are assigned the value {values[0]} in the text above. "
-            f"Answer: The variables assigned the value {values[0]} are:"
-        )
-        return self._assemble(length, rng, needles, depths, 0, question, " " + " ".join(answers) + ".", answers)
+        answers = names[:hops]
+        return self._assemble(length, rng, needles, depths, 0, question.format(value=values[0]),
+                              " " + " ".join(answers) + ".", answers, list(range(hops)), opt)
 
 
 TASKS: dict[str, Callable[..., Task]] = {

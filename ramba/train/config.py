@@ -95,8 +95,10 @@ class SourceConfig:
         "variable_tracking (give this or `path`).",
     )
     weight: float = _f(1.0, "Relative sampling weight of this source in the mixture.")
-    haystack: Optional[str] = _f(
-        None, "Tasks: token file whose text fills the haystack; null repeats a template sentence."
+    haystack: Union[str, list[str], None] = _f(
+        None,
+        "Tasks: token file whose text fills the haystack, or a list of them (one drawn per sample); "
+        "null repeats a template sentence.",
     )
     depth: Optional[float] = _f(None, "Tasks: needle depth in [0, 1]; null draws a depth per sample.")
     params: dict = _f({}, "Tasks: extra task options, e.g. {num_keys: 4} or {num_chains: 2, num_hops: 3}.")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ramba.data.mixture import DistributedSampler, Mixture, TaskStream, TokenWindows, collate
-from ramba.data.tasks import TemplateHaystack, TokenFileHaystack, make_task
+from ramba.data.tasks import MixedHaystack, TemplateHaystack, TokenFileHaystack, make_task
 from ramba.data.tokenizer import load_tokenizer
 from ramba.data.tokens import TokenFile
 from ramba.layers.mamba2 import set_compile_glue
@@ -137,9 +137,11 @@ def build_data(cfg: TrainConfig, tokenizer):
                     seq,
                 )
         else:
-            if s.haystack is not None:
-                tf = open_file(s.haystack, f"data.sources.{i}.haystack")
-                hay = TokenFileHaystack(tf, tokenizer, 0, _holdout_start(tf, d.holdout))
+            if s.haystack:
+                paths = [s.haystack] if isinstance(s.haystack, str) else s.haystack
+                tfs = [open_file(path, f"data.sources.{i}.haystack") for path in paths]
+                hays = [TokenFileHaystack(tf, tokenizer, 0, _holdout_start(tf, d.holdout)) for tf in tfs]
+                hay = hays[0] if len(hays) == 1 else MixedHaystack(hays)
             else:
                 hay = TemplateHaystack(tokenizer)
             try:
