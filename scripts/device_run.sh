@@ -35,12 +35,12 @@
 #   recipe:FILE:NAME:STEPS[:SECONDS[:SETTINGS]]
 #                ramba train FILE for STEPS steps (SECONDS bounds it, default 540) with the overrides SETTINGS
 #                (comma-separated KEY=VALUE), then export $OUT/NAME.safetensors and NAME.metrics.jsonl
-#   passkey-eval:NAME:LENGTHS:SAMPLES[:DEPTHS]
+#   passkey-eval:NAME:LENGTHS:SAMPLES[:DEPTHS[:HAYSTACK]]
 #                ramba eval passkey of passkey-NAME.safetensors (this call's $OUT, else .carry/models/, else the
 #                shipped model for NAME ramba) on the unseen python-doc haystack, fast mode, offload; JSON + PNG
-#   tasks-eval:NAME:LENGTHS:SAMPLES
-#                ramba eval tasks (niah_single, niah_multikey) of passkey-NAME.safetensors, found as for passkey-eval,
-#                on the python-doc haystack, 3 depths, fast mode, offload
+#   tasks-eval:NAME:LENGTHS:SAMPLES[:HAYSTACK[:DEPTHS[:TASKS]]]
+#                ramba eval tasks (default niah_single, niah_multikey; TASKS comma-separated) of passkey-NAME.safetensors,
+#                found as for passkey-eval, on data/HAYSTACK (default python-doc), DEPTHS (default 0,0.5,1), fast mode, offload
 #   ranks:NAME:LENGTHS
 #                ramba eval ranks of passkey-NAME.safetensors (found as for passkey-eval) on the python-doc haystack:
 #                the needle chunk's rank and score margin at every answer digit (3 depths, fast mode)
@@ -144,15 +144,18 @@ section() {
             python3 -m ramba export --model "$run" -o "$OUT/$stem.safetensors" || return 1
             return $rc ;;
         passkey-eval)
-            IFS=: read -r _ arch lengths samples depths <<<"$1"
+            local haystack tasks
+            IFS=: read -r _ arch lengths samples depths haystack <<<"$1"
             python3 -m ramba eval passkey --model "$(passkey_model "$arch")" --lengths "$lengths" \
                 --depths "${depths:-0,0.25,0.5,0.75,1}" --samples "$samples" --mode fast --offload \
-                --segment-len 65536 --haystack data/python-doc --out "$OUT" --name "passkey-$arch-to-${lengths##*,}" --no-progress ;;
+                --segment-len 65536 --haystack "data/${haystack:-python-doc}" --out "$OUT" \
+                --name "passkey-$arch-${haystack:-python-doc}-to-${lengths##*,}" --no-progress ;;
         tasks-eval)
-            IFS=: read -r _ arch lengths samples <<<"$1"
-            python3 -m ramba eval tasks --model "$(passkey_model "$arch")" --lengths "$lengths" --tasks niah_single,niah_multikey \
-                --depths 0,0.5,1 --samples "$samples" --mode fast --offload --segment-len 65536 --haystack data/python-doc \
-                --out "$OUT" --name "tasks-$arch-to-${lengths##*,}" --no-progress ;;
+            IFS=: read -r _ arch lengths samples haystack depths tasks <<<"$1"
+            python3 -m ramba eval tasks --model "$(passkey_model "$arch")" --lengths "$lengths" \
+                --tasks "${tasks:-niah_single,niah_multikey}" --depths "${depths:-0,0.5,1}" --samples "$samples" \
+                --mode fast --offload --segment-len 65536 --haystack "data/${haystack:-python-doc}" \
+                --out "$OUT" --name "tasks-$arch-${haystack:-python-doc}-to-${lengths##*,}" --no-progress ;;
         ranks)
             IFS=: read -r _ arch lengths <<<"$1"
             python3 -m ramba eval ranks --model "$(passkey_model "$arch")" --lengths "$lengths" --depths 0,0.5,1 \
