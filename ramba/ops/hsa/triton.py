@@ -42,8 +42,8 @@ except ImportError:  # older triton without knobs
     _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _LOG2E = 1.4426950408889634
-# plan entries handled by one dk/dv program
-_DKV_ENTRIES = 16
+# blocks of pairs handled by one backward program (one work item): its dk, dv are added once per item
+_ITEM_BLOCKS = 32
 
 
 @triton.jit
@@ -143,100 +143,61 @@ def _hsa_fwd_kernel(
 
 
 @triton.jit
-def _hsa_bwd_dq_kernel(
-    q, k, v, do, dq, dw, indices, weights, skey, qk_scale, scale, sm_n, T, Tk, NT, C,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-    LP: tl.constexpr, S: tl.constexpr, D: tl.constexpr, HAS_SM_N: tl.constexpr, PREC: tl.constexpr,
+def _hsa_bwd_kernel(
+    q, k, v, do, dq, dk, dv, dw, weights, order, item_start, item_end, item_key, qk_scale, scale, sm_n, Tk, C,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BP: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
+    D: tl.constexpr, HAS_SM_N: tl.constexpr, PREC: tl.constexpr,
 ):
-    j = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs, ok = _tile_rows(b, h, j, T, H, G, GP, BT, D)
-    qt = tl.load(q + offs, mask=ok, other=0.0)
-    dot_ = tl.load(do + offs, mask=ok, other=0.0)
-    ids, ws, soffs, sok = _tile_slots(indices, weights, b, h, j, T, H, BT, K, KP)
-    keys, first, rank, n = _distinct_chunks(skey, (bh * NT + j).to(tl.int64), C, BT * K, LP)
-    acc = tl.zeros([BT * GP, D], dtype=tl.float32)
-    dw_acc = tl.zeros([BT, KP], dtype=tl.float32)
-    for u in range(n):
-        c = tl.sum(tl.where(first & (rank == u), keys, 0), 0)
-        _, w = _row_weights(ids, ws, c, BT, GP)
-        kv = _chunk_offsets(b, h, c, Tk, H, S, D)
-        kc = tl.load(k + kv)
-        vc = tl.load(v + kv)
-        e, inv = _exp_scores(qt, kc, qk_scale, sm_n, HAS_SM_N, PREC)
-        dp = tl.dot(dot_, tl.trans(vc), input_precision=PREC)
-        rs = tl.sum(e * dp, 1) * inv  # dO . o_chunk per row; masked rows have dO = 0
-        # every slot of a token that selected c gets d o / d w = dO . o_chunk
-        dtok = tl.sum(tl.reshape(rs, [BT, GP]), 1)
-        dw_acc += tl.where(ids == c, dtok[:, None], 0.0)
-        ds = e * (dp - rs[:, None])  # times w / den per row, applied after the product
-        acc += tl.dot(ds.to(kc.dtype), kc, input_precision=PREC) * (w * inv)[:, None]
-    tl.store(dq + offs, (acc * scale).to(dq.dtype.element_ty), mask=ok)
-    tl.store(dw + soffs, dw_acc, mask=sok)
-
-
-@triton.jit
-def _hsa_bwd_dkv_kernel(
-    q, k, v, do, dk, dv, indices, weights, order, ekey, n_valid, qk_scale, scale, sm_n, T, Tk, NT, C,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-    LP: tl.constexpr, S: tl.constexpr, D: tl.constexpr, HAS_SM_N: tl.constexpr, PREC: tl.constexpr,
-    E: tl.constexpr,
-):
-    start = tl.program_id(0) * E
-    end = tl.minimum(start + E, tl.load(n_valid))
+    """One work item: pairs ``[start, end)`` of the chunk-sorted list, all of one chunk, in blocks of BP pairs."""
+    item = tl.program_id(0)
+    start = tl.load(item_start + item)
+    end = tl.load(item_end + item)
     if start < end:
-        cur = tl.load(ekey + start)  # (b * H + h) * C + chunk
-        kv = _chunk_offsets((cur // C) // H, (cur // C) % H, cur % C, Tk, H, S, D)
+        key = tl.load(item_key + item)  # (b * H + h) * C + chunk
+        kv = _chunk_offsets((key // C) // H, (key // C) % H, key % C, Tk, H, S, D)
         kc = tl.load(k + kv)
         vc = tl.load(v + kv)
         dk_acc = tl.zeros([S, D], dtype=tl.float32)
         dv_acc = tl.zeros([S, D], dtype=tl.float32)
-        for i in range(start, end):
-            key = tl.load(ekey + i)
-            if key != cur:
-                tl.atomic_add(dk + kv, dk_acc * scale)
-                tl.atomic_add(dv + kv, dv_acc)
-                cur = key
-                kv = _chunk_offsets((cur // C) // H, (cur // C) % H, cur % C, Tk, H, S, D)
-                kc = tl.load(k + kv)
-                vc = tl.load(v + kv)
-                dk_acc = tl.zeros([S, D], dtype=tl.float32)
-                dv_acc = tl.zeros([S, D], dtype=tl.float32)
-            tile = tl.load(order + i) // (BT * K)  # the entry's token tile: bh * NT + j
-            bh = tile // NT
-            b = bh // H
-            h = bh % H
-            ids, ws, _, _ = _tile_slots(indices, weights, b, h, tile % NT, T, H, BT, K, KP)
-            _, w = _row_weights(ids, ws, cur % C, BT, GP)
-            offs, ok = _tile_rows(b, h, tile % NT, T, H, G, GP, BT, D)
-            qt = tl.load(q + offs, mask=ok, other=0.0)
-            dot_ = tl.load(do + offs, mask=ok, other=0.0)
+        r = tl.arange(0, BP * GP)
+        g = r % GP
+        for p0 in range(start, end, BP):
+            pos = p0 + r // GP
+            ok = (pos < end) & (g < G)
+            pair = tl.load(order + pos, mask=ok, other=0)  # flat index into [B, T, H, K]
+            w = tl.load(weights + pair, mask=ok, other=0.0)
+            # the pair's query rows: token row pair // K of [B·T·H], query head g of its kv head
+            offs = ((pair // K) * G + g).to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+            qt = tl.load(q + offs, mask=ok[:, None], other=0.0)
+            dot_ = tl.load(do + offs, mask=ok[:, None], other=0.0)
             e, inv = _exp_scores(qt, kc, qk_scale, sm_n, HAS_SM_N, PREC)
             dp = tl.dot(dot_, tl.trans(vc), input_precision=PREC)
-            rs = tl.sum(e * dp, 1) * inv
-            pw = e * (w * inv)[:, None]
+            rs = tl.sum(e * dp, 1) * inv  # dO . o_chunk per row; masked rows have dO = 0
+            # d o / d w of the slot = dO . o_chunk summed over the pair's G rows; each pair is stored once
+            ppos = p0 + tl.arange(0, BP)
+            pmask = ppos < end
+            tl.store(dw + tl.load(order + ppos, mask=pmask, other=0), tl.sum(tl.reshape(rs, [BP, GP]), 1), mask=pmask)
+            pw = e * (w * inv)[:, None]  # weighted probabilities
             ds = pw * (dp - rs[:, None])
             dv_acc += tl.dot(tl.trans(pw.to(vc.dtype)), dot_, input_precision=PREC)
             dk_acc += tl.dot(tl.trans(ds.to(kc.dtype)), qt, input_precision=PREC)
-        tl.atomic_add(dk + kv, dk_acc * scale)
-        tl.atomic_add(dv + kv, dv_acc)
+            dq_part = tl.dot(ds.to(kc.dtype), kc, input_precision=PREC) * scale
+            tl.atomic_add(dq + offs, dq_part, mask=ok[:, None], sem="relaxed")
+        tl.atomic_add(dk + kv, dk_acc * scale, sem="relaxed")
+        tl.atomic_add(dv + kv, dv_acc, sem="relaxed")
 
 
-def _configs(rows: int):
-    warps = (4, 8) if rows >= 64 else (2, 4)
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in (1, 2)]
+def _configs():
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 1), (4, 2), (8, 2))]
 
 
-_KEY = ["G", "BT", "K", "S", "D", "HAS_SM_N", "PREC"]
 if _INTERPRET:
-    _fwd, _bwd_dq, _bwd_dkv = _hsa_fwd_kernel, _hsa_bwd_dq_kernel, _hsa_bwd_dkv_kernel
+    _fwd, _bwd = _hsa_fwd_kernel, _hsa_bwd_kernel
 else:
-    _fwd = triton.autotune(_configs(64), key=_KEY)(_hsa_fwd_kernel)
-    _bwd_dq = triton.autotune(_configs(64), key=_KEY)(_hsa_bwd_dq_kernel)
+    _fwd = triton.autotune(_configs(), key=["G", "BT", "K", "S", "D", "HAS_SM_N", "PREC"])(_hsa_fwd_kernel)
     # the tuner reruns the kernel: the atomically accumulated buffers must restart from zero
-    _bwd_dkv = triton.autotune(_configs(64), key=_KEY, reset_to_zero=["dk", "dv"])(_hsa_bwd_dkv_kernel)
+    _bwd = triton.autotune(_configs(), key=["G", "BP", "K", "S", "D", "HAS_SM_N", "PREC"],
+                           reset_to_zero=["dq", "dk", "dv"])(_hsa_bwd_kernel)
 
 
 def _launch(kernel, grid, *args, **meta):
@@ -246,8 +207,14 @@ def _launch(kernel, grid, *args, **meta):
 
 
 def default_block_tokens(group: int) -> int:
-    """Tokens per tile for ``group = HQ // H``: ≥ 4 tokens and ≥ 16 rows (the minimum dot size)."""
+    """Tokens per forward tile for ``group = HQ // H``: ≥ 4 tokens and ≥ 16 rows (the minimum dot size)."""
     return max(4, 16 // triton.next_power_of_2(group))
+
+
+def default_block_pairs(group: int, chunk_size: int, head_dim: int) -> int:
+    """(token, kv head, slot) pairs per backward block: 64 query rows (32 when a chunk's k, v exceed 8K elements)."""
+    rows = 64 if chunk_size * head_dim <= 8192 else 32
+    return max(1, rows // triton.next_power_of_2(group))
 
 
 def sorted_tile_chunks(indices: torch.Tensor, n_chunks: int, block_tokens: int) -> torch.Tensor:
@@ -263,19 +230,32 @@ def sorted_tile_chunks(indices: torch.Tensor, n_chunks: int, block_tokens: int) 
     return idx.reshape(B, H, NT, block_tokens * K).sort(dim=-1).values.contiguous()
 
 
-def _chunk_entries(skey: torch.Tensor, n_chunks: int):
-    """The (tile, distinct chunk) entries sorted by chunk, for the chunk-major dk/dv kernel.
+def chunk_work_items(indices: torch.Tensor, n_chunks: int, item_pairs: int):
+    """The inverse index of the selection, cut into work items of at most ``item_pairs`` pairs of one chunk.
 
-    Returns the sorted keys ``(b·H + h)·C + c`` (others ``B·H·C``) ``[B·H·NT·L]``, the flat tile-entry
-    position of each, and the number of valid entries ``[1]`` (on the device: no host sync).
+    A pair is one (batch, token, kv head, slot), its flat index into ``indices`` ``[B, T, H, K]``.
+    Returns ``order`` ``[N]`` (the pairs sorted by chunk key ``(b·H + h)·C + c``, token order kept) and,
+    per work item, ``start, end, key`` ``[n_max]`` int64: the item's range in ``order`` and its chunk key;
+    ``n_max = N // item_pairs + min(N, B·H·C)`` bounds the number of items from the shapes (no host sync),
+    unused items have ``start = end = 0``.
     """
-    B, H, NT, L = skey.shape
-    first = skey < n_chunks
-    first[..., 1:] &= skey[..., 1:] != skey[..., :-1]
-    bh = torch.arange(B * H, device=skey.device, dtype=torch.int32).view(B, H, 1, 1)
-    key = torch.where(first, bh * n_chunks + skey, B * H * n_chunks).view(-1)
-    ekey, order = key.sort()
-    return ekey, order, first.sum(dtype=torch.int32).view(1)
+    B, T, H, K = indices.shape
+    dev = indices.device
+    N, n_keys = indices.numel(), B * H * n_chunks
+    bh = torch.arange(B, device=dev)[:, None, None, None] * H + torch.arange(H, device=dev)[None, None, :, None]
+    skey, order = torch.sort((bh * n_chunks + indices.long()).view(-1), stable=True)
+    bounds = torch.searchsorted(skey, torch.arange(n_keys + 1, device=dev))  # CSR offsets of each chunk key
+    items = (bounds[1:] - bounds[:-1] + item_pairs - 1) // item_pairs
+    last = torch.cumsum(items, 0)  # one past each key's last item
+    n_max = N // item_pairs + min(N, n_keys)
+    p = torch.arange(n_max, device=dev)
+    key = torch.searchsorted(last, p, right=True)
+    used = key < n_keys
+    key = key.clamp_max(n_keys - 1)
+    start = bounds[key] + (p - (last[key] - items[key])) * item_pairs
+    end = torch.minimum(start + item_pairs, bounds[key + 1])
+    zero = torch.zeros((), dtype=start.dtype, device=dev)
+    return order, torch.where(used, start, zero), torch.where(used, end, zero), key
 
 
 class _HSATriton(torch.autograd.Function):
@@ -297,44 +277,37 @@ class _HSATriton(torch.autograd.Function):
         skey = sorted_tile_chunks(indices, C, BT)
         NT = skey.shape[2]
         o = torch.empty_like(q)
-        meta = dict(H=H, G=G, GP=GP, BT=BT, K=K, KP=triton.next_power_of_2(K), LP=triton.next_power_of_2(BT * K), S=S, D=D,
-                    HAS_SM_N=bool(sm_n), PREC="ieee" if q.dtype == torch.float32 else "tf32")
+        prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        meta = dict(H=H, G=G, GP=GP, K=K, S=S, D=D, HAS_SM_N=bool(sm_n), PREC=prec)
         if o.numel():
-            _launch(_fwd, (NT, B * H), q, k, v, o, indices, w32, skey, scale * _LOG2E, float(sm_n), T, Tk, NT, C, **meta)
-        ctx.save_for_backward(q, k, v, w32, indices, skey)
+            _launch(_fwd, (NT, B * H), q, k, v, o, indices, w32, skey, scale * _LOG2E, float(sm_n), T, Tk, NT, C,
+                    BT=BT, KP=triton.next_power_of_2(K), LP=triton.next_power_of_2(BT * K), **meta)
+        ctx.save_for_backward(q, k, v, w32, indices)
         ctx.meta = meta
         ctx.hsa_args = (scale, float(sm_n), S, weights.dtype, k.dtype, v.dtype)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, w32, indices, skey = ctx.saved_tensors
+        q, k, v, w32, indices = ctx.saved_tensors
         scale, sm_n, S, w_dtype, k_dtype, v_dtype = ctx.hsa_args
         meta = ctx.meta
-        B, T, HQ, D = q.shape
         Tk = k.shape[1]
-        NT, C = skey.shape[2], Tk // S
+        C = Tk // S
         do = do.to(q.dtype).contiguous()
+        dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk32 = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        dv32 = torch.zeros_like(dk32)
+        dw = torch.zeros(w32.shape, dtype=torch.float32, device=q.device)
+        if q.numel() and indices.numel():
+            BP = default_block_pairs(meta["G"], S, meta["D"])
+            order, start, end, key = chunk_work_items(indices, C, BP * _ITEM_BLOCKS)
+            _launch(_bwd, (start.numel(),), q, k, v, do, dq32, dk32, dv32, dw, w32, order, start, end, key,
+                    scale * _LOG2E, scale, sm_n, Tk, C, BP=BP, **meta)
         need_q, need_k, need_v, need_w = ctx.needs_input_grad[:4]
-        dq = dk = dv = dw = None
-        if need_q or need_w:
-            dq = torch.empty_like(q)
-            dw = torch.empty(w32.shape, dtype=torch.float32, device=q.device)
-            if q.numel():
-                _launch(_bwd_dq, (NT, B * meta["H"]), q, k, v, do, dq, dw, indices, w32, skey,
-                        scale * _LOG2E, scale, sm_n, T, Tk, NT, C, **meta)
-            dq = dq if need_q else None
-            dw = dw.to(w_dtype) if need_w else None
-        if need_k or need_v:
-            ekey, order, n_valid = _chunk_entries(skey, C)
-            dk32 = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-            dv32 = torch.zeros_like(dk32)
-            grid = (max(1, triton.cdiv(ekey.numel(), _DKV_ENTRIES)),)
-            if q.numel():
-                _launch(_bwd_dkv, grid, q, k, v, do, dk32, dv32, indices, w32, order, ekey, n_valid,
-                        scale * _LOG2E, scale, sm_n, T, Tk, NT, C, E=_DKV_ENTRIES, **meta)
-            dk, dv = dk32.to(k_dtype), dv32.to(v_dtype)
-        return dq, dk, dv, dw, None, None, None, None, None
+        return (dq32.to(q.dtype) if need_q else None, dk32.to(k_dtype) if need_k else None,
+                dv32.to(v_dtype) if need_v else None, dw.to(w_dtype) if need_w else None,
+                None, None, None, None, None)
 
 
 def hsa_triton(
@@ -367,4 +340,4 @@ def hsa_triton(
     return _HSATriton.apply(q, k, v, weights, indices, chunk_size, scale, sm_n, block_tokens)
 
 
-__all__ = ["hsa_triton", "sorted_tile_chunks", "default_block_tokens"]
+__all__ = ["hsa_triton", "sorted_tile_chunks", "chunk_work_items", "default_block_tokens", "default_block_pairs"]
