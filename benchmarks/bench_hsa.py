@@ -1,25 +1,35 @@
 """Benchmark the HSA Triton kernels against SDPA flash attention and fla's NSA selection kernel.
 
-Usage: python benchmarks/bench_hsa.py [OUT_DIR]   (default benchmarks/results/; needs a CUDA GPU)
+Usage: python benchmarks/bench_hsa.py [OUT_DIR] [--baseline FILE] [--sweep]
+(default OUT_DIR benchmarks/results/; needs a CUDA GPU)
 
-Shapes: HQ=16 query heads, H=1 kv head, D=64, S=64, K=8, bf16, B×T in
-64×4K, 16×16K, 4×64K, 1×128K. Writes bench_hsa.json (machine, date, versions, every number) and
-bench_hsa.png, and prints a table last. Times are medians of triton.testing.do_bench (ms).
+Shapes: HQ=16 query heads, H=1 kv head, D=64, S=64, K=8, bf16, B×T in 64×4K, 16×16K, 4×64K, 1×128K,
+each with three selection patterns (below). Writes bench_hsa.json (machine, date, versions, every number)
+and bench_hsa.png, and prints a table last. Times are medians of triton.testing.do_bench (ms).
+``--baseline FILE``: also time the ``hsa_triton`` of that module file (an earlier version of
+ramba/ops/hsa/triton.py, e.g. ``git show 9efe38d:ramba/ops/hsa/triton.py``) in the same run.
+``--sweep``: instead, time the other supported shapes (SWEEP, recency pattern) against the baseline:
+bench_hsa_sweep.json.
 
-Indices: token t sees the complete chunks c < t // S. It picks K distinct ones without
-replacement with probability ∝ 1 / (t // S − c) (Gumbel top-K): biased toward recent chunks with a
-heavy tail of far ones, drawn independently per token (no sharing is forced between neighbours).
-Slots a token cannot fill (fewer than K visible chunks) get index 0 and weight 0. The K slots are
-ordered by chunk id descending; weights are a softmax of Gaussian scores over the filled slots.
+Selection patterns (chunk c is complete, so selectable, for token t iff (c + 1) * S <= t):
+- uniform: K distinct visible chunks drawn uniformly, independently per token.
+- recency: K distinct visible chunks drawn without replacement with probability ∝ 1 / (t // S − c)
+  (Gumbel top-K): biased toward recent chunks with a heavy tail of far ones, independently per token.
+- trained: what the shipped tiny-passkey model selected on 64K tokens of the Python docs
+  (benchmarks/dump_selection.py -> benchmarks/results/selection_tiny_passkey.pt, the same chunk size and
+  K); every batch row uses it, and tokens past 64K repeat it shifted by 64K / S chunks.
+Slots a token cannot fill get index 0 and weight 0. The K slots are ordered by chunk id descending;
+weights are a softmax of Gaussian scores over the filled slots. q, k, v are Gaussian.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
 import platform
-import sys
 import traceback
 
 import torch
@@ -27,34 +37,64 @@ import torch.nn.functional as F
 
 HQ, H, D, S, K = 16, 1, 64, 64, 8
 SHAPES = [(64, 4096), (16, 16384), (4, 65536), (1, 131072)]
-# tokens per HSA tile to time (hsa_triton's block_tokens); a list of several for sweeps
-BLOCK_TOKENS = [int(x) for x in os.environ.get("HSA_BENCH_BLOCK_TOKENS", "4").split(",")]
+PATTERNS = ("uniform", "recency", "trained")
+SELECTION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "selection_tiny_passkey.pt")
+# the other supported shapes, recency pattern, B×T = 4×8K: (HQ, H, D, S, K, sm_n, dtype)
+SWEEP = [
+    (16, 1, 64, 64, 8, 1.0, "float16"), (8, 2, 128, 64, 4, 0.0, "bfloat16"), (4, 4, 32, 128, 16, 1.0, "bfloat16"),
+    (2, 1, 64, 32, 32, 0.0, "bfloat16"), (12, 4, 64, 64, 8, 0.0, "bfloat16"), (16, 16, 64, 64, 1, 0.0, "bfloat16"),
+    (16, 2, 64, 64, 8, 1.0, "float32"), (1, 1, 128, 128, 8, 0.0, "bfloat16"),
+]
 
 
-def draw_indices(B: int, T: int, device, gen: torch.Generator):
-    """Causally valid, recency-biased indices and weights ``[B, T, H, K]`` (see the module docstring)."""
-    C = T // S
-    idx = torch.zeros(B, T, H, K, dtype=torch.int32, device=device)
-    w = torch.zeros(B, T, H, K, dtype=torch.float32, device=device)
+def _weights(filled: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Softmax of Gaussian scores over the filled slots, 0 elsewhere."""
+    z = torch.randn(filled.shape, device=filled.device, generator=gen)
+    return torch.softmax(torch.where(filled, z, -math.inf), dim=-1).nan_to_num(0.0)
+
+
+def draw_indices(B: int, T: int, device, gen: torch.Generator, pattern: str = "recency", h: int = H, k: int = K,
+                 s: int = S):
+    """Causally valid indices and weights ``[B, T, h, k]`` of a random pattern (see the module docstring)."""
+    C = T // s
+    idx = torch.zeros(B, T, h, k, dtype=torch.int32, device=device)
+    w = torch.zeros(B, T, h, k, dtype=torch.float32, device=device)
     c = torch.arange(C, device=device)
-    step = max(1, (1 << 24) // (B * H * max(C, 1)))
+    step = max(1, (1 << 24) // (B * h * max(C, 1)))
     for t0 in range(0, T, step):
         t = torch.arange(t0, min(T, t0 + step), device=device)
-        nvis = (t // S)[:, None]  # chunk c is complete for token t iff (c + 1) * S <= t
+        nvis = (t // s)[:, None]
         dist = (nvis - c[None, :]).float()
-        logp = torch.where(dist > 0, -torch.log(dist.clamp_min(1.0)), -math.inf)
-        u = torch.rand(B, t.numel(), H, C, device=device, generator=gen).clamp_(1e-20, 1.0)
+        bias = -torch.log(dist.clamp_min(1.0)) if pattern == "recency" else torch.zeros_like(dist)
+        logp = torch.where(dist > 0, bias, -math.inf)
+        u = torch.rand(B, t.numel(), h, C, device=device, generator=gen).clamp_(1e-20, 1.0)
         score = logp[None, :, None, :] - torch.log(-torch.log(u))
-        kk = min(K, C)
+        kk = min(k, C)
         top = score.topk(kk, dim=-1)
-        ok = top.values > -math.inf
-        sel = torch.where(ok, top.indices, -1).sort(dim=-1, descending=True).values
-        filled = sel >= 0
-        z = torch.randn(B, t.numel(), H, kk, device=device, generator=gen)
-        wz = torch.softmax(torch.where(filled, z, -math.inf), dim=-1).nan_to_num(0.0)
-        idx[:, t0:t0 + t.numel(), :, :kk] = torch.where(filled, sel, 0).int()
-        w[:, t0:t0 + t.numel(), :, :kk] = torch.where(filled, wz, 0.0)
+        sel = torch.where(top.values > -math.inf, top.indices, -1).sort(dim=-1, descending=True).values
+        idx[:, t0:t0 + t.numel(), :, :kk] = sel.clamp_min(0).int()
+        w[:, t0:t0 + t.numel(), :, :kk] = _weights(sel >= 0, gen)
     return idx, w
+
+
+def trained_indices(B: int, T: int, device, gen: torch.Generator):
+    """The shipped model's selection ``[T0, K]`` tiled to ``[B, T, H, K]`` (see the module docstring)."""
+    dump = torch.load(SELECTION)
+    base = dump["indices"].to(device=device, dtype=torch.int32)
+    if (dump["chunk_size"], dump["topk"]) != (S, K):
+        raise ValueError(f"bench_hsa: {SELECTION} is for S={dump['chunk_size']}, K={dump['topk']}, not S={S}, K={K}")
+    T0 = base.shape[0]
+    t = torch.arange(T, device=device)
+    sel = base[t % T0] + torch.where(base[t % T0] >= 0, (t // T0)[:, None] * (T0 // S), 0).int()
+    sel = sel.sort(dim=-1, descending=True).values  # empty slots (-1) last
+    idx = sel.clamp_min(0)[None, :, None, :].expand(B, T, H, K).contiguous()
+    return idx, _weights((sel >= 0)[None, :, None, :].expand(B, T, H, K), gen)
+
+
+def selection(pattern: str, B: int, T: int, device, gen: torch.Generator):
+    if pattern == "trained":
+        return trained_indices(B, T, device, gen)
+    return draw_indices(B, T, device, gen, pattern)
 
 
 def bench(fn, grad_to_none=None):
@@ -63,113 +103,162 @@ def bench(fn, grad_to_none=None):
     return float(do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
 
 
-def main() -> None:
+def load_baseline(path: str):
+    """``hsa_triton`` of an earlier version's module file."""
+    spec = importlib.util.spec_from_file_location("hsa_triton_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.hsa_triton
+
+
+def distinct_chunks_per_tile(idx: torch.Tensor, n_chunks: int, tokens: int) -> float:
+    """Mean number of distinct chunks the tiles of ``tokens`` consecutive tokens select."""
+    from ramba.ops.hsa.triton import sorted_tile_chunks
+
+    skey = sorted_tile_chunks(idx, n_chunks, tokens)
+    first = skey < n_chunks
+    first[..., 1:] &= skey[..., 1:] != skey[..., :-1]
+    return first.sum().item() / skey[..., 0].numel()
+
+
+def machine_info() -> dict:
     import triton
 
-    from ramba.ops.hsa import hsa
-    from ramba.ops.hsa.triton import _chunk_entries, hsa_triton, sorted_tile_chunks
-
-    out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "results")
-    os.makedirs(out_dir, exist_ok=True)
-    dev = torch.device("cuda")
     try:
-        from fla.ops.nsa import parallel_nsa
         import fla
 
-        fla_version, fla_error = fla.__version__, None
+        fla_version = fla.__version__
     except Exception as exc:  # fla is optional: record why it is missing
-        parallel_nsa, fla_version, fla_error = None, None, repr(exc)
-    props = torch.cuda.get_device_properties(dev)
-    result = {
+        fla_version = f"missing: {exc!r}"
+    props = torch.cuda.get_device_properties(0)
+    return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "machine": {"gpu": props.name, "sms": props.multi_processor_count, "host": platform.node(),
                     "python": platform.python_version()},
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "fla": fla_version},
-        "fla_error": fla_error,
-        "config": {"HQ": HQ, "H": H, "D": D, "S": S, "K": K, "dtype": "bfloat16"},
-        "indices": __doc__.split("Indices:")[1].strip(),
-        "runs": [],
     }
+
+
+def time_fwd_bwd(row: dict, name: str, fwd, do, grads) -> None:
+    """``row[name_fwd_ms]``, ``row[name_fwdbwd_ms]``, or ``row[name_error]``."""
+    try:
+        row[f"{name}_fwd_ms"] = bench(fwd)
+        row[f"{name}_fwdbwd_ms"] = bench(lambda: fwd().backward(do), grad_to_none=grads)
+        torch.cuda.synchronize()
+    except Exception as exc:
+        row[f"{name}_error"] = repr(exc)
+        traceback.print_exc()
+
+
+def main_table(out_dir: str, baseline) -> None:
+    from ramba.ops.hsa import hsa
+    from ramba.ops.hsa.triton import chunk_work_items, default_block_pairs, sorted_tile_chunks
+
+    try:
+        from fla.ops.nsa import parallel_nsa
+    except Exception:
+        parallel_nsa = None
+    dev = torch.device("cuda")
+    result = {**machine_info(), "config": {"HQ": HQ, "H": H, "D": D, "S": S, "K": K, "dtype": "bfloat16"},
+              "patterns": __doc__.split("Selection patterns")[1].strip(), "runs": []}
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)
+    scale = D ** -0.5
     for B, T in SHAPES:
-        row = {"B": B, "T": T, "tokens": B * T}
-        row["useful_fwd_flop"] = 4 * S * D * K * HQ * B * T
         q = torch.randn(B, T, HQ, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
         v = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        idx, w = draw_indices(B, T, dev, gen)
-        w.requires_grad_(True)
         do = torch.randn_like(q)
-        for bt in (4, 8):
-            skey = sorted_tile_chunks(idx, T // S, bt)
-            row[f"distinct_chunks_per_tile_bt{bt}"] = _chunk_entries(skey, T // S)[2].item() / skey[..., 0].numel()
-        skey4 = sorted_tile_chunks(idx, T // S, 4)
-        row["tile_sort_ms_bt4"] = bench(lambda: sorted_tile_chunks(idx, T // S, 4))
-        row["entry_sort_ms_bt4"] = bench(lambda: _chunk_entries(skey4, T // S))
-        scale = D ** -0.5
+        for pattern in PATTERNS:
+            row = {"pattern": pattern, "B": B, "T": T, "tokens": B * T, "useful_fwd_flop": 4 * S * D * K * HQ * B * T}
+            idx, w = selection(pattern, B, T, dev, gen)
+            w.requires_grad_(True)
+            for bt in (4, 16, 64):
+                row[f"distinct_chunks_per_tile_{bt}"] = distinct_chunks_per_tile(idx, T // S, bt)
+            row["tile_sort_ms"] = bench(lambda: sorted_tile_chunks(idx, T // S, 4))
+            row["work_items_ms"] = bench(lambda: chunk_work_items(idx, T // S, default_block_pairs(HQ // H, S, D) * 32))
+            time_fwd_bwd(row, "hsa", lambda: hsa(q, k, v, w, idx, S, backend="triton"), do, [q, k, v, w])
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            hsa(q, k, v, w, idx, S, backend="triton").backward(do)
+            torch.cuda.synchronize()
+            row["hsa_fwdbwd_peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+            q.grad = k.grad = v.grad = w.grad = None
+            if baseline is not None:
+                time_fwd_bwd(row, "baseline", lambda: baseline(q, k, v, w, idx, S, scale, 0.0), do, [q, k, v, w])
+            if parallel_nsa is not None:
+                g_slc = torch.ones(B, T, HQ, device=dev, dtype=torch.bfloat16)
+                bidx = idx.long()
+                time_fwd_bwd(row, "fla_nsa", lambda: parallel_nsa(q, k, v, g_slc=g_slc, block_indices=bidx,
+                                                                 block_counts=K, block_size=S, scale=scale), do, [q, k, v])
+            if pattern == PATTERNS[0]:  # dense causal attention: the same for every pattern
+                qt = q.detach().transpose(1, 2).requires_grad_(True)
+                kt = k.detach().transpose(1, 2).expand(B, HQ, T, D).contiguous().requires_grad_(True)
+                vt = v.detach().transpose(1, 2).expand(B, HQ, T, D).contiguous().requires_grad_(True)
 
-        def run(name, fwd, grads):
-            try:
-                row[f"{name}_fwd_ms"] = bench(fwd)
+                def sdpa():
+                    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
 
-                def fb():
-                    fwd().backward(do)
-
-                row[f"{name}_fwdbwd_ms"] = bench(fb, grad_to_none=grads)
-                torch.cuda.synchronize()
-            except Exception as exc:
-                row[f"{name}_error"] = repr(exc)
-                traceback.print_exc()
-
-        for bt in BLOCK_TOKENS:
-            run(f"hsa_bt{bt}", lambda bt=bt: hsa_triton(q, k, v, w, idx, S, scale, 0.0, block_tokens=bt), [q, k, v, w])
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        hsa(q, k, v, w, idx, S, backend="triton").backward(do)
-        torch.cuda.synchronize()
-        row["hsa_fwdbwd_peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-        q.grad = k.grad = v.grad = w.grad = None
-        for p in ("fwd", "fwdbwd"):
-            row[f"hsa_{p}_ms"] = min(row.get(f"hsa_bt{bt}_{p}_ms", math.inf) for bt in BLOCK_TOKENS)
-
-        qt = q.detach().transpose(1, 2).requires_grad_(True)
-        kt = k.detach().transpose(1, 2).expand(B, HQ, T, D).contiguous().requires_grad_(True)
-        vt = v.detach().transpose(1, 2).expand(B, HQ, T, D).contiguous().requires_grad_(True)
-        dot = do.transpose(1, 2)
-
-        def sdpa():
-            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-
-        try:
-            row["sdpa_flash_fwd_ms"] = bench(sdpa)
-            row["sdpa_flash_fwdbwd_ms"] = bench(lambda: sdpa().backward(dot), grad_to_none=[qt, kt, vt])
-        except Exception as exc:
-            row["sdpa_error"] = repr(exc)
-        del qt, kt, vt
-
-        if parallel_nsa is not None:
-            g_slc = torch.ones(B, T, HQ, device=dev, dtype=torch.bfloat16)
-            bidx = idx.long()
-            run("fla_nsa", lambda: parallel_nsa(q, k, v, g_slc=g_slc, block_indices=bidx, block_counts=K,
-                                                block_size=S, scale=scale), [q, k, v])
-        result["runs"].append(row)
-        print(json.dumps(row), flush=True)
-        del q, k, v, idx, w, do
+                time_fwd_bwd(row, "sdpa_flash", sdpa, do.transpose(1, 2), [qt, kt, vt])
+                del qt, kt, vt
+            result["runs"].append(row)
+            print(json.dumps(row), flush=True)
+            del idx, w
+        del q, k, v, do
         torch.cuda.empty_cache()
     with open(os.path.join(out_dir, "bench_hsa.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(result, os.path.join(out_dir, "bench_hsa.png"))
-    names = [f"hsa_bt{bt}" for bt in BLOCK_TOKENS] + ["fla_nsa", "sdpa_flash"]
-    print(f"{'B x T':>12} " + " ".join(f"{n + ' fwd':>14} {n + ' f+b':>14}" for n in names))
-    for r in result["runs"]:
-        cells = []
-        for n in names:
-            for p in ("fwd", "fwdbwd"):
-                x = r.get(f"{n}_{p}_ms")
-                cells.append(f"{x:14.3f}" if x is not None else f"{'-':>14}")
-        print(f"{r['B']:>4} x {r['T']:>6} " + " ".join(cells))
+    print_table(result["runs"], ["pattern", "B", "T"], ["hsa", "baseline", "fla_nsa", "sdpa_flash"])
+
+
+def sweep(out_dir: str, baseline) -> None:
+    from ramba.ops.hsa import hsa
+
+    dev = torch.device("cuda")
+    B, T = 4, 8192
+    result = {**machine_info(), "B": B, "T": T, "pattern": "recency", "runs": []}
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(0)
+    for hq, h, d, s, kk, sm_n, dtype in SWEEP:
+        row = {"HQ": hq, "H": h, "D": d, "S": s, "K": kk, "sm_n": sm_n, "dtype": dtype}
+        dt = getattr(torch, dtype)
+        q = torch.randn(B, T, hq, d, device=dev, dtype=dt, requires_grad=True)
+        k = torch.randn(B, T, h, d, device=dev, dtype=dt, requires_grad=True)
+        v = torch.randn(B, T, h, d, device=dev, dtype=dt, requires_grad=True)
+        do = torch.randn_like(q)
+        idx, w = draw_indices(B, T, dev, gen, "recency", h=h, k=kk, s=s)
+        w.requires_grad_(True)
+        time_fwd_bwd(row, "hsa", lambda: hsa(q, k, v, w, idx, s, sm_n=sm_n, backend="triton"), do, [q, k, v, w])
+        if baseline is not None:
+            time_fwd_bwd(row, "baseline", lambda: baseline(q, k, v, w, idx, s, d ** -0.5, sm_n), do, [q, k, v, w])
+        result["runs"].append(row)
+        print(json.dumps(row), flush=True)
+        del q, k, v, do, idx, w
+        torch.cuda.empty_cache()
+    with open(os.path.join(out_dir, "bench_hsa_sweep.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print_table(result["runs"], ["HQ", "H", "D", "S", "K", "sm_n", "dtype"], ["hsa", "baseline"])
+
+
+def print_table(runs, keys, names) -> None:
+    names = [n for n in names if any(f"{n}_fwd_ms" in r for r in runs)]
+    print(" ".join(f"{k:>8}" for k in keys) + " " + " ".join(f"{n + ' fwd':>14} {n + ' f+b':>14}" for n in names))
+    for r in runs:
+        cells = [f"{r.get(f'{n}_{p}_ms', math.nan):14.3f}" for n in names for p in ("fwd", "fwdbwd")]
+        print(" ".join(f"{str(r[k]):>8}" for k in keys) + " " + " ".join(cells))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir", nargs="?", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--baseline", help="module file of an earlier ramba/ops/hsa/triton.py to time beside")
+    ap.add_argument("--sweep", action="store_true", help="time the other supported shapes (SWEEP) instead")
+    args = ap.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    (sweep if args.sweep else main_table)(args.out_dir, baseline)
 
 
 def plot(result, path) -> None:
@@ -178,22 +267,25 @@ def plot(result, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    Ts = [r["T"] for r in result["runs"]]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    styles = {"hsa": ("-", "HSA triton"), "baseline": (":", "HSA baseline"), "fla_nsa": ("--", "fla NSA")}
     for ax, phase in zip(axes, ("fwd", "fwdbwd")):
-        for name, label in (("hsa", "HSA triton (best tile)"), ("fla_nsa", "fla NSA selection"),
-                            ("sdpa_flash", "SDPA flash causal")):
-            ys = [r.get(f"{name}_{phase}_ms") for r in result["runs"]]
-            pts = [(t, y) for t, y in zip(Ts, ys) if y is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
+        for i, pattern in enumerate(PATTERNS):
+            runs = [r for r in result["runs"] if r["pattern"] == pattern]
+            for name, (ls, label) in styles.items():
+                pts = [(r["T"], r[f"{name}_{phase}_ms"]) for r in runs if f"{name}_{phase}_ms" in r]
+                if pts:
+                    ax.plot(*zip(*pts), ls, color=f"C{i}", marker="o", label=f"{label}, {pattern}")
+        pts = [(r["T"], r[f"sdpa_flash_{phase}_ms"]) for r in result["runs"] if f"sdpa_flash_{phase}_ms" in r]
+        if pts:
+            ax.plot(*zip(*pts), "-", color="k", marker="s", label="SDPA flash causal")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("T (B x T = 262144, 131072 at T=128K)")
         ax.set_ylabel("median ms")
         ax.set_title(f"{phase}, {result['machine']['gpu']}, {result['date'][:10]}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

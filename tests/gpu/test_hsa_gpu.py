@@ -1,10 +1,16 @@
-"""HSA triton backend on CUDA at real sizes: against the reference and the torch backend."""
+"""HSA triton backend on CUDA at real sizes: against the reference and the torch backend.
+
+Few kernel compiles: the long and memory tests reuse the first CASES shape."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from ramba.ops.hsa import hsa
+
+SELECTION = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "selection_tiny_passkey.pt"
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -63,12 +69,33 @@ def test_triton_matches_reference(HQ, H, D, S, K, sm_n, dtype):
         assert rel(a, b) < TOL[dtype], f"{name}: {rel(a, b):.2e}"
 
 
-@pytest.mark.parametrize("B,T,HQ,H,K", [(1, 65536, 16, 1, 8), (2, 16384, 8, 2, 16)])
-def test_triton_matches_torch_backend_long(B, T, HQ, H, K):
-    D = S = 64
-    q, k, v, w, idx, do = make(B, T, HQ, H, D, S, K, torch.bfloat16, seed=T + K)
-    # recency-heavy indices: many tokens share chunks, so the dk/dv lists get long
-    idx = torch.where(torch.rand(idx.shape, device="cuda") < 0.5, idx, (idx % 4))
+def causal_selection(pattern: str, B: int, T: int, S: int, K: int, seed: int):
+    """Indices and weights ``[B, T, 1, K]`` of a selection pattern at chunk size S (slots may repeat a chunk).
+
+    uniform: visible chunks (c + 1) * S <= t drawn uniformly; recency: distance d = floor((n + 1) ** u) chunks back,
+    u uniform, n the visible count (density ~ 1 / d); trained: the shipped model's choices on 64K tokens of
+    the Python docs (benchmarks/dump_selection.py). Tokens that see no chunk get index 0 and weight 0.
+    """
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    if pattern == "trained":
+        dump = torch.load(SELECTION)
+        assert (dump["chunk_size"], dump["topk"]) == (S, K) and dump["indices"].shape[0] >= T
+        sel = dump["indices"][:T].to("cuda").long()[None, :, None, :].expand(B, T, 1, K)
+    else:
+        n = (torch.arange(T, device="cuda") // S)[None, :, None, None].expand(B, T, 1, K)
+        u = torch.rand(B, T, 1, K, device="cuda", generator=g)
+        d = (n * u).floor() + 1 if pattern == "uniform" else ((n + 1).double() ** u).floor()
+        sel = torch.where(n > 0, n - torch.minimum(d.long().clamp_min(1), n), -1)
+    w = torch.rand(B, T, 1, K, device="cuda", generator=g) * (sel >= 0)
+    return sel.clamp_min(0).contiguous(), w
+
+
+@pytest.mark.parametrize("pattern,B,T", [("uniform", 1, 131072), ("recency", 2, 65536), ("trained", 1, 65536)])
+def test_triton_matches_torch_backend_long(pattern, B, T):
+    """Real sizes, the three selection patterns of benchmarks/bench_hsa.py, against the fp32 torch backend."""
+    HQ, H, D, S, K = 16, 1, 64, 64, 8  # the first CASES shape: its kernels are compiled already
+    q, k, v, _, _, do = make(B, T, HQ, H, D, S, K, torch.bfloat16, seed=T + K)
+    idx, w = causal_selection(pattern, B, T, S, K, seed=T)
     ref = run("torch", q, k, v, w, idx, do, S, 0.0, acc=torch.float32)
     got = run("triton", q, k, v, w, idx, do, S, 0.0)
     for name, a, b in zip(("o", "dq", "dk", "dv", "dw"), got, ref):
