@@ -152,7 +152,7 @@ def time_fwd_bwd(row: dict, name: str, fwd, do, grads) -> None:
 
 def main_table(out_dir: str, baseline) -> None:
     from ramba.ops.hsa import hsa
-    from ramba.ops.hsa.triton import chunk_work_items, default_block_pairs, sorted_tile_chunks
+    from ramba.ops.hsa.triton import chunk_work_items, sorted_tile_chunks, work_item_pairs
 
     try:
         from fla.ops.nsa import parallel_nsa
@@ -176,7 +176,7 @@ def main_table(out_dir: str, baseline) -> None:
             for bt in (4, 16, 64):
                 row[f"distinct_chunks_per_tile_{bt}"] = distinct_chunks_per_tile(idx, T // S, bt)
             row["tile_sort_ms"] = bench(lambda: sorted_tile_chunks(idx, T // S, 4))
-            row["work_items_ms"] = bench(lambda: chunk_work_items(idx, T // S, default_block_pairs(HQ // H, S, D) * 32))
+            row["work_items_ms"] = bench(lambda: chunk_work_items(idx, T // S, work_item_pairs(HQ // H)))
             time_fwd_bwd(row, "hsa", lambda: hsa(q, k, v, w, idx, S, backend="triton"), do, [q, k, v, w])
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()

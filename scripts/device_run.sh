@@ -7,7 +7,9 @@
 # Sections (run in the order given, each bounded by its own timeout, outputs under $OUT):
 #   tests        the GPU tests but the slow ones (fp32 fla kernels: minutes of compiling)
 #   tests-model  the GPU tests of the model (fast paths against the CPU paths, cache and offload, a training step)
-#   hsa          HSA GPU tests + benchmarks/bench_hsa.py
+#   hsa          HSA GPU tests + benchmarks/bench_hsa.py (beside .carry/hsa_triton_v2.py's kernels when carried:
+#                git show 9efe38d:ramba/ops/hsa/triton.py > .carry/hsa_triton_v2.py)
+#   hsa-sweep    benchmarks/bench_hsa.py --sweep: the other supported shapes (beside the same baseline)
 #   ssd[:KEXPR]  the GPU tests of the SSD fast paths but the slow ones (those pytest -k KEXPR selects)
 #   train[:PRESETS[:ARCHS[:LENGTHS]]]
 #                benchmarks/bench_train.py (default the 370m and tiny layouts, RAMba, Mamba-2 and Transformer, 4K and
@@ -164,8 +166,18 @@ section() {
         tests-graph) timeout 400 python3 -m pytest -m gpu tests/gpu/test_cuda_graph_gpu.py -q -rfE -p no:cacheprovider ;;
         tests-nsa) timeout 300 python3 -m pytest -m gpu tests/gpu/test_nsa_gpu.py -v -rfEs --durations=5 -p no:cacheprovider ;;
         tests-model) timeout 400 python3 -m pytest -m "gpu and not slow" tests/gpu/test_model_gpu.py -q -rfE -p no:cacheprovider ;;
-        hsa) timeout 150 python3 -m pytest -m gpu tests/gpu/test_hsa_gpu.py -q -rfE -p no:cacheprovider &&
-             timeout 150 python3 benchmarks/bench_hsa.py "$OUT" ;;
+        hsa|hsa-sweep)
+            # the earlier kernels' module, carried as .carry/hsa_triton_v2.py, are timed beside when present
+            local baseline=()
+            [ ! -f .carry/hsa_triton_v2.py ] || baseline=(--baseline .carry/hsa_triton_v2.py)
+            if [ "$name" = hsa-sweep ]; then
+                timeout 200 python3 benchmarks/bench_hsa.py "$OUT" --sweep "${baseline[@]}"
+            else
+                timeout 200 python3 -m pytest -m gpu tests/gpu/test_hsa_gpu.py -q -rfE --durations=5 -p no:cacheprovider
+                local rc=$?
+                timeout 200 python3 benchmarks/bench_hsa.py "$OUT" "${baseline[@]}" || return 1
+                return $rc
+            fi ;;
         ssd)
             local select=${1#ssd}
             timeout 200 python3 -m pytest -m "gpu and not slow" tests/gpu/test_ssd_gpu.py -q -rfEs -p no:cacheprovider \

@@ -235,8 +235,8 @@ _INTERPRET_SCRIPT = textwrap.dedent(
     from ramba.ops.hsa import triton as hsa_triton_module
     cases = json.loads(sys.argv[2])
     out = []
-    for B, T, HQ, H, D, S, K, C, sm_n, dtype, item_blocks in cases:
-        hsa_triton_module._ITEM_BLOCKS = item_blocks
+    for B, T, HQ, H, D, S, K, C, sm_n, dtype, item_rows in cases:
+        hsa_triton_module._ITEM_ROWS = item_rows
         q, k, v, w, idx, do = make_inputs(B, T, HQ, H, D, S, K, C, dtype=getattr(torch, dtype), seed=B * 7 + T + HQ + K)
         idx = idx % (C - 2)  # the last two chunks: selected by no token
         idx[:, 1::2, :, -1] = 0  # empty slots: index 0, weight 0
@@ -255,21 +255,21 @@ _INTERPRET_SCRIPT = textwrap.dedent(
     """
 )
 
-# (B, T, HQ, H, D, S, K, C, sm_n, dtype, work-item blocks): GQA ratios 1-16, D and S 16-128, K 1-32, tiny grids;
-# one block per work item splits a chunk's pairs over several programs (their dk, dv added atomically)
+# (B, T, HQ, H, D, S, K, C, sm_n, dtype, work-item rows): GQA ratios 1-16, D and S 16-128, K 1-32, tiny grids;
+# work items of 64 rows or fewer (one block) split a chunk's pairs over several programs (dk, dv added atomically)
 INTERPRET_CASES = [
-    (1, 9, 4, 2, 16, 16, 3, 5, 0.0, "float32", 32),
-    (2, 7, 2, 2, 16, 16, 2, 6, 1.0, "float32", 1),
-    (1, 5, 16, 1, 32, 16, 2, 4, 1.0, "float32", 1),
-    (1, 6, 3, 3, 16, 32, 4, 4, 0.0, "float32", 32),
-    (1, 5, 12, 4, 16, 16, 1, 3, 1.0, "float32", 32),
-    (1, 4, 8, 1, 64, 16, 5, 4, 0.0, "float32", 1),
-    (1, 3, 4, 1, 16, 64, 2, 3, 1.0, "float32", 32),
-    (1, 3, 2, 1, 16, 128, 2, 3, 0.0, "float32", 32),
-    (1, 3, 2, 1, 128, 16, 2, 3, 1.0, "float32", 1),
-    (1, 4, 2, 1, 16, 16, 32, 12, 1.0, "float32", 32),
-    (1, 6, 4, 1, 16, 16, 3, 4, 0.0, "float16", 1),  # numpy has no bf16: bf16 runs in tests/gpu
-    (1, 5, 16, 2, 32, 32, 4, 4, 1.0, "float16", 32),
+    (1, 9, 4, 2, 16, 16, 3, 5, 0.0, "float32", 4096),
+    (2, 7, 2, 2, 16, 16, 2, 6, 1.0, "float32", 16),
+    (1, 5, 16, 1, 32, 16, 2, 4, 1.0, "float32", 16),
+    (1, 6, 3, 3, 16, 32, 4, 4, 0.0, "float32", 4096),
+    (1, 5, 12, 4, 16, 16, 1, 3, 1.0, "float32", 4096),
+    (1, 4, 8, 1, 64, 16, 5, 4, 0.0, "float32", 16),
+    (1, 3, 4, 1, 16, 64, 2, 3, 1.0, "float32", 4096),
+    (1, 3, 2, 1, 16, 128, 2, 3, 0.0, "float32", 4096),
+    (1, 3, 2, 1, 128, 16, 2, 3, 1.0, "float32", 16),
+    (1, 4, 2, 1, 16, 16, 32, 12, 1.0, "float32", 4096),
+    (1, 6, 4, 1, 16, 16, 3, 4, 0.0, "float16", 16),  # numpy has no bf16: bf16 runs in tests/gpu
+    (1, 5, 16, 2, 32, 32, 4, 4, 1.0, "float16", 4096),
 ]
 
 

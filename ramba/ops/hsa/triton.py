@@ -1,25 +1,26 @@
-"""HSA "triton" backend: fused forward and backward kernels, linear in T.
+"""HSA "triton" backend: fused forward and backward kernels, linear in T (docs/design.md §1).
 
-Work is organised around *token tiles*: ``BT`` consecutive tokens of one (batch, kv head), whose
-``BT × G`` query rows (``G = HQ // H`` query heads per kv head) form one matrix tile. Each tile's
-``BT × K`` chunk ids are sorted once (one PyTorch sort, ``sorted_tile_chunks``); a kernel finds
-the runs of equal ids in that list and handles each *distinct* chunk once: its ``k, v`` are loaded once and multiplied
-against all ``BT × G`` rows, each row weighted by its token's weight for that chunk (0 for tokens
-that did not select it, the sum for duplicate slots). Neighbouring tokens that select the same
-chunks thus share the chunk loads, and the matrix products have ``BT × G`` rows instead of ``G``.
-The whole chunk (``S`` keys) sits in one tile, so each per-chunk softmax is exact (no online
-rescaling); normalisation and weights are applied per row after the products.
+Forward, token-major: one program per *token tile* (``BT`` consecutive tokens of one batch × kv head,
+whose ``BT × G`` query rows, ``G = HQ // H``, form one matrix tile). Each tile's ``BT × K`` chunk ids
+are sorted once (one PyTorch sort, ``sorted_tile_chunks``); the kernel finds the runs of equal ids and
+handles each *distinct* chunk once: its ``k, v`` are loaded once and multiplied against all ``BT × G``
+rows, each row weighted by its token's weight for that chunk (0 for tokens that did not select it, the
+sum for duplicate slots), so neighbouring tokens that select the same chunks share the loads. The whole
+chunk (``S`` keys) sits in one tile, so each per-chunk softmax is exact (no online rescaling);
+normalisation and weights are applied per row after the products: ``o += w · softmax1(q kᵀ) v``.
 
-Kernels:
-- forward, one program per (token tile, batch × kv head): ``o += w · softmax1(q kᵀ) v``.
-- backward dq/dw, same grid: recompute ``P``, ``dP = dO vᵀ``; ``dw = Σ_g rowsum(P ⊙ dP)`` for each
-  slot that selected the chunk, ``dS = w P ⊙ (dP − rowsum(P ⊙ dP))``, ``dq += dS k · scale``.
-- backward dk/dv, chunk-major: the (tile, distinct chunk) entries are sorted by chunk (one argsort,
-  no scan over (query, chunk) pairs); each program takes a fixed-size run of that sorted list (so a
-  popular chunk is split over several programs), keeps ``dk_c, dv_c`` in registers while the chunk
-  stays the same and adds them into fp32 buffers with one atomic add per (program, chunk).
+Backward, chunk-major, one kernel: the selection's inverse index (``chunk_work_items``: every
+(batch, token, kv head, slot) *pair* sorted by its chunk, CSR offsets per chunk, all by PyTorch ops on
+the device) is cut into work items of at most ``work_item_pairs`` pairs of one chunk. A program loads
+its chunk's ``k, v`` once and walks its pairs in blocks of ``R`` query rows, each row a real
+(token, query head) that selected the chunk: it recomputes ``P`` and ``dP = dO vᵀ``, stores
+``dw = Σ_g rowsum(P ⊙ dP)`` per pair, ``dS = w P ⊙ (dP − rowsum(P ⊙ dP))``, keeps ``dv_c += (wP)ᵀ dO``,
+``dk_c += dSᵀ q`` in registers and adds ``dS k`` to the pair's dq rows (fp32 atomics: a token's K slots
+sit in different items). Five matrix products per row block, none on rows that did not select the chunk;
+``dk_c, dv_c`` are added once per work item (atomically: a popular chunk is split over several items).
 
-Buffers: sorted ids and sort keys O(T · K), fp32 dk/dv/dw; nothing grows like T × (number of chunks).
+Buffers: sorted ids, the pair order and the work items O(T · K); fp32 dq, dk, dv, dw; nothing grows like
+T × (number of chunks), and no host sync (the item count is bounded from the shapes).
 
 Checks: ``hsa(..., backend="triton")`` checks shapes, dtypes and devices but, for speed, not the
 index range: ids outside ``[0, Tk // chunk_size)`` read out of bounds (undefined results). This
@@ -42,8 +43,8 @@ except ImportError:  # older triton without knobs
     _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _LOG2E = 1.4426950408889634
-# blocks of pairs handled by one backward program (one work item): its dk, dv are added once per item
-_ITEM_BLOCKS = 32
+# query rows handled by one backward program (one work item): its dk, dv are added once per item
+_ITEM_ROWS = 4096
 
 
 @triton.jit
@@ -145,10 +146,11 @@ def _hsa_fwd_kernel(
 @triton.jit
 def _hsa_bwd_kernel(
     q, k, v, do, dq, dk, dv, dw, weights, order, item_start, item_end, item_key, qk_scale, scale, sm_n, Tk, C,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BP: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
-    D: tl.constexpr, HAS_SM_N: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, K: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
+    HAS_SM_N: tl.constexpr, PREC: tl.constexpr, R: tl.constexpr,
 ):
-    """One work item: pairs ``[start, end)`` of the chunk-sorted list, all of one chunk, in blocks of BP pairs."""
+    """One work item: pairs ``[start, end)`` of the chunk-sorted list, all of one chunk, in blocks of ``R`` rows."""
+    BP: tl.constexpr = tl.constexpr((R + GP - 1) // GP)  # pairs per block
     item = tl.program_id(0)
     start = tl.load(item_start + item)
     end = tl.load(item_end + item)
@@ -187,22 +189,25 @@ def _hsa_bwd_kernel(
         tl.atomic_add(dv + kv, dv_acc, sem="relaxed")
 
 
-def _configs():
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 1), (4, 2), (8, 2))]
-
+# (num_warps, num_stages) tried for the forward; the backward also tries 64 or 128 query rows per block
+_FWD_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 1), (4, 2), (8, 2))]
+_BWD_CONFIGS = [triton.Config({"R": r}, num_warps=w, num_stages=s) for r, w, s in ((64, 4, 1), (64, 4, 2), (128, 8, 2))]
+_BWD_ROWS_INTERPRETED = 64
+_KEY = ["G", "K", "S", "D", "HAS_SM_N", "PREC"]
 
 if _INTERPRET:
     _fwd, _bwd = _hsa_fwd_kernel, _hsa_bwd_kernel
 else:
-    _fwd = triton.autotune(_configs(), key=["G", "BT", "K", "S", "D", "HAS_SM_N", "PREC"])(_hsa_fwd_kernel)
+    _fwd = triton.autotune(_FWD_CONFIGS, key=_KEY + ["BT"])(_hsa_fwd_kernel)
     # the tuner reruns the kernel: the atomically accumulated buffers must restart from zero
-    _bwd = triton.autotune(_configs(), key=["G", "BP", "K", "S", "D", "HAS_SM_N", "PREC"],
-                           reset_to_zero=["dq", "dk", "dv"])(_hsa_bwd_kernel)
+    _bwd = triton.autotune(_BWD_CONFIGS, key=_KEY, reset_to_zero=["dq", "dk", "dv"])(_hsa_bwd_kernel)
 
 
 def _launch(kernel, grid, *args, **meta):
-    if _INTERPRET:
+    if _INTERPRET:  # one fixed configuration (the autotuner needs a GPU)
         meta["num_warps"] = 4
+        if kernel is _bwd:
+            meta["R"] = _BWD_ROWS_INTERPRETED
     kernel[grid](*args, **meta)
 
 
@@ -211,10 +216,9 @@ def default_block_tokens(group: int) -> int:
     return max(4, 16 // triton.next_power_of_2(group))
 
 
-def default_block_pairs(group: int, chunk_size: int, head_dim: int) -> int:
-    """(token, kv head, slot) pairs per backward block: 64 query rows (32 when a chunk's k, v exceed 8K elements)."""
-    rows = 64 if chunk_size * head_dim <= 8192 else 32
-    return max(1, rows // triton.next_power_of_2(group))
+def work_item_pairs(group: int) -> int:
+    """(token, kv head, slot) pairs per backward work item for ``group = HQ // H``: ``_ITEM_ROWS`` query rows."""
+    return max(1, _ITEM_ROWS // triton.next_power_of_2(group))
 
 
 def sorted_tile_chunks(indices: torch.Tensor, n_chunks: int, block_tokens: int) -> torch.Tensor:
@@ -300,10 +304,9 @@ class _HSATriton(torch.autograd.Function):
         dv32 = torch.zeros_like(dk32)
         dw = torch.zeros(w32.shape, dtype=torch.float32, device=q.device)
         if q.numel() and indices.numel():
-            BP = default_block_pairs(meta["G"], S, meta["D"])
-            order, start, end, key = chunk_work_items(indices, C, BP * _ITEM_BLOCKS)
+            order, start, end, key = chunk_work_items(indices, C, work_item_pairs(meta["G"]))
             _launch(_bwd, (start.numel(),), q, k, v, do, dq32, dk32, dv32, dw, w32, order, start, end, key,
-                    scale * _LOG2E, scale, sm_n, Tk, C, BP=BP, **meta)
+                    scale * _LOG2E, scale, sm_n, Tk, C, **meta)
         need_q, need_k, need_v, need_w = ctx.needs_input_grad[:4]
         return (dq32.to(q.dtype) if need_q else None, dk32.to(k_dtype) if need_k else None,
                 dv32.to(v_dtype) if need_v else None, dw.to(w_dtype) if need_w else None,
@@ -322,7 +325,7 @@ def hsa_triton(
     *,
     block_tokens: int | None = None,
 ) -> torch.Tensor:
-    """HSA with fused Triton kernels (DESIGN §1), differentiable in q, k, v and weights.
+    """HSA with fused Triton kernels (docs/design.md §1), differentiable in q, k, v and weights.
 
     Args:
         q: ``[B, T, HQ, D]`` (bf16, fp16 or fp32; fp32 dots run in full fp32, not tf32);
@@ -340,4 +343,4 @@ def hsa_triton(
     return _HSATriton.apply(q, k, v, weights, indices, chunk_size, scale, sm_n, block_tokens)
 
 
-__all__ = ["hsa_triton", "sorted_tile_chunks", "chunk_work_items", "default_block_tokens", "default_block_pairs"]
+__all__ = ["hsa_triton", "sorted_tile_chunks", "chunk_work_items", "default_block_tokens", "work_item_pairs"]
