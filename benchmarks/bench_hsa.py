@@ -204,11 +204,10 @@ def main_table(out_dir: str, baseline) -> None:
                 del qt, kt, vt
             result["runs"].append(row)
             print(json.dumps(row), flush=True)
+            write_json(result, os.path.join(out_dir, "bench_hsa.json"))  # after every row: a timeout keeps the rest
             del idx, w
         del q, k, v, do
         torch.cuda.empty_cache()
-    with open(os.path.join(out_dir, "bench_hsa.json"), "w") as f:
-        json.dump(result, f, indent=1)
     plot(result, os.path.join(out_dir, "bench_hsa.png"))
     print_table(result["runs"], ["pattern", "B", "T"], ["hsa", "baseline", "fla_nsa", "sdpa_flash"])
 
@@ -235,11 +234,15 @@ def sweep(out_dir: str, baseline) -> None:
             time_fwd_bwd(row, "baseline", lambda: baseline(q, k, v, w, idx, s, d ** -0.5, sm_n), do, [q, k, v, w])
         result["runs"].append(row)
         print(json.dumps(row), flush=True)
+        write_json(result, os.path.join(out_dir, "bench_hsa_sweep.json"))
         del q, k, v, do, idx, w
         torch.cuda.empty_cache()
-    with open(os.path.join(out_dir, "bench_hsa_sweep.json"), "w") as f:
-        json.dump(result, f, indent=1)
     print_table(result["runs"], ["HQ", "H", "D", "S", "K", "sm_n", "dtype"], ["hsa", "baseline"])
+
+
+def write_json(result: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
 
 
 def print_table(runs, keys, names) -> None:
