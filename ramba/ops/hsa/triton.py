@@ -150,7 +150,7 @@ def _hsa_bwd_kernel(
     HAS_SM_N: tl.constexpr, PREC: tl.constexpr, R: tl.constexpr,
 ):
     """One work item: pairs ``[start, end)`` of the chunk-sorted list, all of one chunk, in blocks of ``R`` rows."""
-    BP: tl.constexpr = tl.constexpr((R + GP - 1) // GP)  # pairs per block
+    BP: tl.constexpr = triton.cdiv(R, GP)  # pairs per block
     item = tl.program_id(0)
     start = tl.load(item_start + item)
     end = tl.load(item_end + item)
