@@ -235,8 +235,9 @@ _INTERPRET_SCRIPT = textwrap.dedent(
     from ramba.ops.hsa import triton as hsa_triton_module
     cases = json.loads(sys.argv[2])
     out = []
-    for B, T, HQ, H, D, S, K, C, sm_n, dtype, item_rows in cases:
+    for B, T, HQ, H, D, S, K, C, sm_n, dtype, item_rows, block_rows in cases:
         hsa_triton_module._ITEM_ROWS = item_rows
+        hsa_triton_module._BWD_ROWS_INTERPRETED = block_rows
         q, k, v, w, idx, do = make_inputs(B, T, HQ, H, D, S, K, C, dtype=getattr(torch, dtype), seed=B * 7 + T + HQ + K)
         idx = idx % (C - 2)  # the last two chunks: selected by no token
         idx[:, 1::2, :, -1] = 0  # empty slots: index 0, weight 0
@@ -255,21 +256,22 @@ _INTERPRET_SCRIPT = textwrap.dedent(
     """
 )
 
-# (B, T, HQ, H, D, S, K, C, sm_n, dtype, work-item rows): GQA ratios 1-16, D and S 16-128, K 1-32, tiny grids;
-# work items of 64 rows or fewer (one block) split a chunk's pairs over several programs (dk, dv added atomically)
+# (B, T, HQ, H, D, S, K, C, sm_n, dtype, work-item rows, block rows): GQA ratios 1-16, D and S 16-128, K 1-32,
+# tiny grids; work items of 16 rows split a chunk's pairs over several programs (dk, dv added atomically);
+# blocks of 32 to 128 rows, as the GPU autotuner tries
 INTERPRET_CASES = [
-    (1, 9, 4, 2, 16, 16, 3, 5, 0.0, "float32", 4096),
-    (2, 7, 2, 2, 16, 16, 2, 6, 1.0, "float32", 16),
-    (1, 5, 16, 1, 32, 16, 2, 4, 1.0, "float32", 16),
-    (1, 6, 3, 3, 16, 32, 4, 4, 0.0, "float32", 4096),
-    (1, 5, 12, 4, 16, 16, 1, 3, 1.0, "float32", 4096),
-    (1, 4, 8, 1, 64, 16, 5, 4, 0.0, "float32", 16),
-    (1, 3, 4, 1, 16, 64, 2, 3, 1.0, "float32", 4096),
-    (1, 3, 2, 1, 16, 128, 2, 3, 0.0, "float32", 4096),
-    (1, 3, 2, 1, 128, 16, 2, 3, 1.0, "float32", 16),
-    (1, 4, 2, 1, 16, 16, 32, 12, 1.0, "float32", 4096),
-    (1, 6, 4, 1, 16, 16, 3, 4, 0.0, "float16", 16),  # numpy has no bf16: bf16 runs in tests/gpu
-    (1, 5, 16, 2, 32, 32, 4, 4, 1.0, "float16", 4096),
+    (1, 9, 4, 2, 16, 16, 3, 5, 0.0, "float32", 4096, 32),
+    (2, 7, 2, 2, 16, 16, 2, 6, 1.0, "float32", 16, 64),
+    (1, 5, 16, 1, 32, 16, 2, 4, 1.0, "float32", 16, 128),
+    (1, 6, 3, 3, 16, 32, 4, 4, 0.0, "float32", 4096, 64),
+    (1, 5, 12, 4, 16, 16, 1, 3, 1.0, "float32", 4096, 32),
+    (1, 4, 8, 1, 64, 16, 5, 4, 0.0, "float32", 16, 128),
+    (1, 3, 4, 1, 16, 64, 2, 3, 1.0, "float32", 4096, 64),
+    (1, 3, 2, 1, 16, 128, 2, 3, 0.0, "float32", 4096, 64),
+    (1, 3, 2, 1, 128, 16, 2, 3, 1.0, "float32", 16, 32),
+    (1, 4, 2, 1, 16, 16, 32, 12, 1.0, "float32", 4096, 128),
+    (1, 6, 4, 1, 16, 16, 3, 4, 0.0, "float16", 16, 64),  # numpy has no bf16: bf16 runs in tests/gpu
+    (1, 5, 16, 2, 32, 32, 4, 4, 1.0, "float16", 4096, 64),
 ]
 
 

@@ -189,9 +189,10 @@ def _hsa_bwd_kernel(
         tl.atomic_add(dv + kv, dv_acc, sem="relaxed")
 
 
-# (num_warps, num_stages) tried for the forward; the backward also tries 64 or 128 query rows per block
+# (num_warps, num_stages) tried for the forward; the backward also tries 32 to 128 query rows per block
 _FWD_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 1), (4, 2), (8, 2))]
-_BWD_CONFIGS = [triton.Config({"R": r}, num_warps=w, num_stages=s) for r, w, s in ((64, 4, 1), (64, 4, 2), (128, 8, 2))]
+_BWD_CONFIGS = [triton.Config({"R": r}, num_warps=w, num_stages=s)
+                for r, w, s in ((32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2))]
 _BWD_ROWS_INTERPRETED = 64
 _KEY = ["G", "K", "S", "D", "HAS_SM_N", "PREC"]
 
