@@ -100,7 +100,7 @@ def selection(pattern: str, B: int, T: int, device, gen: torch.Generator):
 def bench(fn, grad_to_none=None):
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
+    return float(do_bench(fn, warmup=10, rep=50, grad_to_none=grad_to_none, return_mode="median"))
 
 
 def load_baseline(path: str):

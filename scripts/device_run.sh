@@ -167,15 +167,15 @@ section() {
         tests-nsa) timeout 300 python3 -m pytest -m gpu tests/gpu/test_nsa_gpu.py -v -rfEs --durations=5 -p no:cacheprovider ;;
         tests-model) timeout 400 python3 -m pytest -m "gpu and not slow" tests/gpu/test_model_gpu.py -q -rfE -p no:cacheprovider ;;
         hsa|hsa-sweep)
-            # the earlier kernels' module, carried as .carry/hsa_triton_v2.py, are timed beside when present
+            # the earlier kernels (.carry/hsa_triton_v2.py, when carried) are timed beside
             local baseline=()
             [ ! -f .carry/hsa_triton_v2.py ] || baseline=(--baseline .carry/hsa_triton_v2.py)
             if [ "$name" = hsa-sweep ]; then
-                timeout 200 python3 benchmarks/bench_hsa.py "$OUT" --sweep "${baseline[@]}"
+                timeout 400 python3 benchmarks/bench_hsa.py "$OUT" --sweep "${baseline[@]}"
             else
                 timeout 200 python3 -m pytest -m gpu tests/gpu/test_hsa_gpu.py -q -rfE --durations=5 -p no:cacheprovider
                 local rc=$?
-                timeout 200 python3 benchmarks/bench_hsa.py "$OUT" "${baseline[@]}" || return 1
+                timeout 300 python3 benchmarks/bench_hsa.py "$OUT" "${baseline[@]}" || return 1
                 return $rc
             fi ;;
         ssd)
