@@ -333,7 +333,7 @@ def hsa_triton(
         k, v: ``[B, Tk, H, D]`` (cast to q's dtype); weights: ``[B, T, H, K]`` float;
         indices: ``[B, T, H, K]`` integer chunk ids, **not range-checked here**.
         D and chunk_size must be powers of 2, at least 16.
-        block_tokens: tokens per tile (power of 2); default ``default_block_tokens(HQ // H)``.
+        block_tokens: tokens per forward tile (power of 2); default ``default_block_tokens(HQ // H)``.
     Returns:
         ``[B, T, HQ, D]`` in q's dtype, accumulated in fp32.
     """
