@@ -39,8 +39,8 @@ def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str =
 
     def capture(index):
         def hook(module, args, _out):
-            hidden, landmarks = args[0], args[1]
-            scores = chunk_scores(module.queries(hidden[:, -1:]), landmarks)  # [B, 1, R, C]
+            hidden, ctx = args  # the layer protocol's inputs (docs/design.md §3); prefill made a cache
+            scores = chunk_scores(module.queries(hidden[:, -1:]), ctx.store.landmarks)  # [B, 1, R, C]
             captured[index] = scores[0, 0].T.cpu()  # [C, R]
         return hook
 

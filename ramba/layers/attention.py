@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ramba.layers.base import LayerContext, RambaLayer
 from ramba.layers.mlp import SwiGLU
 from ramba.layers.norm import RMSNorm
 from ramba.layers.rotary import apply_rotary, rotary_cos_sin
@@ -112,16 +113,65 @@ class NativeSparseAttention(Attention):
         return self.o_proj(o.reshape(B, T, self.n_heads * self.head_dim))
 
 
-class AttentionBlock(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+class AttentionBlock(RambaLayer):
+    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
 
-    def __init__(self, d_model: int, attention: Attention, mlp_hidden: int, eps: float = 1e-5):
+    Layer kind ``"attention"`` (full causal attention, the transformer baseline; docs/design.md §3); also the
+    bidirectional block inside the chunk encoder. Its cache state is a :class:`KVCache` of the rotated keys and
+    values ``[B, L, H, D]`` of all past positions (the last ``window - 1`` for sliding windows).
+    """
+
+    kind = "attention"
+    sliding = False  # from_config: a window of config.window positions
+
+    def __init__(self, d_model: int, attention: Attention, mlp_hidden: int, eps: float = 1e-5,
+                 layer_idx: int | None = None):
         super().__init__()
+        self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(d_model, eps=eps)
         self.attn = attention
         self.mlp_norm = RMSNorm(d_model, eps=eps)
         self.mlp = SwiGLU(d_model, mlp_hidden)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, cache)
-        return x + self.mlp(self.mlp_norm(x))
+    @classmethod
+    def from_config(cls, config, layer_idx: int) -> AttentionBlock:
+        c = config
+        attention = Attention(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, window=c.window if cls.sliding else None,
+                              rope_theta=c.rope_theta)
+        return cls(d_model=c.d_model, attention=attention, mlp_hidden=c.mlp_hidden, eps=c.rms_norm_eps,
+                   layer_idx=layer_idx)
+
+    def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype, chunk_store=None) -> KVCache:
+        return KVCache()
+
+    def forward(self, hidden: torch.Tensor, ctx: LayerContext) -> tuple[torch.Tensor, LayerContext]:
+        """``hidden [B, T, d]`` at ``ctx.positions [T]`` -> ``[B, T, d]``; extends this layer's KV cache."""
+        hidden = hidden + self.attn(self.attn_norm(hidden), ctx.positions, ctx.state(self.layer_idx))
+        return hidden + self.mlp(self.mlp_norm(hidden)), ctx
+
+
+class SlidingWindowBlock(AttentionBlock):
+    """Layer kind ``"swa"``: :class:`AttentionBlock` with causal attention over the last ``config.window`` positions
+    (the SWA local mixer and the ``mamba2-swa`` baseline)."""
+
+    kind = "swa"
+    sliding = True
+
+
+class NativeSparseAttentionBlock(AttentionBlock):
+    """Layer kind ``"nsa"``: :class:`AttentionBlock` with :class:`NativeSparseAttention` (the ``mamba2-nsa``
+    baseline: blocks of ``chunk_size``, ``topk`` of them, a window of ``window`` tokens). No cached decoding."""
+
+    kind = "nsa"
+
+    @classmethod
+    def from_config(cls, config, layer_idx: int) -> NativeSparseAttentionBlock:
+        c = config
+        attention = NativeSparseAttention(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.chunk_size, c.topk,
+                                          c.window, c.rope_theta)
+        return cls(d_model=c.d_model, attention=attention, mlp_hidden=c.mlp_hidden, eps=c.rms_norm_eps,
+                   layer_idx=layer_idx)
+
+    def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype, chunk_store=None):
+        raise ValueError("RambaCache: the NSA baseline (architecture 'mamba2-nsa') has no cached decoding; "
+                         "call the model on whole sequences without use_cache or a cache")

@@ -1,4 +1,4 @@
-"""Mamba-2 mixer and pre-norm block (DESIGN §3).
+"""Mamba-2 mixer and pre-norm block (docs/design.md §3).
 
 Parameter names and shapes follow Hugging Face's ``Mamba2Mixer`` / ``Mamba2Block`` (and
 mamba_ssm's ``Mamba2``), so ``backbone.layers.{i}.*`` weights load 1:1:
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ramba.layers.base import LayerContext, RambaLayer
 from ramba.layers.norm import GatedRMSNorm, RMSNorm, gated_rms_norm
 from ramba.ops.ssd import ssd, ssd_step
 
@@ -262,9 +263,16 @@ class Mamba2Mixer(nn.Module):
         return self._output(y, x[:, 0], z, hidden.dtype), Mamba2State(conv=last_inputs.transpose(1, 2), ssm=ssm_state)
 
 
-class Mamba2Block(nn.Module):
+class Mamba2Block(RambaLayer):
     """Pre-norm residual block ``hidden + mixer(norm(hidden))``, named like HF's ``Mamba2Block``
-    (``norm.weight``, ``mixer.*``). Mixer options go through ``mixer_kwargs``."""
+    (``norm.weight``, ``mixer.*``). Mixer options go through ``mixer_kwargs``.
+
+    Layer kind ``"mamba2"`` (docs/design.md §3). Its cache state is a :class:`Mamba2State` (conv ``[B, conv_dim,
+    d_conv]``, ssm ``[B, H, P, N]``, zeros at the start); a forward continues from it and replaces it, a one-token
+    input taking the recurrent :meth:`Mamba2Mixer.step`.
+    """
+
+    kind = "mamba2"
 
     def __init__(self, d_model: int, rms_norm_eps: float = 1e-5, layer_idx: int | None = None, **mixer_kwargs):
         super().__init__()
@@ -272,17 +280,26 @@ class Mamba2Block(nn.Module):
         self.norm = RMSNorm(d_model, eps=rms_norm_eps)
         self.mixer = Mamba2Mixer(d_model, rms_norm_eps=rms_norm_eps, layer_idx=layer_idx, **mixer_kwargs)
 
-    def empty_state(self, batch: int, device=None, dtype: torch.dtype | None = None) -> Mamba2State:
-        return self.mixer.empty_state(batch, device, dtype)
+    @classmethod
+    def from_config(cls, config, layer_idx: int) -> Mamba2Block:
+        c = config
+        return cls(d_model=c.d_model, d_state=c.d_state, d_conv=c.conv_kernel, expand=c.expand,
+                   head_dim=c.ssm_head_dim, n_groups=c.n_groups, chunk_size=c.ssm_chunk_size,
+                   rms_norm_eps=c.rms_norm_eps, layer_idx=layer_idx)
 
-    def forward(self, hidden: torch.Tensor, state: Mamba2State | None = None, return_state: bool = False):
-        """hidden ``[B, T, d_model]`` -> ``[B, T, d_model]`` (and the new state if ``return_state``)."""
-        out = self.mixer(self.norm(hidden), state=state, return_state=return_state)
-        if return_state:
-            return hidden + out[0], out[1]
-        return hidden + out
+    def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype, chunk_store=None) -> Mamba2State:
+        return self.mixer.empty_state(batch_size, device, dtype)
 
-    def step(self, hidden: torch.Tensor, state: Mamba2State) -> tuple[torch.Tensor, Mamba2State]:
-        """hidden ``[B, d_model]`` -> ``[B, d_model]`` and the new state."""
-        y, state = self.mixer.step(self.norm(hidden), state)
-        return hidden + y, state
+    def forward(self, hidden: torch.Tensor, ctx: LayerContext) -> tuple[torch.Tensor, LayerContext]:
+        """hidden ``[B, T, d_model]`` -> ``[B, T, d_model]``, continuing from (and updating) this layer's state
+        in ``ctx.states`` when there is a cache."""
+        state = ctx.state(self.layer_idx)
+        if state is None:
+            return hidden + self.mixer(self.norm(hidden)), ctx
+        if hidden.shape[1] == 1:
+            y, state = self.mixer.step(self.norm(hidden[:, 0]), state)
+            y = y[:, None]
+        else:
+            y, state = self.mixer(self.norm(hidden), state=state, return_state=True)
+        ctx.states[self.layer_idx] = state
+        return hidden + y, ctx

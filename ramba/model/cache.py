@@ -1,10 +1,14 @@
-"""``RambaCache``: everything a RAMba model needs to continue a sequence (DESIGN §5)."""
+"""``RambaCache``: everything a RAMba model needs to continue a sequence (docs/design.md §5)."""
 from __future__ import annotations
 
-import torch
+import functools
+from collections.abc import Sequence
 
-from ramba.layers.attention import KVCache
-from ramba.layers.hsa import ChunkMemory, ChunkSelection
+import torch
+from transformers.cache_utils import Cache
+
+from ramba.layers.base import RambaLayer, build_layer
+from ramba.layers.hsa import ChunkEncoderState, ChunkMemory, ChunkSelection
 
 
 # The most chunk-memory bytes one offloaded fetch may copy to the device, were every selected chunk distinct:
@@ -105,31 +109,38 @@ class ChunkMemoryStore:
         return ChunkMemory(k, v, self.landmarks), ChunkSelection(remapped, weights)
 
 
-class RambaCache:
-    """Per-layer state of one batch of sequences: Mamba-2 conv/SSM states, attention key/values,
-    the chunk encoder's pending (< S) hidden states and the chunk memory.
+class RambaCache(Cache):
+    """Everything a RAMba model needs to continue a batch of sequences (docs/design.md §5): a
+    ``transformers.Cache`` whose ``layers`` hold, per model layer, the state that layer's ``init_cache`` made
+    (Mamba-2 conv/SSM states, attention keys/values, the chunk encoder's pending tail and chunk memory store;
+    None for layers that keep nothing).
 
-    Made by the model on ``model(input_ids, use_cache=True)`` and passed back as ``past_key_values``.
+    Made by the model on ``model(input_ids, use_cache=True)`` (or here, for a model of ``config``: ``layers``
+    default to the config's layer plan, built on the meta device only to ask each for its state) and passed
+    back as ``cache`` (``past_key_values`` in older transformers).
     """
 
-    def __init__(self, config, batch_size: int, device: torch.device, dtype: torch.dtype, offload: bool = False):
-        self.layer_plan = config.layer_plan()
-        if "nsa" in self.layer_plan:
-            raise ValueError("RambaCache: the NSA baseline (architecture 'mamba2-nsa') has no cached decoding; "
-                             "call the model on whole sequences without use_cache or past_key_values")
+    def __init__(self, config, batch_size: int, device: torch.device, dtype: torch.dtype, offload: bool = False,
+                 layers: Sequence[RambaLayer] | None = None):
+        if layers is None:
+            with torch.device("meta"):
+                layers = [build_layer(kind, config, i) for i, kind in enumerate(config.layer_plan())]
+        chunk_store = functools.partial(ChunkMemoryStore, offload=offload)
+        super().__init__(layers=[layer.init_cache(batch_size, device, dtype, chunk_store=chunk_store) for layer in layers])
         self.config = config
         self.config_key = config.to_json_string(use_diff=False)
-        self.batch_size, self.device, self.dtype, self.offload = batch_size, torch.device(device), dtype, offload
+        self._batch_size, self.device, self.dtype, self.offload = batch_size, torch.device(device), dtype, offload
         self.seen_tokens = 0
         self.rows: list[RambaCache | None] | None = None  # one-row caches, for left-padded batches
-        self.states: list = [KVCache() if kind in ("swa", "attention") else None for kind in self.layer_plan]
-        self.pending: torch.Tensor | None = None  # [B, P < S, d] hidden states of the unfinished chunk
-        self.memory: ChunkMemoryStore | None = None
-        if "chunk_encoder" in self.layer_plan:
-            self.memory = ChunkMemoryStore(
-                batch_size, config.chunk_size, config.n_kv_heads, config.head_dim, config.retrieval_heads,
-                config.retrieval_dim, dtype, device, offload,
-            )
+
+    @property
+    def memory(self) -> ChunkMemoryStore | None:
+        """The chunk memory store (the chunk encoder's), or None for models without one."""
+        return next((state.store for state in self.layers if isinstance(state, ChunkEncoderState)), None)
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
 
     def check(self, config, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
         """Raise a clear error when this cache cannot continue a forward of ``config`` with these inputs."""
@@ -144,3 +155,13 @@ class RambaCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
+
+    # The states are continued in place by the layers; transformers' whole-cache edits do not apply to them.
+    is_compileable = False
+    is_croppable = False
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("RambaCache: reordering, cropping, resetting or resizing a cache is not supported "
+                                  "(beam search, assisted decoding); use greedy or sampled decoding")
+
+    reorder_cache = crop = reset = batch_repeat_interleave = batch_select_indices = _unsupported

@@ -1,11 +1,31 @@
-"""``RambaConfig``: every field of the RAMba model and its baselines (DESIGN §4)."""
+"""``RambaConfig``: every field of the RAMba model and its baselines, and the layer plan (docs/design.md §3, §4)."""
 from __future__ import annotations
+
+from enum import Enum
 
 from transformers import PreTrainedConfig
 
 ARCHITECTURES = ("ramba", "mamba2", "mamba2-swa", "mamba2-nsa", "transformer")
 LOCAL_MIXERS = ("mamba2", "swa")
 WEIGHT_NORMS = ("stick_breaking", "softmax")
+
+
+
+class LayerKind(str, Enum):
+    """The kinds of layer a layer plan is made of; each value is the ``kind`` its layer class registers under in
+    ``ramba.layers`` (a ``str`` enum: ``LayerKind.HSA == "hsa"``)."""
+
+    MAMBA2 = "mamba2"  # Mamba-2 block
+    SWA = "swa"  # sliding-window attention block
+    ATTENTION = "attention"  # full causal attention block
+    NSA = "nsa"  # native sparse attention block
+    CHUNK_ENCODER = "chunk_encoder"
+    RETRIEVAL = "retrieval"
+    HSA = "hsa"
+
+    def __str__(self) -> str:
+        return self.value
+
 
 PRESETS: dict[str, dict] = {
     # CPU-trainable, byte vocabulary (256 bytes + <pad> <bos> <eos> <sep>), ~4.7M parameters.
@@ -45,7 +65,9 @@ class RambaConfig(PreTrainedConfig):
         chunk_size: tokens per chunk S (multiple of 16). topk: chunks per token K.
         n_heads / n_kv_heads / head_dim: HSA (and attention) query heads HQ, kv heads H, head dim D (default d_model // n_heads).
         retrieval_heads: retrieval heads R (1 or n_kv_heads; default n_kv_heads). retrieval_dim: Dr per retrieval head.
-        encoder_layers: bidirectional layers of the chunk encoder. weight_norm: "stick_breaking" or "softmax".
+        encoder_layers: bidirectional layers of the chunk encoder. encoder_heads: their attention heads, of
+            ``d_model // encoder_heads`` dims each (default ``max(1, d_model // 64)``).
+        weight_norm: "stick_breaking" or "softmax".
         sm_n: extra softmax denominator inside each chunk (0 or 1). hsa_mlp: an MLP sub-block after each HSA layer.
         d_state / ssm_head_dim / expand / conv_kernel / n_groups / ssm_chunk_size: the Mamba-2 mixer.
         local_mixer: "mamba2" or "swa" (sliding-window attention with window ``window``, the SWA+HSA model).
@@ -72,6 +94,7 @@ class RambaConfig(PreTrainedConfig):
     retrieval_heads: int | None = None
     retrieval_dim: int = 256
     encoder_layers: int = 1
+    encoder_heads: int | None = None
     weight_norm: str = "stick_breaking"
     sm_n: float = 0.0
     hsa_mlp: bool = False
@@ -100,6 +123,8 @@ class RambaConfig(PreTrainedConfig):
             self.head_dim = self.d_model // self.n_heads if self.n_heads else 0
         if self.retrieval_heads is None:
             self.retrieval_heads = self.n_kv_heads
+        if self.encoder_heads is None:  # what every model before the field was made with
+            self.encoder_heads = max(1, self.d_model // 64) if isinstance(self.d_model, int) else None
         if self.mlp_hidden is None:
             self.mlp_hidden = 64 * -(-(8 * self.d_model // 3) // 64)
         self._validate()
@@ -112,7 +137,7 @@ class RambaConfig(PreTrainedConfig):
 
         for field in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "topk", "retrieval_dim",
                       "d_state", "ssm_head_dim", "expand", "conv_kernel", "n_groups", "ssm_chunk_size", "window",
-                      "mamba_per_hsa", "retrieval_groups", "mlp_hidden"):
+                      "mamba_per_hsa", "retrieval_groups", "mlp_hidden", "encoder_heads"):
             value = getattr(self, field)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, "must be a positive int")
         for field in ("n_lower_layers", "n_upper_layers", "encoder_layers"):
@@ -129,6 +154,8 @@ class RambaConfig(PreTrainedConfig):
         need((self.d_model * self.expand) % self.ssm_head_dim == 0, "ssm_head_dim",
              f"must divide d_model * expand = {self.d_model * self.expand}")
         need(self.sm_n in (0, 1, 0.0, 1.0), "sm_n", "must be 0 or 1")
+        need((self.d_model // self.encoder_heads) % 2 == 0 and self.d_model >= self.encoder_heads, "encoder_heads",
+             f"must leave an even head dim d_model // encoder_heads (rotary positions), d_model={self.d_model}")
         if self.architecture in ("ramba", "mamba2-swa", "mamba2-nsa"):
             per_group = self.retrieval_groups * self.mamba_per_hsa
             need(self.n_upper_layers % per_group == 0 and self.n_upper_layers > 0, "n_upper_layers",
@@ -143,25 +170,22 @@ class RambaConfig(PreTrainedConfig):
             return 0
         return self.n_upper_layers // self.mamba_per_hsa
 
-    def layer_plan(self) -> list[str]:
-        """The kind of every layer after the embeddings, in order.
-
-        Kinds: "mamba2", "swa" (sliding-window attention block), "nsa" (native sparse attention block),
-        "attention" (full causal block), "chunk_encoder", "retrieval", "hsa".
-        """
+    def layer_plan(self) -> list[LayerKind]:
+        """The :class:`LayerKind` of every layer after the embeddings, in order (docs/design.md §4)."""
+        K = LayerKind
         lower, upper = self.n_lower_layers, self.n_upper_layers
         if self.architecture == "mamba2":
-            return ["mamba2"] * (lower + upper)
+            return [K.MAMBA2] * (lower + upper)
         if self.architecture == "transformer":
-            return ["attention"] * (lower + upper)
+            return [K.ATTENTION] * (lower + upper)
         if self.architecture in ("mamba2-swa", "mamba2-nsa"):
-            sparse = self.architecture.removeprefix("mamba2-")
-            return ["mamba2"] * lower + ([sparse] + ["mamba2"] * self.mamba_per_hsa) * self.n_hsa_layers
-        local = self.local_mixer
-        plan = [local] * lower + ["chunk_encoder"]
+            sparse = K(self.architecture.removeprefix("mamba2-"))
+            return [K.MAMBA2] * lower + ([sparse] + [K.MAMBA2] * self.mamba_per_hsa) * self.n_hsa_layers
+        local = K(self.local_mixer)
+        plan = [local] * lower + [K.CHUNK_ENCODER]
         per_group = self.n_hsa_layers // self.retrieval_groups
         for _ in range(self.retrieval_groups):
-            plan += ["retrieval"] + (["hsa"] + [local] * self.mamba_per_hsa) * per_group
+            plan += [K.RETRIEVAL] + ([K.HSA] + [local] * self.mamba_per_hsa) * per_group
         return plan
 
     @classmethod

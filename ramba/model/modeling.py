@@ -1,7 +1,5 @@
-"""RAMba as a Hugging Face model: ``RambaModel`` and ``RambaForCausalLM`` (DESIGN §4)."""
+"""RAMba as a Hugging Face model: ``RambaModel`` and ``RambaForCausalLM`` (docs/design.md §4)."""
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -10,59 +8,29 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ramba.layers.attention import Attention, AttentionBlock, NativeSparseAttention
-from ramba.layers.hsa import ChunkEncoder, ChunkMemory, ChunkSelection, HSALayer, RetrievalLayer
-from ramba.layers.mamba2 import Mamba2Block, Mamba2Mixer
+from ramba.layers.base import LAYER_CLASSES, LayerContext, build_layer
+from ramba.layers.hsa import ChunkEncoder
+from ramba.layers.mamba2 import Mamba2Mixer
 from ramba.layers.norm import GatedRMSNorm, RMSNorm
 from ramba.model.cache import RambaCache
 from ramba.model.config import RambaConfig
 
-
-def build_layer(kind: str, config: RambaConfig, layer_idx: int) -> nn.Module:
-    """The module for one entry of :meth:`RambaConfig.layer_plan`."""
-    c = config
-    if kind == "mamba2":
-        return Mamba2Block(
-            c.d_model, d_state=c.d_state, d_conv=c.conv_kernel, expand=c.expand, head_dim=c.ssm_head_dim,
-            n_groups=c.n_groups, chunk_size=c.ssm_chunk_size, rms_norm_eps=c.rms_norm_eps, layer_idx=layer_idx,
-        )
-    if kind in ("swa", "attention"):
-        window = c.window if kind == "swa" else None
-        attn = Attention(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, window=window, rope_theta=c.rope_theta)
-        return AttentionBlock(c.d_model, attn, c.mlp_hidden, c.rms_norm_eps)
-    if kind == "nsa":
-        attn = NativeSparseAttention(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.chunk_size, c.topk, c.window,
-                                     c.rope_theta)
-        return AttentionBlock(c.d_model, attn, c.mlp_hidden, c.rms_norm_eps)
-    if kind == "chunk_encoder":
-        return ChunkEncoder(
-            c.d_model, c.chunk_size, c.encoder_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.retrieval_heads,
-            c.retrieval_dim, c.mlp_hidden, c.rms_norm_eps, c.rope_theta,
-        )
-    if kind == "retrieval":
-        return RetrievalLayer(c.d_model, c.retrieval_heads, c.retrieval_dim, c.chunk_size, c.topk, c.weight_norm, c.rms_norm_eps)
-    if kind == "hsa":
-        return HSALayer(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.chunk_size, c.sm_n,
-                        c.mlp_hidden if c.hsa_mlp else None, c.rms_norm_eps)
-    raise ValueError(f"unknown layer kind {kind!r}")
-
-
-@dataclass
-class ForwardContext:
-    """What flows beside the hidden states through one forward: positions, the chunk memory, the selection."""
-
-    positions: torch.Tensor  # [T] absolute positions of the input tokens
-    cache: RambaCache | None = None
-    skip_hsa: bool = False  # fast prefill: no retrieval and no HSA attention for these tokens
-    memory: ChunkMemory | None = None
-    selection: ChunkSelection | None = None
+# The name of the cache in model inputs and outputs: ``cache`` in current transformers, ``past_key_values`` before.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class RambaPreTrainedModel(PreTrainedModel):
     config_class = RambaConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Mamba2Block", "AttentionBlock", "HSALayer", "ChunkEncoder"]
+    _no_split_modules = sorted(layer.__name__ for layer in LAYER_CLASSES.values())
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **kwargs):
+        # the layer context carries tensors (chunk memory, selection) that reentrant checkpointing cuts off from autograd
+        if enable and getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant", False):
+            raise ValueError(f"{type(self).__name__}: gradient checkpointing needs use_reentrant=False (the default); "
+                             "drop use_reentrant=True from the checkpointing kwargs")
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -84,7 +52,10 @@ class RambaPreTrainedModel(PreTrainedModel):
 
 
 class RambaModel(RambaPreTrainedModel):
-    """Embeddings -> the layers of ``config.layer_plan()`` -> final norm. Returns the last hidden states."""
+    """Embeddings -> the layers of ``config.layer_plan()`` -> final norm. Returns the last hidden states.
+
+    Every layer speaks one protocol (docs/design.md §3): ``hidden, ctx = layer(hidden, ctx)``.
+    """
 
     def __init__(self, config: RambaConfig):
         super().__init__(config)
@@ -92,7 +63,6 @@ class RambaModel(RambaPreTrainedModel):
         self.embeddings = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(build_layer(kind, config, i) for i, kind in enumerate(self.layer_kinds))
         self.norm_f = RMSNorm(config.d_model, eps=config.rms_norm_eps)
-        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -101,76 +71,22 @@ class RambaModel(RambaPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embeddings = value
 
-    def _run_layer(self, i: int, kind: str, layer: nn.Module, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        cache = ctx.cache
-        if kind == "chunk_encoder":
-            if cache is None:
-                ctx.memory = layer(hidden)
-            else:  # complete chunks from the pending tail plus the new tokens go to the memory store
-                full = hidden if cache.pending is None else torch.cat((cache.pending, hidden), dim=1)
-                n = full.shape[1] // self.config.chunk_size * self.config.chunk_size
-                if n:  # CUDA's SDPA returns None, not an empty tensor, for an empty batch of chunks
-                    cache.memory.append(layer(full[:, :n]))
-                cache.pending = full[:, n:]
-            return hidden
-        if kind == "retrieval":
-            if not ctx.skip_hsa:
-                landmarks = ctx.memory.landmarks if cache is None else cache.memory.landmarks
-                # without a cache the positions are 0 .. T-1, select_chunks' default, which it bounds without a sync
-                ctx.selection = layer(hidden, landmarks, None if cache is None else ctx.positions)
-                if cache is not None and cache.memory.fetch_tokens(ctx.selection) >= hidden.shape[1]:
-                    # one fetch serves every HSA layer of the group; a longer offloaded segment leaves
-                    # ctx.memory None and its HSA layers fetch block by block (_hsa_over_cache)
-                    ctx.memory, ctx.selection = cache.memory.fetch(ctx.selection)
-            return hidden
-        if kind == "mamba2" and cache is not None:
-            state = cache.states[i]
-            if hidden.shape[1] == 1:
-                if state is None:
-                    state = layer.empty_state(hidden.shape[0], hidden.device, hidden.dtype)
-                out, cache.states[i] = layer.step(hidden[:, 0], state)
-                return out[:, None]
-            out, cache.states[i] = layer(hidden, state, return_state=True)
-            return out
-        if kind == "hsa" and cache is not None and not ctx.skip_hsa and ctx.memory is None:
-            return self._hsa_over_cache(layer, hidden, cache.memory, ctx.selection)
-        if kind == "hsa":
-            args = (hidden, None, None) if ctx.skip_hsa else (hidden, ctx.memory, ctx.selection)
-        elif kind == "mamba2":
-            args = (hidden,)
-        else:
-            args = (hidden, ctx.positions, None if cache is None else cache.states[i])
-        if self.gradient_checkpointing and self.training:
-            return checkpoint(layer, *args, use_reentrant=False)
-        return layer(*args)
-
-    @staticmethod
-    def _hsa_over_cache(layer: nn.Module, hidden: torch.Tensor, store, selection: ChunkSelection) -> torch.Tensor:
-        """An HSA layer over offloaded chunk memory, one block of ``store.fetch_tokens`` tokens at a time:
-        each block copies in only the chunks it selected. HSA layers act on each token alone, so the blocks
-        give exactly the output of one call."""
-        T = hidden.shape[1]
-        step = store.fetch_tokens(selection)
-        outputs = []
-        for t0 in range(0, T, step):
-            block = ChunkSelection(selection.indices[:, t0 : t0 + step], selection.weights[:, t0 : t0 + step])
-            outputs.append(layer(hidden[:, t0 : t0 + step], *store.fetch(block)))
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: RambaCache | None = None,
+        cache: RambaCache | None = None,
         use_cache: bool | None = None,
         skip_hsa: bool = False,
+        past_key_values: RambaCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """``input_ids [B, T]`` (or ``inputs_embeds [B, T, d]``) -> ``last_hidden_state [B, T, d]``.
 
-        With ``use_cache`` (or a ``past_key_values`` cache) the tokens continue the cached sequence and the
-        cache is updated in place and returned. ``skip_hsa`` leaves out retrieval and the HSA attention term
-        for these tokens (the chunk memory is still built): the fast prefill mode.
+        With ``use_cache`` (or a ``cache``) the tokens continue the cached sequence and the cache is updated in
+        place and returned (``past_key_values``: the same, the name older transformers use). ``skip_hsa`` leaves
+        out retrieval and the HSA attention term for these tokens (the chunk memory is still built): the fast
+        prefill mode.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("RambaModel: pass exactly one of input_ids [B, T] or inputs_embeds [B, T, d_model]")
@@ -180,20 +96,25 @@ class RambaModel(RambaPreTrainedModel):
             inputs_embeds = self.embeddings(input_ids)
         hidden = inputs_embeds
         B, T = hidden.shape[:2]
-        cache = past_key_values
+        cache = past_key_values if cache is None else cache
         if cache is None and use_cache:
-            cache = RambaCache(self.config, B, hidden.device, hidden.dtype)
+            cache = RambaCache(self.config, B, hidden.device, hidden.dtype, layers=self.layers)
         if cache is not None:
             if not isinstance(cache, RambaCache):
-                raise TypeError(f"RambaModel: past_key_values must be a RambaCache, got {type(cache).__name__}")
+                raise TypeError(f"RambaModel: the cache must be a RambaCache, got {type(cache).__name__}")
             cache.check(self.config, B, hidden.device, hidden.dtype)
+            if self.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False)
+                                                                 for m in self.layers):
+                raise ValueError("RambaModel: a cache cannot be updated under gradient checkpointing (the backward "
+                                 "would replay its updates); call model.eval() or turn checkpointing off")
         start = 0 if cache is None else cache.seen_tokens
-        ctx = ForwardContext(positions=torch.arange(start, start + T, device=hidden.device), cache=cache, skip_hsa=skip_hsa)
-        for i, (kind, layer) in enumerate(zip(self.layer_kinds, self.layers)):
-            hidden = self._run_layer(i, kind, layer, hidden, ctx)
+        ctx = LayerContext(positions=torch.arange(start, start + T, device=hidden.device),
+                           states=None if cache is None else cache.layers, skip_hsa=skip_hsa)
+        for layer in self.layers:
+            hidden, ctx = layer(hidden, ctx)
         if cache is not None:
             cache.seen_tokens += T
-        return BaseModelOutputWithPast(last_hidden_state=self.norm_f(hidden), past_key_values=cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm_f(hidden), **{CACHE_FIELD: cache})
 
 
 class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
@@ -229,10 +150,11 @@ class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: RambaCache | None = None,
+        cache: RambaCache | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         skip_hsa: bool = False,
+        past_key_values: RambaCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """``input_ids [B, T]`` -> ``logits [B, T, V]``; with ``labels [B, T]`` also the mean next-token loss
@@ -240,16 +162,17 @@ class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
 
         ``attention_mask [B, T_total]`` with zeros marks left padding: each row then runs on its own tokens
         only (its own cache row), so rows of different lengths give what they give alone.
-        ``past_key_values`` / ``use_cache`` / ``skip_hsa``: see :meth:`RambaModel.forward`.
+        ``cache`` (or ``past_key_values``) / ``use_cache`` / ``skip_hsa``: see :meth:`RambaModel.forward`.
         """
+        cache = past_key_values if cache is None else cache
         if attention_mask is not None and not bool(attention_mask.all()):
-            hidden, cache = self._ragged_hidden(input_ids, attention_mask, past_key_values, skip_hsa)
+            hidden, cache = self._ragged_hidden(input_ids, attention_mask, cache, skip_hsa)
             if labels is not None:
                 labels = labels.masked_fill(attention_mask[:, -labels.shape[1]:] == 0, -100)
         else:
-            out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, past_key_values=past_key_values,
-                             use_cache=use_cache, skip_hsa=skip_hsa)
-            hidden, cache = out.last_hidden_state, out.past_key_values
+            out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache,
+                             skip_hsa=skip_hsa)
+            hidden, cache = out.last_hidden_state, getattr(out, CACHE_FIELD)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -258,7 +181,7 @@ class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
 
     def _ragged_hidden(self, input_ids, attention_mask, cache, skip_hsa):
         """Left-padded rows, each through the model alone: hidden ``[B, T, d]`` (zeros at padding) and a cache
@@ -269,8 +192,9 @@ class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
         if bool((attention_mask.long().diff(dim=1) < 0).any()):
             raise ValueError("RambaForCausalLM: only left padding is supported (attention_mask rows must be 0...0 1...1)")
         B, T = input_ids.shape
+        dtype = self.model.embeddings.weight.dtype
         if cache is None:
-            cache = RambaCache(self.config, B, input_ids.device, self.model.embeddings.weight.dtype)
+            cache = RambaCache(self.config, B, input_ids.device, dtype, layers=self.model.layers)
             cache.rows = [None] * B
         elif cache.rows is None:
             raise ValueError("RambaForCausalLM: a padding attention_mask needs the cache made with that mask")
@@ -279,14 +203,18 @@ class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
             ids = input_ids[b, mask[b]][None]
             if ids.shape[1] == 0:
                 continue
-            out = self.model(input_ids=ids, past_key_values=cache.rows[b], use_cache=True, skip_hsa=skip_hsa)
-            cache.rows[b] = out.past_key_values
-            hidden[b, mask[b]] = out.last_hidden_state[0]
+            if cache.rows[b] is None:
+                cache.rows[b] = RambaCache(self.config, 1, input_ids.device, dtype, layers=self.model.layers)
+            hidden[b, mask[b]] = self.model(input_ids=ids, cache=cache.rows[b], skip_hsa=skip_hsa).last_hidden_state[0]
         cache.seen_tokens += T
         return hidden, cache
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=True, **kwargs):
-        if past_key_values is not None:
-            input_ids = input_ids[:, past_key_values.seen_tokens :]
-        return {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
-                "use_cache": use_cache, "logits_to_keep": 1}
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, use_cache=True,
+                                      past_key_values=None, **kwargs):
+        """The next step's model inputs: the tokens the cache has not seen (``past_key_values``: the cache's name
+        in older transformers)."""
+        cache = past_key_values if cache is None else cache
+        if cache is not None:
+            input_ids = input_ids[:, cache.seen_tokens :]
+        return {"input_ids": input_ids, "cache": cache, "attention_mask": attention_mask, "use_cache": use_cache,
+                "logits_to_keep": 1}

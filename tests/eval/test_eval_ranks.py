@@ -14,7 +14,9 @@ def test_ranks_agree_with_the_real_selection():
     sample = make_task("passkey", ByteTokenizer()).generate(700, 0.3, seed=1)
     layer = next(m for k, m in zip(model.model.layer_kinds, model.model.layers) if k == "retrieval")
     picked = []
-    handle = layer.register_forward_hook(lambda m, a, out: picked.append(out.indices[0, -1, 0].tolist()))
+    # the layer's own selection over the cache's landmarks (before any fetch re-indexes it into fetched chunks)
+    handle = layer.register_forward_hook(
+        lambda m, a, out: picked.append(m.select(a[0], a[1].store.landmarks, a[1].positions).indices[0, -1, 0].tolist()))
     try:
         rows = needle_ranks(model, sample, segment_len=64, mode="exact")
     finally:

@@ -31,7 +31,8 @@ def test_prefill_then_decode_equals_full_forward(name, n, m, segment_len, offloa
             torch.testing.assert_close(step, full[:, t], atol=2e-5, rtol=2e-5)
     assert cache.seen_tokens == n + m
     if cache.memory is not None:
-        assert cache.memory.n_chunks == (n + m) // 16 and cache.pending.shape[1] == (n + m) % 16
+        encoder_state = cache.layers[model.config.layer_plan().index("chunk_encoder")]
+        assert cache.memory.n_chunks == (n + m) // 16 and encoder_state.pending.shape[1] == (n + m) % 16
 
 
 def test_generate_equals_argmax_of_full_forwards():

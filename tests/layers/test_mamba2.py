@@ -9,6 +9,7 @@ from transformers import Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Block as HFBlock
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as HFMixer
 
+from ramba.layers.base import LayerContext
 from ramba.layers.mamba2 import Mamba2Block, Mamba2Mixer, Mamba2State, skip_and_norm
 from ramba.layers.norm import GatedRMSNorm, RMSNorm
 
@@ -71,7 +72,7 @@ def test_block_matches_hugging_face():
     hf.load_state_dict(ours.state_dict())
     x = torch.randn(2, 13, D_MODEL)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), hf(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours(x, LayerContext(positions=torch.arange(13)))[0], hf(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("n_groups", [1, 2])
@@ -101,13 +102,19 @@ def test_segmented_full_and_step_agree(n_groups, cuts):
 
 
 def test_block_segmented_and_step():
-    blk = randomize(Mamba2Block(D_MODEL, **mixer_kwargs(n_groups=2)), seed=2).double()
+    """Through the layer protocol: a cache state from init_cache, continued by segments and a one-token step."""
+    blk = randomize(Mamba2Block(D_MODEL, layer_idx=0, **mixer_kwargs(n_groups=2)), seed=2).double()
     x = torch.randn(1, 12, D_MODEL, dtype=torch.float64)
-    y_full = blk(x)
-    y1, s = blk(x[:, :7], return_state=True)
-    y2, s = blk(x[:, 7:11], s, return_state=True)
-    y3, s = blk.step(x[:, 11], s)
-    torch.testing.assert_close(torch.cat([y1, y2, y3[:, None]], 1), y_full, rtol=1e-10, atol=1e-10)
+    y_full, _ = blk(x, LayerContext(positions=torch.arange(12)))
+    states = [blk.init_cache(1, torch.device("cpu"), torch.float64)]
+    assert isinstance(states[0], Mamba2State) and not states[0].conv.any() and not states[0].ssm.any()
+    ys = []
+    for a, b in ((0, 7), (7, 11), (11, 12)):
+        y, _ = blk(x[:, a:b], LayerContext(positions=torch.arange(a, b), states=states))
+        ys.append(y)
+    torch.testing.assert_close(torch.cat(ys, 1), y_full, rtol=1e-10, atol=1e-10)
+    _, s_full = blk.mixer(blk.norm(x), return_state=True)
+    torch.testing.assert_close(states[0].ssm, s_full.ssm, rtol=1e-10, atol=1e-10)
 
 
 def test_gradients_through_segment_state():

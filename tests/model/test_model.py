@@ -5,6 +5,7 @@ import torch
 from small_models import SMALL, small_model
 
 from ramba import RambaConfig, RambaForCausalLM
+from ramba.layers import HSALayer
 
 VARIANTS = {
     "ramba": {},
@@ -45,9 +46,14 @@ def test_retrieval_reaches_far_chunks():
     with torch.no_grad():
         a, b = model(input_ids=ids).logits, model(input_ids=changed).logits
     assert not torch.allclose(a[:, 40:], b[:, 40:])
+    # with every HSA output zeroed, the change no longer reaches them: three SWA layers see 9 tokens back
     with torch.no_grad():
-        a, b = small_model(architecture="mamba2-swa", window=4)(input_ids=ids).logits, None
-    assert a.shape == (1, 64, 64)
+        for m in model.modules():
+            if isinstance(m, HSALayer):
+                m.o_proj.weight.zero_()
+        a, b = model(input_ids=ids).logits, model(input_ids=changed).logits
+    torch.testing.assert_close(a[:, 40:], b[:, 40:], atol=0, rtol=0)
+    assert not torch.allclose(a[:, 16:24], b[:, 16:24]), "the local mixer's reach"
 
 
 def test_nsa_baseline_reaches_far_blocks_and_has_no_cache():
@@ -114,18 +120,27 @@ def test_tiny_model_trains_on_cpu():
     assert losses[-1] < 0.5 * losses[0], losses[::10]
 
 
-def test_gradient_checkpointing_same_gradients():
-    model = small_model(seed=2).train()
+@pytest.mark.parametrize("variant", ["ramba", "ramba-2groups"])
+def test_gradient_checkpointing_same_gradients(variant):
+    """Checkpointed layers (transformers' GradientCheckpointingLayer) give the plain gradients, also with two
+    retrieval groups (each HSA layer's recompute sees its own group's selection)."""
+    model = small_model(seed=2, **VARIANTS[variant]).train()
     ids = torch.randint(0, 64, (2, 40))
     model(input_ids=ids, labels=ids).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    model.gradient_checkpointing_enable()
-    assert model.model.gradient_checkpointing
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
     model(input_ids=ids, labels=ids).loss.backward()
+    assert plain.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
     for n, p in model.named_parameters():
         if n in plain:
             torch.testing.assert_close(p.grad, plain[n], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(input_ids=ids, use_cache=True)
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        enable({"use_reentrant": True})
 
 
 def test_hsa_gets_gradient_through_retrieval():
