@@ -2,11 +2,13 @@
 
 Usage: python benchmarks/dump_selection.py [--corpus corpus/python-doc] [--tokens 65536] [--out PATH]
 
-Runs the shipped model ``ramba/pretrained/tiny-passkey.safetensors`` (chunk_size 64, topk 8, one
+Runs the shipped model ``ramba/pretrained/tiny-ruler.safetensors`` (chunk_size 64, topk 8, one
 retrieval head) on the first ``--tokens`` bytes of the Python documentation (scripts/get_corpus.sh's
 python-doc: its ``*.txt`` files in sorted path order, joined), records the indices its first HSA
 layer receives and writes them as int16 ``[T, K]`` (empty slots, weight 0, as -1) with the source
 description to ``benchmarks/results/selection_tiny_passkey.pt`` (1 MB at 64K tokens). CPU, ~1 min.
+The committed file was dumped from the model shipped before 2026-12-01, tiny-passkey (in git history),
+which the GPU results of that day used; --out another path to dump the present model's selection.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "ramba" / "pretrained" / "tiny-passkey.safetensors"
+MODEL = ROOT / "ramba" / "pretrained" / "tiny-ruler.safetensors"
 OUT = ROOT / "benchmarks" / "results" / "selection_tiny_passkey.pt"
 
 

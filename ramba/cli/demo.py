@@ -12,7 +12,7 @@ import random
 import time
 from pathlib import Path
 
-SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "pretrained" / "tiny-passkey.safetensors"
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "pretrained" / "tiny-ruler.safetensors"
 
 
 def add_parser(subparsers) -> None:
@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
 
     p = subparsers.add_parser("demo", help="passkey retrieval far beyond the training length, with the shipped model",
                               description=__doc__)
-    p.add_argument("--model", default=str(SHIPPED_MODEL), help="a model (default: the shipped tiny-passkey model)")
+    p.add_argument("--model", default=str(SHIPPED_MODEL), help="a model (default: the shipped tiny-ruler model)")
     p.add_argument("--passkey", default=None, help="the pass key to hide in the last trial (digits; default random)")
     p.add_argument("--lengths", type=_arg(parse_lengths), default="4k,16k,64k,256k",
                    help="context lengths of the grid (default 4k,16k,64k,256k; k = 1024)")

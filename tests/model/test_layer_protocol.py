@@ -120,16 +120,16 @@ def test_encoder_heads_default_keeps_old_models_and_the_field_is_used(tmp_path):
 
 # logits[0, positions, :4] of the shipped model on TEXT, computed at commit 9efe38d (before the layer protocol)
 SHIPPED_POSITIONS = [0, 63, 64, 150, 215]
-SHIPPED_LOGITS = [[-7.185602, -7.168883, -7.100538, -7.188674], [-8.320616, -8.322809, -8.316911, -8.351341],
-                  [-5.843108, -5.797022, -5.884043, -5.740091], [-8.692042, -8.686882, -8.507429, -8.642825],
-                  [-10.545058, -10.457682, -10.522602, -10.301039]]
+SHIPPED_LOGITS = [[-5.538644, -5.53817, -5.453707, -5.634221], [-11.068869, -10.943249, -11.081148, -11.104422],
+                  [-7.30524, -7.217826, -7.366158, -7.256777], [-8.168337, -8.06003, -8.056698, -8.145735],
+                  [-13.455696, -13.37079, -13.460111, -13.333775]]
 
 
 def test_shipped_model_keeps_its_encoder_heads_and_logits():
     import ramba
     from ramba.model.single_file import load_model_file
 
-    model = load_model_file(Path(ramba.__file__).parent / "pretrained" / "tiny-passkey.safetensors")
+    model = load_model_file(Path(ramba.__file__).parent / "pretrained" / "tiny-ruler.safetensors")
     encoder = next(m for m in model.modules() if isinstance(m, ChunkEncoder))
     assert model.config.encoder_heads == model.config.d_model // 64 == encoder.layers[0].attn.n_heads
     ids = torch.tensor([list(b"The pass key is 71432. Remember it. " * 6)])
