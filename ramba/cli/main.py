@@ -57,6 +57,8 @@ def console_logging(verbose: bool = False, rank: int = 0) -> Iterator[None]:
             yield
     finally:
         logging.captureWarnings(False)
+        hf_logging.disable_propagation()
+        hf_logging.enable_default_handler()
 
 
 def main(argv: list[str] | None = None) -> int:
