@@ -21,9 +21,10 @@ def _arg(parse):
 
 
 def _common(p: argparse.ArgumentParser, out: str) -> None:
+    from ramba.eval.loading import MODEL_FORMS
     from ramba.eval.results import parse_lengths
 
-    p.add_argument("--model", required=True, help="model folder, checkpoint folder (step-N) or training run folder")
+    p.add_argument("--model", required=True, help=f"the model: {MODEL_FORMS}")
     p.add_argument("--tokenizer", default=None,
                    help="'byte' or a tokenizer path (default: tokenizer.json beside the model, else the run's, else byte)")
     p.add_argument("--lengths", type=_arg(parse_lengths), required=True, help="context lengths, e.g. 4k,64k,1m,16m (k = 1024)")
@@ -70,6 +71,9 @@ def add_parser(subparsers) -> None:
     tk.add_argument("--tasks", default=ALL_TASKS,
                     help=f"comma-separated tasks, each NAME or NAME:key=value:... (e.g. variable_tracking:num_hops=2); "
                          f"default {ALL_TASKS}")
+    tk.add_argument("--export-harness", metavar="DIR", default=None,
+                    help="instead of evaluating, write these samples as lm-evaluation-harness tasks (JSONL + YAML per "
+                         "task and length) into DIR; run them with `ramba-lm-eval --model ramba --include_path DIR ...`")
     tk.set_defaults(func=run_tasks)
 
     rk = sub.add_parser("ranks", help="where the pass key's chunk ranks among all chunks while the model answers")
@@ -145,12 +149,27 @@ def run_tasks(args: argparse.Namespace) -> int:
 
     model, tok = _load(args)
     specs = [s.strip() for s in args.tasks.split(",") if s.strip()]
+    if args.export_harness:
+        return _export_harness(args, tok, specs)
     result = evaluate_tasks(model, tok, specs, args.lengths, args.depths, args.samples, _settings(args), args.seed,
                             _haystack(args, tok), progress=not args.no_progress)
     for spec, r in result["tasks"].items():
         print(f"{spec} (mean {r['mean']:.3f}):")
         print(format_grid(r["scores"], args.lengths, args.depths))
     _done(save_tasks(result, args.out, _config(args, model, tokenizer=tok.name), args.seed, args.name or "tasks"))
+    return 0
+
+
+def _export_harness(args: argparse.Namespace, tok, specs: list[str]) -> int:
+    from ramba.eval.harness_tasks import export_harness_tasks
+
+    names = export_harness_tasks(args.export_harness, tok, specs, args.lengths, args.depths, args.samples, args.seed,
+                                 _haystack(args, tok), args.extra_tokens)
+    print(f"wrote {len(names)} lm-evaluation-harness tasks to {args.export_harness}: {', '.join(names)}")
+    model_args = f"pretrained={args.model},mode={args.mode},segment_len={args.segment_len}"
+    model_args += (f",tokenizer={args.tokenizer}" if args.tokenizer else "") + (",offload=True" if args.offload else "")
+    print(f"run them with: ramba-lm-eval --model ramba --model_args {model_args} --include_path {args.export_harness} "
+          "--tasks ramba_tasks")
     return 0
 
 

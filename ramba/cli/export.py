@@ -6,9 +6,11 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
+    from ramba.eval.loading import MODEL_FORMS
+
     p = subparsers.add_parser("export", help="write a trained model as a single safetensors file",
                               description=__doc__)
-    p.add_argument("--model", required=True, help="model folder, checkpoint folder (step-N) or training run folder")
+    p.add_argument("--model", required=True, help=f"the model: {MODEL_FORMS}")
     p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weight dtype in the file (default bf16)")
     p.add_argument("--tokenizer", default=None, help="tokenizer name to record (default: the model's, see `ramba eval`)")
@@ -22,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ramba import __version__
-    from ramba.eval.loading import load_model_tokenizer, resolve_dtype, resolve_model_dir, run_config
+    from ramba.eval.loading import load_model_tokenizer, resolve_dtype, resolve_model_dir, resolve_model_path, run_config
     from ramba.eval.results import EvalError
     from ramba.model.single_file import TRAIN_CONFIG_KEY, read_model_file_metadata, save_model_file
 
@@ -31,8 +33,9 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load_model_tokenizer(args.model, args.tokenizer, torch.device("cpu"), torch.float32)
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     metadata = {"ramba_version": __version__, "ramba_exported_from": str(args.model)}
-    if Path(args.model).is_file():  # re-exporting a model file keeps the training config it carries
-        train_config = read_model_file_metadata(args.model).get(TRAIN_CONFIG_KEY)
+    source = resolve_model_path(args.model)
+    if source.is_file():  # re-exporting a model file keeps the training config it carries
+        train_config = read_model_file_metadata(source).get(TRAIN_CONFIG_KEY)
     else:
         found = run_config(resolve_model_dir(args.model))
         train_config = None if found is None else json.dumps(found)

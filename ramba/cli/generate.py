@@ -39,10 +39,12 @@ class StreamDecoder:
 
 
 def add_parser(subparsers) -> None:
+    from ramba.eval.loading import MODEL_FORMS
+
     p = subparsers.add_parser("generate", help="continue a prompt, streaming tokens to the terminal",
                               description="Generate a continuation of a prompt with a RAMba model; long prompts are "
                                           "prefilled in segments (memory bounded). See docs/evaluation.md.")
-    p.add_argument("--model", required=True, help="model folder, checkpoint folder (step-N) or training run folder")
+    p.add_argument("--model", required=True, help=f"the model: {MODEL_FORMS}")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-file", help="file holding the prompt text ('-' reads stdin)")
     src.add_argument("--prompt", help="the prompt text itself")

@@ -11,6 +11,8 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 COMMANDS = ["demo", "prepare", "train", "eval", "bench", "generate", "export"]
 
@@ -34,16 +36,39 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, CheckpointError, EvalError, FileNotFoundError, FileExistsError)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
+@contextmanager
+def console_logging(verbose: bool = False, rank: int = 0) -> Iterator[None]:
+    """Log records (ours, transformers' and Python warnings) go to stderr through `tqdm.write`, which lifts
+    any progress bar off the line first, so a log line never lands on a bar's line."""
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    from transformers.utils import logging as hf_logging
+
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else (logging.INFO if rank == 0 else logging.WARNING),
+        level=logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    hf_logging.disable_default_handler()  # transformers' records then reach the root handler below
+    hf_logging.enable_propagation()
+    logging.captureWarnings(True)
     try:
-        return int(args.func(args) or 0)
+        with logging_redirect_tqdm(tqdm_class=tqdm):
+            yield
+    finally:
+        logging.captureWarnings(False)
+        hf_logging.disable_propagation()
+        hf_logging.enable_default_handler()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    from ramba.inference import prefill_progress
+
+    try:
+        with console_logging(args.verbose, rank), prefill_progress(not getattr(args, "no_progress", False)):
+            return int(args.func(args) or 0)
     except _user_errors() as e:
         if args.verbose:
             raise

@@ -115,15 +115,16 @@ def prepare(
     files = _collect_files(inputs, extensions)
     if not files:
         raise DataError(f"empty corpus: no input files found in {', '.join(map(str, inputs))}")
-    total = sum(f.stat().st_size for f in files)
     with TokenFileWriter(output, tokenizer, overwrite=overwrite) as writer:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress) as bar:
-            for path in files:
+        # Counts the tokens written, separators included (their total is not known before tokenizing); files
+        # and documents so far follow after each file.
+        with tqdm(unit="tok", unit_scale=True, desc="prepare", disable=not progress) as bar:
+            for i, path in enumerate(files, 1):
                 for text in iter_documents(path, jsonl_field):
                     if text.strip():
                         writer.add(_encode(tokenizer, text))
-                bar.update(path.stat().st_size)
-                bar.set_postfix(docs=writer.n_docs, tokens=writer.n_tokens)
+                        bar.update(writer.n_tokens - bar.n)
+                bar.set_postfix(files=f"{i}/{len(files)}", docs=writer.n_docs)
         tf = writer.close(extra_meta={"sources": [str(f) for f in files[:1000]], "n_files": len(files)})
     logger.info("wrote %s: %d documents, %d tokens", output, tf.n_docs, len(tf))
     return tf

@@ -1,8 +1,9 @@
 """Finding and loading a model (and its tokenizer) for evaluation and generation.
 
 `--model` may name a model folder (`config.json` + `model.safetensors`), a training checkpoint
-(`step-N/`, holding `model/`), a training run (`out_dir/`, its newest checkpoint is used), or a
-single-file model (`*.safetensors` written by `ramba export`, config and tokenizer in its metadata).
+(`step-N/`, holding `model/`), a training run (`out_dir/`, its newest checkpoint is used), a
+single-file model (`*.safetensors` written by `ramba export`, config and tokenizer in its metadata),
+or a model shipped with the package by its name (`tiny-passkey`, in `ramba/pretrained/`).
 """
 from __future__ import annotations
 
@@ -15,19 +16,40 @@ import torch
 
 from ramba.eval.results import EvalError
 
-__all__ = ["resolve_model_dir", "run_config", "load_model", "load_model_tokenizer", "resolve_device", "resolve_dtype"]
+__all__ = ["MODEL_FORMS", "SHIPPED_MODELS_DIR", "shipped_models", "resolve_model_path", "resolve_model_dir", "run_config",
+           "load_model", "load_model_tokenizer", "resolve_device", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[1] / "pretrained"
+
+
+def shipped_models() -> list[str]:
+    """The names of the models shipped with the package (single files in `ramba/pretrained/`)."""
+    return sorted(p.stem for p in SHIPPED_MODELS_DIR.glob("*.safetensors"))
+
+
+MODEL_FORMS = ("a model folder (config.json + *.safetensors), a checkpoint folder (step-N), a training run folder "
+               "(its newest checkpoint), a single-file model (*.safetensors, from `ramba export`) or the name of a "
+               f"shipped model ({', '.join(shipped_models()) or 'none installed'})")
+
+
+def resolve_model_path(spec: str | os.PathLike) -> Path:
+    """`spec` as a path when it exists, else the file of the shipped model of that name."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    shipped = SHIPPED_MODELS_DIR / f"{spec}.safetensors"
+    if path.name == str(spec) and shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"model: no such folder or file: {path} (expected {MODEL_FORMS})")
 
 
 def resolve_model_dir(spec: str | os.PathLike) -> Path:
     """The folder holding `config.json` + weights for a model folder, checkpoint folder or run folder."""
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"model: no such folder or file: {path}")
+    path = resolve_model_path(spec)
     from ramba.train.checkpoint import model_folder
 
     folder = model_folder(path)
@@ -72,7 +94,8 @@ def load_model(spec: str | os.PathLike, device=None, dtype=None):
 
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     dtype = resolve_dtype(dtype, device) if not isinstance(dtype, torch.dtype) else dtype
-    if _model_file_metadata(Path(spec)) is not None:
+    spec = resolve_model_path(spec)
+    if _model_file_metadata(spec) is not None:
         logger.info("loading model file %s (%s, %s)", spec, device, dtype)
         return load_model_file(spec, device, dtype)
     folder = resolve_model_dir(spec)
@@ -108,9 +131,10 @@ def load_model_tokenizer(spec: str | os.PathLike, tokenizer: str | None = None, 
     from ramba.data.tokenizer import load_tokenizer
     from ramba.model.single_file import TOKENIZER_KEY
 
-    meta = _model_file_metadata(Path(spec))
+    spec = resolve_model_path(spec)
+    meta = _model_file_metadata(spec)
     if meta is not None:
-        source = Path(spec)
+        source = spec
         tokenizer = tokenizer or meta.get(TOKENIZER_KEY)
     else:
         source = resolve_model_dir(spec)

@@ -53,12 +53,16 @@ def window_starts(n_tokens: int, length: int, windows: int) -> list[int]:
 
 
 @torch.no_grad()
-def token_nll(model, ids: torch.Tensor, segment_len: int = 2048, offload: bool = False) -> torch.Tensor:
+def token_nll(model, ids: torch.Tensor, segment_len: int = 2048, offload: bool = False, cache=None,
+              greedy: bool = False):
     """`ids [B, T]` -> `nll [B, T - 1]` float32: `nll[:, p - 1] = -log P(ids[:, p] | ids[:, :p])`.
 
     The window runs through the model in segments of `segment_len` tokens with the inference cache
     (as an exact prefill does), so memory is bounded by the segment, not by `T`; the logits of one
     segment `[B, segment_len, V]` are the largest tensor. `offload` keeps the chunk memory on the CPU.
+    `cache` continues a filled `RambaCache` (`ids` then follow the tokens it has seen; the scores are
+    conditioned on them too). `greedy` also returns `[B, T - 1]` bool: whether each token is the argmax
+    of the logits that predict it.
     """
     from ramba.inference import RambaCache
 
@@ -68,14 +72,17 @@ def token_nll(model, ids: torch.Tensor, segment_len: int = 2048, offload: bool =
         raise ValueError(f"segment_len: expected >= 1, got {segment_len}")
     B, T = ids.shape
     weight = model.get_input_embeddings().weight
-    cache = RambaCache(model.config, B, weight.device, weight.dtype, offload=offload)
+    if cache is None:
+        cache = RambaCache(model.config, B, weight.device, weight.dtype, offload=offload)
     nll = torch.empty(B, T - 1, dtype=torch.float32, device=ids.device)
+    is_argmax = torch.empty(B, T - 1, dtype=torch.bool, device=ids.device)
     for s in range(0, T - 1, segment_len):
         logits = model(input_ids=ids[:, s : s + segment_len], past_key_values=cache, use_cache=True).logits
         targets = ids[:, s + 1 : s + segment_len + 1]  # logits[:, i] predicts ids[:, s + i + 1]
         n = targets.shape[1]
         nll[:, s : s + n] = F.cross_entropy(logits[:, :n].float().transpose(1, 2), targets, reduction="none")
-    return nll
+        is_argmax[:, s : s + n] = logits[:, :n].argmax(dim=-1) == targets
+    return (nll, is_argmax) if greedy else nll
 
 
 def evaluate_ppl(model, token_file: TokenFile | str, lengths: Sequence[int], windows: int = 4, buckets: int = 8,

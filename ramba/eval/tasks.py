@@ -19,8 +19,8 @@ import torch
 from ramba.data.tasks import Task, TaskSample, make_task
 from ramba.eval.results import EvalError, write_results
 
-__all__ = ["GenerationSettings", "CellResult", "parse_task_spec", "build_task", "continue_prompts", "evaluate_task",
-           "score_matrix", "summarize", "evaluate_tasks", "save_tasks"]
+__all__ = ["GenerationSettings", "CellResult", "parse_task_spec", "build_task", "continue_prompts", "cell_samples",
+           "evaluate_task", "score_matrix", "summarize", "evaluate_tasks", "save_tasks"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,8 @@ def continue_prompts(model, prompts: np.ndarray, max_new_tokens: int, settings: 
     return rows
 
 
-def _samples(task: Task, length: int, depth: float, n: int, seed: int) -> list[TaskSample]:
+def cell_samples(task: Task, length: int, depth: float, n: int, seed: int) -> list[TaskSample]:
+    """The `n` samples of one (length, depth) cell: seeds `seed, seed + 1, ...`."""
     try:
         return [task.generate(length, depth, seed=seed + i) for i in range(n)]
     except ValueError as e:
@@ -153,7 +154,7 @@ def evaluate_task(
     try:
         for length in lengths:
             for depth in depths:
-                cell = _samples(task, int(length), float(depth), samples, seed)
+                cell = cell_samples(task, int(length), float(depth), samples, seed)
                 records = []
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)

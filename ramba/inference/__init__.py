@@ -1,5 +1,5 @@
 """Serving RAMba: segmented prefill (exact or fast), decoding, chunk memory offloaded to CPU."""
-from ramba.inference.generation import PREFILL_MODES, generate, prefill
+from ramba.inference.generation import PREFILL_MODES, generate, prefill, prefill_progress
 from ramba.model.cache import ChunkMemoryStore, RambaCache
 
-__all__ = ["prefill", "generate", "RambaCache", "ChunkMemoryStore", "PREFILL_MODES"]
+__all__ = ["prefill", "prefill_progress", "generate", "RambaCache", "ChunkMemoryStore", "PREFILL_MODES"]

@@ -1,13 +1,37 @@
 """Segmented prefill and token-by-token generation over contexts of millions of tokens (DESIGN §5)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
 from ramba.model.cache import RambaCache
 
 PREFILL_MODES = ("exact", "fast")
+_SHOW_PREFILL_PROGRESS: ContextVar[bool] = ContextVar("show_prefill_progress", default=False)
+
+
+@contextmanager
+def prefill_progress(enabled: bool = True) -> Iterator[None]:
+    """Within this block every prefill of more than one segment shows a progress bar of its prompt tokens
+    (tokens/s and ETA, updated after each segment) on stderr, removed when the prefill ends. The CLI turns
+    it on; library calls stay silent."""
+    token = _SHOW_PREFILL_PROGRESS.set(enabled)
+    try:
+        yield
+    finally:
+        _SHOW_PREFILL_PROGRESS.reset(token)
+
+
+def _prefill_bar(total: int, segment_len: int):
+    """A tqdm bar over `total` prompt tokens inside `prefill_progress` when they span several segments, else None."""
+    if not _SHOW_PREFILL_PROGRESS.get() or total <= segment_len:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="prefill", unit="tok", unit_scale=True, leave=False, dynamic_ncols=True)
 
 
 @torch.no_grad()
@@ -49,12 +73,19 @@ def prefill(
         cache = RambaCache(model.config, B, weight.device, weight.dtype, offload=offload)
     logits = None
     ends = list(range(T, 0, -segment_len))[::-1]
-    for start, end in zip([0] + ends[:-1], ends):
-        out = model(input_ids=input_ids[:, start:end].to(weight.device), past_key_values=cache, use_cache=True,
-                    logits_to_keep=1, skip_hsa=mode == "fast" and end < T)
-        logits = out.logits[:, -1].float()
-        if progress is not None:
-            progress(end)
+    bar = _prefill_bar(T, segment_len)
+    try:
+        for start, end in zip([0] + ends[:-1], ends):
+            out = model(input_ids=input_ids[:, start:end].to(weight.device), past_key_values=cache, use_cache=True,
+                        logits_to_keep=1, skip_hsa=mode == "fast" and end < T)
+            logits = out.logits[:, -1].float()
+            if bar is not None:
+                bar.update(end - bar.n)
+            if progress is not None:
+                progress(end)
+    finally:
+        if bar is not None:
+            bar.close()
     return logits, cache
 
 
