@@ -3,7 +3,7 @@
 `--model` may name a model folder (`config.json` + `model.safetensors`), a training checkpoint
 (`step-N/`, holding `model/`), a training run (`out_dir/`, its newest checkpoint is used), a
 single-file model (`*.safetensors` written by `ramba export`, config and tokenizer in its metadata),
-or a model shipped with the package by its name (`tiny-passkey`, in `ramba/pretrained/`).
+or a model shipped with the package by its name (`tiny-ruler`, in `ramba/pretrained/`).
 """
 from __future__ import annotations
 

@@ -91,14 +91,14 @@ def test_model_help_names_every_form(capsys):
         main(["eval", "tasks", "--help"])
     text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
     for form in ("model folder", "checkpoint folder", "training run folder", "single-file model (*.safetensors",
-                 "shipped model (tiny-passkey)"):
+                 "shipped model (tiny-ruler)"):
         assert form in text
 
 
 def test_a_shipped_model_loads_by_name():
     from ramba.eval.loading import load_model_tokenizer, resolve_model_path
 
-    model, tok = load_model_tokenizer("tiny-passkey")
+    model, tok = load_model_tokenizer("tiny-ruler")
     assert tok.name == "byte" and model.config.vocab_size == 260
-    with pytest.raises(FileNotFoundError, match="no such folder or file: no-such-model .*tiny-passkey"):
+    with pytest.raises(FileNotFoundError, match="no such folder or file: no-such-model .*tiny-ruler"):
         resolve_model_path("no-such-model")

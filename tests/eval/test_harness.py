@@ -43,8 +43,8 @@ def test_harness_agrees_with_ramba_on_a_random_model(model_dir, tmp_path):
 
 
 def test_harness_agrees_with_ramba_on_the_shipped_model(tmp_path):
-    model, tok = load_model_tokenizer("tiny-passkey")
-    harness_model = RambaLM(pretrained="tiny-passkey", segment_len=128)
+    model, tok = load_model_tokenizer("tiny-ruler")
+    harness_model = RambaLM(pretrained="tiny-ruler", segment_len=128)
     means = _check_agreement(model, tok, ["passkey"], 300, [0.5], 1, tmp_path, harness_model)
     assert means == {"ramba_passkey_300": 1.0}  # the shipped model finds the key at this length
 
