@@ -1,83 +1,19 @@
-"""Finding and loading a model (and its tokenizer) for evaluation and generation.
+"""A model and its tokenizer for evaluation and generation.
 
-`--model` may name a model folder (`config.json` + `model.safetensors`), a training checkpoint
-(`step-N/`, holding `model/`), a training run (`out_dir/`, its newest checkpoint is used), or a
-single-file model (`*.safetensors` written by `ramba export`, config and tokenizer in its metadata).
+The model comes from :mod:`ramba.model.loading` (model folder, checkpoint, training run, single-file
+model or shipped model name, verified unless ``verify=False``); this module adds the tokenizer that goes
+with it.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
-import torch
-
-from ramba.eval.results import EvalError
+from ramba.errors import EvalError
+from ramba.model.loading import load_model, resolve_dtype, resolve_device, resolve_model, resolve_model_dir
 
 __all__ = ["resolve_model_dir", "run_config", "load_model", "load_model_tokenizer", "resolve_device", "resolve_dtype"]
-
-logger = logging.getLogger(__name__)
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
-
-
-def resolve_model_dir(spec: str | os.PathLike) -> Path:
-    """The folder holding `config.json` + weights for a model folder, checkpoint folder or run folder."""
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"model: no such folder or file: {path}")
-    from ramba.train.checkpoint import model_folder
-
-    folder = model_folder(path)
-    if folder is not None:
-        return folder
-    raise EvalError(f"model: {path} is not a model folder (config.json + *.safetensors), a checkpoint (step-N/model/) "
-                    "or a training run (checkpoints/step-N/)")
-
-
-def resolve_device(spec: str | None = None) -> torch.device:
-    """`None`/`"auto"`: CUDA when available, else CPU."""
-    if spec in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
-def resolve_dtype(spec: str | None, device: torch.device) -> torch.dtype:
-    """`None`/`"auto"`: bfloat16 on CUDA, float32 elsewhere; else one of fp32, bf16, fp16."""
-    if spec in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if spec not in _DTYPES:
-        raise EvalError(f"dtype: expected auto, fp32, bf16 or fp16, got {spec!r}")
-    return _DTYPES[spec]
-
-
-def _model_file_metadata(path: Path) -> dict | None:
-    """The metadata of a single-file model, None for a folder."""
-    if not path.is_file():
-        return None
-    from ramba.model.single_file import read_model_file_metadata
-
-    try:
-        return read_model_file_metadata(path)
-    except ValueError as e:
-        raise EvalError(f"model: {e}") from None
-
-
-def load_model(spec: str | os.PathLike, device=None, dtype=None):
-    """A `RambaForCausalLM` in eval mode on `device` (default: auto) in `dtype` (default: auto)."""
-    from ramba import RambaForCausalLM
-    from ramba.model.single_file import load_model_file
-
-    device = resolve_device(device) if not isinstance(device, torch.device) else device
-    dtype = resolve_dtype(dtype, device) if not isinstance(dtype, torch.dtype) else dtype
-    if _model_file_metadata(Path(spec)) is not None:
-        logger.info("loading model file %s (%s, %s)", spec, device, dtype)
-        return load_model_file(spec, device, dtype)
-    folder = resolve_model_dir(spec)
-    logger.info("loading model from %s (%s, %s)", folder, device, dtype)
-    return RambaForCausalLM.from_pretrained(folder).to(device=device, dtype=dtype).eval()
 
 
 def run_config(model_dir: Path) -> dict | None:
@@ -101,24 +37,24 @@ def _run_tokenizer(model_dir: Path) -> str | None:
     return None if tok is None else str(tok)
 
 
-def load_model_tokenizer(spec: str | os.PathLike, tokenizer: str | None = None, device=None, dtype=None):
+def load_model_tokenizer(spec: str | os.PathLike, tokenizer: str | None = None, device=None, dtype=None,
+                         verify: bool = True):
     """`(model, tokenizer)`. The tokenizer is `tokenizer` when given, else the one named in a single-file
     model's metadata, else a `tokenizer.json` beside the weights, else the training run's configured
     tokenizer, else the built-in byte tokenizer."""
     from ramba.data.tokenizer import load_tokenizer
-    from ramba.model.single_file import TOKENIZER_KEY
+    from ramba.model.single_file import TOKENIZER_KEY, read_model_file_metadata
 
-    meta = _model_file_metadata(Path(spec))
-    if meta is not None:
-        source = Path(spec)
-        tokenizer = tokenizer or meta.get(TOKENIZER_KEY)
+    device = resolve_device(device)
+    source = resolve_model(spec)
+    if source.is_file():
+        tokenizer = tokenizer or read_model_file_metadata(source).get(TOKENIZER_KEY)
     else:
-        source = resolve_model_dir(spec)
         if tokenizer is None and (source / "tokenizer.json").is_file():
             tokenizer = str(source / "tokenizer.json")
         tokenizer = tokenizer or _run_tokenizer(source)
     tok = load_tokenizer(tokenizer)
-    model = load_model(source, device, dtype)
+    model = load_model(source, device, dtype, verify=verify)
     if tok.vocab_size > model.config.vocab_size:
         raise EvalError(f"tokenizer {tok.name!r} has {tok.vocab_size} ids but the model's vocab_size is "
                         f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")

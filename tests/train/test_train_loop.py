@@ -16,6 +16,7 @@ import torch
 
 from ramba.cli.main import main
 from ramba.data import ByteTokenizer, make_task, prepare
+from ramba.errors import ModelLoadError
 from ramba.train import CheckpointError, load_config, train
 from ramba.train.config import config_from_dict
 from ramba.train.evaluate import eval_task, teacher_forced_answers
@@ -103,7 +104,7 @@ def test_init_from_a_run_a_model_file_or_nothing(config_dict, tmp_path):
     for (name, a), b, c in zip(first.state_dict().items(), second.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
     assert any(not torch.equal(a, c) for a, c in zip(first.state_dict().values(), fresh.state_dict().values()))
-    with pytest.raises(FileNotFoundError, match="is not a model folder"):
+    with pytest.raises(ModelLoadError, match="is not a model folder"):
         build_model(config_from_dict({**config_dict, "model": {"init_from": str(tmp_path)}}), ByteTokenizer())
 
 
