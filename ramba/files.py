@@ -62,7 +62,8 @@ def describe_os_error(e: OSError, path: str | os.PathLike) -> str:
              errno.EPERM: "permission denied; choose a folder you can write to",
              errno.EROFS: "the file system is read-only; choose another path",
              errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
-             errno.EISDIR: "it is a folder; give a file name"}
+             errno.EISDIR: "it is a folder; give a file name",
+             errno.EEXIST: "it exists, or a part of the path is a file, not a folder; choose another path"}
     return f"{path}: {fixes.get(e.errno, e.strerror or str(e))}"
 
 

@@ -29,9 +29,12 @@ class RunLock:
     def __init__(self, folder: str | os.PathLike):
         self.path = Path(folder) / LOCK_FILE
         self._fd: int | None = None
+        self._created: list[Path] = []
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        folder = self.path.parent
+        self._created = [p for p in (folder, self.path) if not p.exists()]  # removed again if the run writes nothing
+        folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -53,10 +56,15 @@ class RunLock:
         return self
 
     def release(self) -> None:
-        """Empties the lock file (an empty file means: free) and unlocks it."""
+        """Empties the lock file (an empty file means: free) and unlocks it; a run that stopped before writing
+        anything (bad input) leaves no lock file or folder it created behind."""
         if self._fd is None:
             return
         os.ftruncate(self._fd, 0)
+        if self.path in self._created and [p.name for p in self.path.parent.iterdir()] == [LOCK_FILE]:
+            self.path.unlink()
+            if self.path.parent in self._created:
+                self.path.parent.rmdir()
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None

@@ -12,7 +12,8 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from ramba.ops.retrieval.naive import NORMALISERS, check_inputs, compute_dtype, resolve_positions
+from ramba.ops.precision import compute_dtype
+from ramba.ops.retrieval.naive import NORMALISERS, check_inputs, resolve_positions
 
 DEFAULT_BLOCK_CHUNKS = 1024
 # elements in one tile (scores of a token block × chunk block, or gathered landmarks): 16 MiB in float32
