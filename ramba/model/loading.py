@@ -114,7 +114,7 @@ def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"device {spec}: CUDA is not available on this machine (torch {torch.__version__}); "
-                             "use --device cpu or auto")
+                             "use cpu or auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise InputError(f"device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s); "
                              "use cuda:0 .. cuda:N-1")
