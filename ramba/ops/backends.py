@@ -11,6 +11,8 @@ Each op supports a subset (``hsa``: reference, torch, triton; ``ssd``: reference
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 __all__ = ["BACKENDS", "CUDA_BACKENDS", "check_backend"]
@@ -20,11 +22,13 @@ CUDA_BACKENDS = ("triton", "fla", "mamba_ssm")
 
 
 def check_backend(op: str, backend: str | None, supported: tuple[str, ...], device: torch.device | None = None) -> None:
-    """Raises ValueError unless ``backend`` is None or one of ``supported`` that runs on ``device``."""
+    """Raises ValueError unless ``backend`` is None or one of ``supported`` that runs on ``device`` (the CUDA-only
+    ones run on CPU tensors under ``TRITON_INTERPRET=1``)."""
     if backend is None:
         return
     if backend not in supported:
         raise ValueError(f"{op}: backend must be one of {supported} or None, got {backend!r}")
-    if device is not None and backend in CUDA_BACKENDS and device.type != "cuda":
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's interpreter runs on CPU tensors
+    if device is not None and backend in CUDA_BACKENDS and device.type != "cuda" and not interpreted:
         raise ValueError(f"{op}: backend {backend!r} needs CUDA tensors, got device {device}; "
                          "use backend='torch' or None")
