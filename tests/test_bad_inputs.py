@@ -300,3 +300,11 @@ def test_cli_bad_input(ws, tmp_path, capsys, case, argv):
 def test_catalogue_size():
     assert len(API) + len(CLI) >= 60
     assert all(issubclass(e, (RambaUserError, TypeError, ValueError, FileNotFoundError)) for _, _, e, _ in API)
+
+
+def test_selection_on_an_empty_batch():
+    """An empty batch is not an error: the streaming selection sizes its tiles as for a batch of one."""
+    from ramba.ops.retrieval import select_chunks
+
+    indices, weights = select_chunks(torch.randn(0, 40, 1, 8), torch.randn(0, 2, 1, 8), chunk_size=16, topk=2)
+    assert indices.shape == weights.shape == (0, 40, 1, 2)
