@@ -34,6 +34,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default="demo_results", help="folder for demo_passkey.json and demo_passkey.png")
     p.add_argument("--seed", type=int, default=0, help="seed of the trials")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-verify", action="store_true", help="skip the checks of the weights (checksums, NaN/inf)")
     p.set_defaults(func=run)
 
 
@@ -41,11 +42,13 @@ def _training_length(model_path: str) -> int | None:
     """`data.seq_len` of the training config recorded in a single-file model, if any."""
     import json
 
+    from ramba.model.loading import resolve_model
     from ramba.model.single_file import TRAIN_CONFIG_KEY, read_model_file_metadata
 
-    if not Path(model_path).is_file():
+    path = resolve_model(model_path)
+    if not path.is_file():
         return None
-    config = read_model_file_metadata(model_path).get(TRAIN_CONFIG_KEY)
+    config = read_model_file_metadata(path).get(TRAIN_CONFIG_KEY)
     return None if config is None else json.loads(config).get("data", {}).get("seq_len")
 
 
@@ -56,13 +59,17 @@ def run(args: argparse.Namespace) -> int:
     from ramba.data.tasks import TokenFileHaystack, make_task
     from ramba.eval.loading import load_model_tokenizer
     from ramba.eval.passkey import evaluate_passkey, passkey_table, save_passkey
-    from ramba.eval.results import EvalError, format_length
+    from ramba.errors import EvalError, ModelLoadError
+    from ramba.eval.results import format_length
     from ramba.eval.tasks import GenerationSettings
+    from ramba.files import check_output
     from ramba.inference import generate
 
     if not Path(args.model).exists() and args.model == str(SHIPPED_MODEL):
-        raise EvalError(f"demo: the shipped model {SHIPPED_MODEL} is missing from this installation")
-    model, tok = load_model_tokenizer(args.model, None, args.device, "auto")
+        raise ModelLoadError(f"demo: the shipped model {SHIPPED_MODEL} is missing from this installation; "
+                             "reinstall ramba or give --model")
+    check_output(args.out, folder=True, exist_ok=True, what="--out")  # the demo replaces its own results
+    model, tok = load_model_tokenizer(args.model, None, args.device, "auto", verify=not args.no_verify)
     haystack = TokenFileHaystack(args.haystack, tok) if args.haystack else None
     rng = random.Random(args.seed)
     key = args.passkey or str(rng.randrange(10_000, 100_000))

@@ -21,7 +21,7 @@ def _arg(parse):
 
 
 def _common(p: argparse.ArgumentParser, out: str) -> None:
-    from ramba.eval.loading import MODEL_FORMS
+    from ramba.model.loading import MODEL_FORMS
     from ramba.eval.results import parse_lengths
 
     p.add_argument("--model", required=True, help=f"the model: {MODEL_FORMS}")
@@ -34,6 +34,18 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples (sample i of every cell uses seed + i)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace <out>/<name>.json and .png if they exist")
+    p.add_argument("--no-verify", action="store_true", help="skip the checks of the weights (checksums, NaN/inf)")
+
+
+def check_outputs(out: str, name: str, overwrite: bool) -> None:
+    """Before any work: `out` is a folder that can be created and written, and `<name>.json`/`.png` in it do not
+    exist (or `overwrite`)."""
+    from ramba.files import check_output
+
+    check_output(out, folder=True, exist_ok=True, what="--out")
+    for suffix in (".json", ".png"):
+        check_output(Path(out) / f"{name}{suffix}", overwrite=overwrite, what="--out")
 
 
 def _generation(p: argparse.ArgumentParser, depths: str) -> None:
@@ -102,8 +114,9 @@ def _load(args):
 
     from ramba.eval.loading import load_model_tokenizer
 
+    check_outputs(args.out, args.name or args.eval_command, args.overwrite)
     torch.manual_seed(args.seed)
-    return load_model_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
+    return load_model_tokenizer(args.model, args.tokenizer, args.device, args.dtype, verify=not args.no_verify)
 
 
 def _settings(args):

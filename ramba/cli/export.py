@@ -6,7 +6,7 @@ import argparse
 
 
 def add_parser(subparsers) -> None:
-    from ramba.eval.loading import MODEL_FORMS
+    from ramba.model.loading import MODEL_FORMS
 
     p = subparsers.add_parser("export", help="write a trained model as a single safetensors file",
                               description=__doc__)
@@ -14,6 +14,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="weight dtype in the file (default bf16)")
     p.add_argument("--tokenizer", default=None, help="tokenizer name to record (default: the model's, see `ramba eval`)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    p.add_argument("--no-verify", action="store_true", help="skip the checks of the weights read (checksums, NaN/inf)")
     p.set_defaults(func=run)
 
 
@@ -24,20 +26,25 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ramba import __version__
-    from ramba.eval.loading import load_model_tokenizer, resolve_dtype, resolve_model_dir, resolve_model_path, run_config
-    from ramba.eval.results import EvalError
-    from ramba.model.single_file import TRAIN_CONFIG_KEY, read_model_file_metadata, save_model_file
+    from ramba.errors import OutputPathError
+    from ramba.eval.loading import load_model_tokenizer, run_config
+    from ramba.files import check_output
+    from ramba.model.loading import resolve_dtype, resolve_model
+    from ramba.model.single_file import TRAIN_CONFIG_KEY, model_file_bytes, read_model_file_metadata, save_model_file
 
     if not args.output.endswith(".safetensors"):
-        raise EvalError(f"output: expected a file name ending in .safetensors, got {args.output!r}")
-    model, tok = load_model_tokenizer(args.model, args.tokenizer, torch.device("cpu"), torch.float32)
+        raise OutputPathError(f"output: expected a file name ending in .safetensors, got {args.output!r}")
+    check_output(args.output, overwrite=args.overwrite)
+    source = resolve_model(args.model)
+    model, tok = load_model_tokenizer(source, args.tokenizer, torch.device("cpu"), torch.float32,
+                                      verify=not args.no_verify)
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    check_output(args.output, overwrite=args.overwrite, size=model_file_bytes(model, dtype))
     metadata = {"ramba_version": __version__, "ramba_exported_from": str(args.model)}
-    source = resolve_model_path(args.model)
     if source.is_file():  # re-exporting a model file keeps the training config it carries
         train_config = read_model_file_metadata(source).get(TRAIN_CONFIG_KEY)
     else:
-        found = run_config(resolve_model_dir(args.model))
+        found = run_config(source)
         train_config = None if found is None else json.dumps(found)
     if train_config is not None:
         metadata[TRAIN_CONFIG_KEY] = train_config

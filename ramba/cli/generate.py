@@ -39,7 +39,7 @@ class StreamDecoder:
 
 
 def add_parser(subparsers) -> None:
-    from ramba.eval.loading import MODEL_FORMS
+    from ramba.model.loading import MODEL_FORMS
 
     p = subparsers.add_parser("generate", help="continue a prompt, streaming tokens to the terminal",
                               description="Generate a continuation of a prompt with a RAMba model; long prompts are "
@@ -60,33 +60,48 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0, help="random seed (for --sample)")
+    p.add_argument("--no-verify", action="store_true", help="skip the checks of the weights (checksums, NaN/inf)")
     p.set_defaults(func=run)
 
 
 def _read_prompt(args) -> str:
+    from ramba.errors import InputError
+
     if args.prompt is not None:
         return args.prompt
-    if args.prompt_file == "-":
-        return sys.stdin.read()
-    with open(args.prompt_file, encoding="utf-8") as f:
-        return f.read()
+    try:
+        if args.prompt_file == "-":
+            return sys.stdin.read()
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise InputError(f"--prompt-file {args.prompt_file}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); "
+                         "give a text file") from None
+    except IsADirectoryError:
+        raise InputError(f"--prompt-file {args.prompt_file}: is a folder; give a text file") from None
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ramba.errors import InputError
     from ramba.eval.loading import load_model_tokenizer
-    from ramba.eval.results import EvalError
     from ramba.inference import generate
 
     if args.max_new_tokens < 1:
-        raise EvalError(f"--max-new-tokens: expected >= 1, got {args.max_new_tokens}")
-    torch.manual_seed(args.seed)
-    model, tok = load_model_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
+        raise InputError(f"--max-new-tokens: expected >= 1, got {args.max_new_tokens}")
+    if args.top_k is not None and args.top_k < 1:
+        raise InputError(f"--top-k: expected >= 1 (the number of most likely tokens to sample from), got {args.top_k}")
+    if not args.temperature > 0:
+        raise InputError(f"--temperature: expected > 0, got {args.temperature}")
+    if args.segment_len < 1:
+        raise InputError(f"--segment-len: expected >= 1, got {args.segment_len}")
     prompt = _read_prompt(args)
+    torch.manual_seed(args.seed)
+    model, tok = load_model_tokenizer(args.model, args.tokenizer, args.device, args.dtype, verify=not args.no_verify)
     ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
     if len(ids) == 0:
-        raise EvalError("prompt: the prompt is empty")
+        raise InputError("prompt: the prompt is empty; give some text")
     input_ids = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
     eos = None if args.ignore_eos else tok.eos_id
     stream = StreamDecoder(tok)

@@ -26,14 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input, printed as one line instead of a traceback."""
-    from ramba.data.tokens import DataError
-    from ramba.eval.results import EvalError
-    from ramba.train.checkpoint import CheckpointError
-    from ramba.train.config import ConfigError
+def _one_line(e: BaseException) -> str | None:
+    """The one-line message for an error that means bad input or a bad environment; None for a bug."""
+    from ramba.errors import RambaUserError
+    from ramba.files import WRITE_ERRNOS, describe_os_error
 
-    return (ConfigError, DataError, CheckpointError, EvalError, FileNotFoundError, FileExistsError)
+    if isinstance(e, (RambaUserError, FileNotFoundError, FileExistsError)):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+        return describe_os_error(e, e.filename or "output")
+    return None
 
 
 @contextmanager
@@ -69,10 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with console_logging(args.verbose, rank), prefill_progress(not getattr(args, "no_progress", False)):
             return int(args.func(args) or 0)
-    except _user_errors() as e:
-        if args.verbose:
+    except BrokenPipeError:  # the reader went away (`ramba train --fields | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:
+        message = _one_line(e)
+        if message is None or args.verbose:
             raise
-        print(f"ramba {args.command}: error: {e}", file=sys.stderr)
+        print(f"ramba {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ramba {args.command}: interrupted", file=sys.stderr)

@@ -34,6 +34,9 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ramba.data.prepare import DEFAULT_EXTENSIONS, prepare
     from ramba.data.tokenizer import load_tokenizer
+    from ramba.files import check_output
+
+    check_output(args.output, overwrite=args.overwrite, folder=True)
 
     exts = DEFAULT_EXTENSIONS
     if args.ext:

@@ -17,6 +17,9 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from ramba.errors import OutputPathError, RambaUserError
+from ramba.files import WRITE_ERRNOS, describe_os_error
+
 from .tokenizer import ByteTokenizer
 from .tokens import DataError, TokenFile, TokenFileWriter
 
@@ -115,6 +118,16 @@ def prepare(
     files = _collect_files(inputs, extensions)
     if not files:
         raise DataError(f"empty corpus: no input files found in {', '.join(map(str, inputs))}")
+    try:
+        return _write(files, output, tokenizer, jsonl_field, overwrite, progress)
+    except OSError as e:
+        ours = e.filename is None or Path(e.filename).parent == Path(output).parent  # not an unreadable input
+        if isinstance(e, RambaUserError) or e.errno not in WRITE_ERRNOS or not ours:
+            raise
+        raise OutputPathError(f"output {describe_os_error(e, output)}; nothing was written") from None
+
+
+def _write(files, output, tokenizer, jsonl_field, overwrite, progress) -> TokenFile:
     with TokenFileWriter(output, tokenizer, overwrite=overwrite) as writer:
         # Counts the tokens written, separators included (their total is not known before tokenizing); files
         # and documents so far follow after each file.

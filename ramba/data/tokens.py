@@ -7,7 +7,8 @@ A token file is a folder holding
 - `meta.json`:   format version, tokenizer name and fingerprint, vocab size, dtype, token and document counts.
 
 `TokenFileWriter` writes into a hidden temporary folder beside the target and renames it into
-place only when complete, so an interrupted `prepare` leaves nothing half-written.
+place only when complete, so an interrupted `prepare` leaves nothing half-written; the temporary
+folder of a killed `prepare` is removed by the next write of the same output.
 """
 
 from __future__ import annotations
@@ -15,20 +16,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ramba.errors import DataError
+from ramba.files import check_output, commit_dir, new_temp_dir, remove_stale_temps
+
 __all__ = ["DataError", "TokenFile", "TokenFileWriter", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
-
-
-class DataError(ValueError):
-    """Bad data: a missing, empty, corrupt or mismatched token file, or an empty corpus."""
 
 
 def _dtype_for(vocab_size: int) -> str:
@@ -47,14 +46,11 @@ class TokenFileWriter:
     """
 
     def __init__(self, path: str | os.PathLike, tokenizer, overwrite: bool = False):
-        self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise FileExistsError(f"output: {self.path} exists (pass overwrite=True / --overwrite to replace it)")
+        self.path = check_output(path, overwrite=overwrite, folder=True)
         self.tokenizer = tokenizer
         self.dtype = _dtype_for(tokenizer.vocab_size)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        os.chmod(self._tmp, 0o777 & ~_umask())
+        remove_stale_temps(self.path.parent, self.path.name)
+        self._tmp = new_temp_dir(self.path)
         self._bin = open(self._tmp / "tokens.bin", "wb")
         self._offsets = [0]
         self._eos = np.array([tokenizer.eos_id], dtype=_DTYPES[self.dtype])
@@ -101,12 +97,7 @@ class TokenFileWriter:
         }
         with open(self._tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=2)
-        for name in ("tokens.bin", "offsets.npy", "meta.json"):
-            with open(self._tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.rename(self._tmp, self.path)
+        commit_dir(self._tmp, self.path)
         return TokenFile(self.path)
 
     def abort(self) -> None:
@@ -199,10 +190,3 @@ class TokenFile:
                 f"{tokenizer.name!r} (vocab_size {tokenizer.vocab_size}, fingerprint {tokenizer.fingerprint}); "
                 "prepare the data again with the same tokenizer"
             )
-
-
-def _umask() -> int:
-    """The process umask (mkdtemp creates 0700 folders; the final folder should follow the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -3,7 +3,6 @@ memory, config overrides from the command line."""
 from __future__ import annotations
 
 import gc
-import json
 import os
 import resource
 import sys
@@ -11,7 +10,7 @@ import time
 
 import torch
 
-from ramba.eval.results import EvalError
+from ramba.overrides import parse_overrides  # the one KEY=VALUE syntax, re-exported for the benchmark scripts
 
 __all__ = ["synchronized_time", "free_memory", "rss_bytes", "peak_rss_bytes", "parse_overrides"]
 
@@ -43,18 +42,3 @@ def peak_rss_bytes() -> int:
     """Largest resident set size of this process so far (bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
-
-
-def parse_overrides(items) -> dict:
-    """`["d_model=32", "hsa_mlp=true", "local_mixer=swa"]` -> `{"d_model": 32, "hsa_mlp": True, "local_mixer": "swa"}`
-    (values read as JSON, else kept as strings)."""
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise EvalError(f"--set: expected KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out

@@ -31,9 +31,11 @@ def _figure(width: float, height: float):
 
 def _save(fig, path) -> Path:
     fig.tight_layout()
+    from ramba.files import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     return path
 
 

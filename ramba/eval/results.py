@@ -14,19 +14,17 @@ import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ramba.errors import EvalError
+from ramba.files import atomic_write
 
 __all__ = ["EvalError", "environment", "write_results", "read_results", "parse_lengths", "parse_depths", "format_length",
            "format_grid"]
 
 _SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-class EvalError(ValueError):
-    """Bad input to an evaluation or benchmark (a length too short for a task, a missing model, ...)."""
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -154,19 +152,12 @@ def write_results(path: str | os.PathLike, body: dict, config: dict | None = Non
 
     `config` is the model config (e.g. `model.config.to_dict()`) or the benchmark's settings.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {"meta": {**environment(), "config": config, "seed": seed}, **body}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+    with atomic_write(path) as tmp:
+        with open(tmp, "w") as f:
             json.dump(_to_json(data), f, indent=1, allow_nan=False)
             f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def read_results(path: str | os.PathLike) -> dict:

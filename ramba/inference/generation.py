@@ -7,6 +7,7 @@ from contextvars import ContextVar
 
 import torch
 
+from ramba.errors import InputError
 from ramba.model.cache import RambaCache
 
 PREFILL_MODES = ("exact", "fast")
@@ -68,6 +69,11 @@ def prefill(
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"prefill: input_ids must be [B, T] with T >= 1, got {tuple(input_ids.shape)}")
     B, T = input_ids.shape
+    vocab = model.config.vocab_size
+    lo, hi = (int(input_ids.min()), int(input_ids.max())) if B else (0, 0)
+    if lo < 0 or hi >= vocab:
+        raise InputError(f"prefill: input_ids must lie in [0, vocab_size={vocab}), got values in [{lo}, {hi}]; "
+                         "encode the prompt with the tokenizer the model was trained with")
     weight = model.get_input_embeddings().weight
     if cache is None:
         cache = RambaCache(model.config, B, weight.device, weight.dtype, offload=offload)
@@ -124,7 +130,11 @@ def generate(
         the new tokens ``[B, max_new_tokens]``.
     """
     if max_new_tokens < 0:
-        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise InputError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    if do_sample and not temperature > 0:
+        raise InputError(f"generate: temperature must be > 0 when sampling, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise InputError(f"generate: top_k must be None or an int >= 1, got {top_k!r}")
     logits, cache = prefill(model, input_ids, segment_len, mode, offload)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
     new_tokens = []

@@ -22,6 +22,7 @@ from torch import nn
 
 from ramba.layers.base import LayerContext, RambaLayer
 from ramba.layers.norm import GatedRMSNorm, RMSNorm, gated_rms_norm
+from ramba.ops.precision import compute_dtype
 from ramba.ops.ssd import ssd, ssd_step
 
 
@@ -39,10 +40,6 @@ class Mamba2State:
     ssm: torch.Tensor
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def conv_and_ssm_inputs(history: torch.Tensor, xBC: torch.Tensor, dt_raw: torch.Tensor, conv_weight: torch.Tensor,
                         conv_bias: torch.Tensor | None, dt_bias: torch.Tensor, A_log: torch.Tensor, n_groups: int,
                         head_dim: int, dt_limit: tuple[float, float]):
@@ -56,7 +53,7 @@ def conv_and_ssm_inputs(history: torch.Tensor, xBC: torch.Tensor, dt_raw: torch.
     and the last K inputs ``[B, K, conv_dim]`` (the next conv history).
     """
     K, T = history.shape[1], xBC.shape[1]
-    acc = _compute_dtype(xBC)
+    acc = compute_dtype(xBC)
     window = torch.cat([history.to(xBC.dtype), xBC], dim=1)  # [B, K + T, conv_dim]
     weight = conv_weight[:, 0].to(acc)  # [conv_dim, K]
     conv = window[:, 1:1 + T].to(acc) * weight[:, 0]
@@ -79,7 +76,7 @@ def skip_and_norm(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Te
                   group_size: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """The mixer's element-wise tail: ``gated_rms_norm(y + D x, z)``. y, x ``[..., H, P]``; z ``[..., H*P]``;
     D ``[H]``; norm_weight ``[H*P]``. Returns ``[..., H*P]`` in ``dtype``."""
-    acc = _compute_dtype(x)
+    acc = compute_dtype(x)
     h = y.to(acc) + x.to(acc) * D.to(acc)[:, None]
     return gated_rms_norm(h.flatten(-2), z, norm_weight, group_size, eps).to(dtype)
 
@@ -186,7 +183,7 @@ class Mamba2Mixer(nn.Module):
         w = self.in_proj.weight
         dtype = dtype or w.dtype
         device = device if device is not None else w.device
-        ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        ssm_dtype = compute_dtype(dtype)
         return Mamba2State(
             conv=torch.zeros(batch, self.conv_dim, self.d_conv, device=device, dtype=dtype),
             ssm=torch.zeros(batch, self.n_heads, self.head_dim, self.d_state, device=device, dtype=ssm_dtype),

@@ -5,16 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    # float64 stays exact (for tests against float64 references); everything else runs in float32
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from ramba.ops.precision import compute_dtype
 
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
     """``weight * RMSNorm(x * silu(z))`` with the RMS per group of ``group_size`` channels, in float32
     (float64 for float64 x). x, z ``[..., dim]``; weight ``[dim]``; returns ``[..., dim]`` in x's dtype times weight."""
-    acc = _compute_dtype(x)
+    acc = compute_dtype(x)
     h = x.to(acc) * F.silu(z.to(acc))
     hg = h.unflatten(-1, (-1, group_size))
     hg = hg * torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + eps)
@@ -37,7 +34,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.weight.shape[0]:
             raise ValueError(f"RMSNorm: input must be [..., {self.weight.shape[0]}], got {tuple(x.shape)}")
-        h = x.to(_compute_dtype(x))
+        h = x.to(compute_dtype(x))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 

@@ -1,9 +1,13 @@
 """``RambaConfig``: every field of the RAMba model and its baselines, and the layer plan (docs/design.md §3, §4)."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from enum import Enum
 
 from transformers import PreTrainedConfig
+
+from ramba.errors import ConfigError
 
 ARCHITECTURES = ("ramba", "mamba2", "mamba2-swa", "mamba2-nsa", "transformer")
 LOCAL_MIXERS = ("mamba2", "swa")
@@ -118,6 +122,7 @@ class RambaConfig(PreTrainedConfig):
     eos_token_id: int | None = 258
 
     def __post_init__(self, **kwargs):
+        self._refuse_unknown(kwargs)
         self.tie_word_embeddings = self.tie_embeddings
         if self.head_dim is None:
             self.head_dim = self.d_model // self.n_heads if self.n_heads else 0
@@ -130,10 +135,23 @@ class RambaConfig(PreTrainedConfig):
         self._validate()
         super().__post_init__(**kwargs)
 
+    @classmethod
+    def _refuse_unknown(cls, kwargs: dict) -> None:
+        """PreTrainedConfig keeps unknown keyword arguments as attributes; a misspelt field would be ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name in kwargs:
+            if name in known or name.startswith("_") or hasattr(PreTrainedConfig, name) or name == "torch_dtype":
+                continue
+            own = known - {f.name for f in dataclasses.fields(PreTrainedConfig)}
+            close = difflib.get_close_matches(name, sorted(own), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"RambaConfig: unknown field {name!r}; {hint}the fields are listed in RambaConfig's "
+                              "docstring (help(RambaConfig))")
+
     def _validate(self) -> None:
         def need(ok: bool, field: str, msg: str) -> None:
             if not ok:
-                raise ValueError(f"RambaConfig.{field}: {msg} (got {getattr(self, field)!r})")
+                raise ConfigError(f"RambaConfig.{field}: {msg} (got {getattr(self, field)!r})")
 
         for field in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "topk", "retrieval_dim",
                       "d_state", "ssm_head_dim", "expand", "conv_kernel", "n_groups", "ssm_chunk_size", "window",
@@ -192,5 +210,5 @@ class RambaConfig(PreTrainedConfig):
     def preset(cls, name: str, **overrides) -> "RambaConfig":
         """A named configuration (``"tiny"``, ``"small"``, ``"370m"``) with fields overridden by keyword."""
         if name not in PRESETS:
-            raise ValueError(f"RambaConfig.preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")
+            raise ConfigError(f"RambaConfig.preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})

@@ -8,6 +8,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from ramba.errors import InputError
 from ramba.layers.base import LAYER_CLASSES, LayerContext, build_layer
 from ramba.layers.hsa import ChunkEncoder
 from ramba.layers.mamba2 import Mamba2Mixer
@@ -93,7 +94,11 @@ class RambaModel(RambaPreTrainedModel):
         if inputs_embeds is None:
             if input_ids.dim() != 2:
                 raise ValueError(f"RambaModel: input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-            inputs_embeds = self.embeddings(input_ids)
+            try:
+                inputs_embeds = self.embeddings(input_ids)
+            except IndexError:  # on the CPU; checking the range up front would cost a host sync on the GPU
+                raise InputError(f"RambaModel: input_ids hold ids outside [0, vocab_size={self.config.vocab_size}); "
+                                 "encode the text with the tokenizer the model was trained with") from None
         hidden = inputs_embeds
         B, T = hidden.shape[:2]
         cache = past_key_values if cache is None else cache
@@ -125,6 +130,19 @@ class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # RAMba keeps its own state; generate must not build a key/value DynamicCache
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, verify: bool = True, **kwargs):
+        """As in transformers; with ``verify`` a folder inside a training checkpoint must match the checkpoint's
+        manifest and no weight may be NaN or inf (ModelLoadError / CheckpointError otherwise; docs/design.md §8)."""
+        from ramba.model.loading import check_finite, verify_model_folder
+
+        if verify:
+            verify_model_folder(pretrained_model_name_or_path)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if verify:
+            check_finite(model.state_dict().items(), pretrained_model_name_or_path)
+        return model
 
     def __init__(self, config: RambaConfig):
         super().__init__(config)

@@ -18,6 +18,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ramba.ops.backends import check_backend
+from ramba.ops.precision import compute_dtype
+
 BACKENDS = ("torch", "fla")
 
 
@@ -37,7 +40,7 @@ def mean_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """``x [B, T, H, D]`` -> ``[B, ceil(T / S), H, D]``, each block's mean over the tokens it has (float32 or float64)."""
     B, T, H, D = x.shape
     n = -(-T // block_size)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(x)
     sums = F.pad(x.to(acc), (0, 0, 0, 0, 0, n * block_size - T)).view(B, n, block_size, H, D).sum(dim=2)
     counts = (T - torch.arange(n, device=x.device) * block_size).clamp(max=block_size)
     return sums / counts.to(acc)[None, :, None, None]
@@ -51,7 +54,7 @@ def nsa_torch(
     B, T, HQ, D = q.shape
     H = k.shape[2]
     G, S = HQ // H, block_size
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(q)
     qg = q.to(acc).view(B, T, H, G, D) * scale
     n = -(-T // S)
     t = torch.arange(T, device=q.device)
@@ -105,8 +108,7 @@ def nsa(
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"nsa: {name} must be a positive int, got {value!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if backend not in (*BACKENDS, None):
-        raise ValueError(f"nsa: backend must be one of {BACKENDS} or None, got {backend!r}")
+    check_backend("nsa", backend, BACKENDS)
     fla_ok = backend != "torch" and _fla_supports(q, k)
     if backend == "torch" or (backend is None and not fla_ok):
         return nsa_torch(q, k, v, g_cmp, g_slc, topk, block_size, scale)

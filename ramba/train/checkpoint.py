@@ -13,13 +13,10 @@ valid one. Loading verifies the manifest and raises CheckpointError naming the b
 
 from __future__ import annotations
 
-import hashlib
-import json
+import errno
 import logging
 import os
-import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,6 +30,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ramba.errors import CheckpointError, OutputPathError
+from ramba.files import check_free_space, commit_dir, new_temp_dir, remove_stale_temps, verify_manifest, write_manifest
+from ramba.model.loading import latest_checkpoint, list_checkpoints, model_folder
+
 __all__ = [
     "CheckpointError",
     "model_folder",
@@ -44,91 +45,34 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read (corrupt, truncated, missing, disk full)."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """The `step-*` folders under `root`, oldest first (temporary folders of unfinished saves excluded)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    ckpts = list_checkpoints(root)
-    return ckpts[-1] if ckpts else None
-
-
-def model_folder(path: str | os.PathLike) -> Path | None:
-    """The `save_pretrained` folder (config.json + *.safetensors) that `path` names: `path` itself, a
-    checkpoint's `model/`, or the `model/` of a training run's newest checkpoint; None when it names none."""
-    path = Path(path)
-    newest = latest_checkpoint(path / "checkpoints")
-    for folder in (path, path / "model", None if newest is None else newest / "model"):
-        if folder is not None and (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
-            return folder
-    return None
-
-
 def verify_checkpoint(path: str | os.PathLike) -> dict:
     """Checks every file of the checkpoint against its manifest; returns the manifest."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path}: no such folder")
-    manifest_file = path / "manifest.json"
+    return verify_manifest(path)
+
+
+def _state_bytes(state) -> int:
+    """The bytes of the tensors in a (nested) state dict: about what saving it writes."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    return 0
+
+
+def _disk_full(e: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of space (torch.save reports it as "unexpected pos", not ENOSPC)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
     try:
-        manifest = json.loads(manifest_file.read_text())
-        files = manifest["files"]
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"checkpoint {path}: manifest.json is missing; the checkpoint is incomplete or corrupt"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path}: manifest.json is corrupt ({e})") from None
-    for rel, want in files.items():
-        f = path / rel
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {path}: {rel} is missing")
-        size = f.stat().st_size
-        if size != want["size"]:
-            raise CheckpointError(
-                f"checkpoint {path}: {rel} is {size} bytes, expected {want['size']} (truncated or corrupt)"
-            )
-        if _sha256(f) != want["sha256"]:
-            raise CheckpointError(f"checkpoint {path}: {rel} does not match its checksum (corrupt)")
-    return manifest
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def save_checkpoint(
@@ -153,42 +97,32 @@ def save_checkpoint(
     from .distributed import unwrap_model
 
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    os.chmod(tmp, 0o777 & ~_umask())
+    previous = latest_checkpoint(root)
+    tmp = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        check_free_space(root, int(1.05 * (_state_bytes(model_sd) + _state_bytes(optim_sd))), f"checkpoint step {step}")
+        tmp = new_temp_dir(final)
         _save_model(unwrap_model(model), dict(model_sd), tmp / "model")
         torch.save(optim_sd, tmp / "optimizer.pt")
         torch.save(trainer_state, tmp / "trainer.pt")
-        files = {
-            str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-            for p in sorted(tmp.rglob("*"))
-            if p.is_file()
-        }
-        (tmp / "manifest.json").write_text(
-            json.dumps({"format_version": FORMAT_VERSION, "step": step, "files": files}, indent=1)
-        )
-        _fsync_tree(tmp)
-        if final.exists():
-            old = root / f".{final.name}.old-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
+        write_manifest(tmp, format_version=FORMAT_VERSION, step=step)
+        commit_dir(tmp, final)
     except (OSError, RuntimeError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(root)
+        full = _disk_full(e, root)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = "No space left on device; free some space" if full else str(e).splitlines()[0] if str(e) else repr(e)
+        if isinstance(e, OutputPathError):
+            why = str(e)
         raise CheckpointError(
-            f"saving checkpoint step {step} to {root} failed ({e}); nothing was written, "
+            f"saving checkpoint step {step} to {root} failed ({why}); nothing was written, "
             f"the newest complete checkpoint is {previous if previous else 'none'}"
         ) from e
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temps(root, "step-*")
     logger.info("saved checkpoint %s", final)
     return final
 
@@ -215,7 +149,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     """Verifies and loads a checkpoint into `model` (plain, DDP or FSDP) and `optimizer`; returns
     the trainer state dict saved with it."""
     path = Path(path)
-    verify_checkpoint(path)
+    verify_manifest(path)
     weights = path / "model" / "model.safetensors"
     try:
         state = load_file(str(weights))
@@ -240,10 +174,3 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
     return trainer_state
-
-
-def _umask() -> int:
-    """The process umask (mkdtemp creates 0700 folders; the final folder should follow the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

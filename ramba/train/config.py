@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
+from ramba.errors import ConfigError
+from ramba.overrides import apply_overrides, yaml_load as _yaml_load
 
 __all__ = [
     "ConfigError",
@@ -38,25 +41,6 @@ __all__ = [
     "apply_overrides",
     "describe",
 ]
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `3e-4` (no dot) as a float, as JSON and Python do."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _yaml_load(text: str):
-    return yaml.load(text, Loader=_Loader)
-
-
-class ConfigError(ValueError):
-    """A bad training configuration (unknown key, bad value, unreadable file)."""
 
 
 class ConfigTypeError(ConfigError, TypeError):
@@ -81,6 +65,9 @@ class ModelConfig:
         None,
         "Start from these weights: a folder written by save_pretrained, a checkpoint (step-N/), a training run "
         "(its newest checkpoint) or a model file (`ramba export`); preset and overrides are then ignored.",
+    )
+    verify: bool = _f(
+        True, "Verify init_from's weights (checkpoint checksums, model-file checksum, no NaN/inf); false skips it."
     )
 
 
@@ -290,6 +277,8 @@ def _convert(value, tp, key: str):
         raise TypeError(f"unsupported annotation {tp} for '{key}'")
     if not ok:
         raise ConfigTypeError(f"config key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
     return float(value) if tp is float else value
 
 
@@ -356,45 +345,13 @@ def config_from_dict(d: dict) -> TrainConfig:
     return cfg
 
 
-def apply_overrides(d: dict, overrides: list[str]) -> dict:
-    """Applies `key=value` strings to the raw dict `d` in place (values parsed as YAML) and returns it."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=3e-4")
-        key, raw = item.split("=", 1)
-        try:
-            value = _yaml_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: cannot parse the value ({e})") from None
-        parts = key.strip().split(".")
-        node: Any = d
-        for depth, part in enumerate(parts[:-1]):
-            where = ".".join(parts[: depth + 1])
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"--set {item!r}: '{where}' is not an index of a list of {len(node)}")
-                node = node[int(part)]
-            else:
-                node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"--set {item!r}: '{where}' is not a mapping or list")
-        last = parts[-1]
-        if isinstance(node, list):
-            if not last.isdigit() or int(last) >= len(node):
-                raise ConfigError(f"--set {item!r}: '{last}' is not an index of a list of {len(node)}")
-            node[int(last)] = value
-        else:
-            node[last] = value
-    return d
-
-
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
     """Reads a YAML/JSON config file (None: defaults only), applies overrides, validates."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"config: no such file: {p}")
+            raise FileNotFoundError(f"config: no such file: {p}; give a YAML or JSON file (see recipes/)")
         text = p.read_text()
         try:
             raw = json.loads(text) if p.suffix == ".json" else _yaml_load(text)

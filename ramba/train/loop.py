@@ -31,8 +31,11 @@ from ramba.data.tokenizer import load_tokenizer
 from ramba.data.tokens import TokenFile
 from ramba.layers.mamba2 import set_compile_glue
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, model_folder, save_checkpoint
-from .config import ConfigError, TrainConfig
+from ramba.errors import CheckpointError, ConfigError, InputError, ModelLoadError
+from ramba.files import check_output, write_text_atomic
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
 from .cuda_graph import GraphedLoss
 from .distributed import (
     DistInfo,
@@ -44,6 +47,7 @@ from .distributed import (
     wrap_model,
 )
 from .evaluate import eval_loss, eval_task
+from .lock import RunLock
 from .schedule import make_scheduler
 
 __all__ = ["train", "build_model", "build_data"]
@@ -57,13 +61,8 @@ def build_model(cfg: TrainConfig, tokenizer):
 
     m = cfg.model
     if m.init_from is not None:
-        model = _initial_weights(m.init_from)
+        model = _initial_weights(m.init_from, m.verify)
     else:
-        # RambaConfig, like every PreTrainedConfig, silently keeps unknown keyword arguments: check names first.
-        known = {name for klass in RambaConfig.__mro__ for name in getattr(klass, "__annotations__", {})}
-        unknown = sorted(set(m.overrides) - known)
-        if unknown:
-            raise ConfigError(f"config key 'model.overrides': unknown RambaConfig fields {unknown}")
         try:
             if m.preset is not None:
                 mcfg = RambaConfig.preset(m.preset, **m.overrides)
@@ -80,23 +79,14 @@ def build_model(cfg: TrainConfig, tokenizer):
     return model
 
 
-def _initial_weights(spec: str):
-    """The model `model.init_from` names: a save_pretrained folder, a checkpoint (`step-N/`), a training
-    run (its newest checkpoint) or a single-file model (`ramba export`)."""
-    from ramba.model import RambaForCausalLM
-    from ramba.model.single_file import load_model_file
+def _initial_weights(spec: str, verify: bool):
+    """The model `model.init_from` names (anything `ramba.model.loading.resolve_model` accepts), in fp32 on the CPU."""
+    from ramba.model.loading import load_model
 
-    path = Path(spec)
-    if path.is_file():
-        try:
-            return load_model_file(path).train()
-        except ValueError as e:
-            raise ConfigError(f"config key 'model.init_from': {e}") from None
-    folder = model_folder(path)
-    if folder is not None:
-        return RambaForCausalLM.from_pretrained(folder)
-    raise FileNotFoundError(f"config key 'model.init_from': {spec} is not a model folder, checkpoint, training run "
-                            "or model file")
+    try:
+        return load_model(spec, "cpu", torch.float32, verify=verify).train()
+    except ModelLoadError as e:
+        raise ModelLoadError(f"config key 'model.init_from': {e}") from None
 
 
 def _holdout_start(tf: TokenFile, holdout: float) -> int:
@@ -273,14 +263,38 @@ def train(cfg: TrainConfig, resume: str | bool | None = None) -> dict:
     """Trains per `cfg`; `resume` is True/'auto' (newest checkpoint under out_dir) or a checkpoint
     path. Returns the last logged metrics (on every rank), with `stopped_at_step` when a signal ended
     the run early."""
+    if cfg.device is not None:
+        from ramba.model.loading import resolve_device
+
+        try:
+            resolve_device(cfg.device)
+        except InputError as e:
+            raise ConfigError(f"config key 'device': {e}") from None
+    check_output(cfg.out_dir, folder=True, exist_ok=True, what="out_dir")
     info = init_distributed(cfg.distributed.backend, cfg.device)
     finished = False
     try:
-        metrics = _train(cfg, resume, info)
+        metrics = _locked_train(cfg, resume, info)
         finished = True
         return metrics
     finally:
         shutdown_distributed(wait_for_all=finished)
+
+
+def _locked_train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
+    """`_train` holding the lock of out_dir (rank 0 takes it for every rank)."""
+    lock, refused = RunLock(cfg.out_dir), None
+    if info.is_main:
+        try:
+            lock.acquire()
+        except CheckpointError as e:
+            refused = e
+    if any_rank(refused is not None, info.device):
+        raise refused or CheckpointError(f"out_dir {cfg.out_dir}: rank 0 could not take the run lock (see its error)")
+    try:
+        return _train(cfg, resume, info)
+    finally:
+        lock.release()
 
 
 def _train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
@@ -359,8 +373,7 @@ def _train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
             logger.info("resumed from %s at step %d (%d examples consumed)", resume_path, step, examples)
 
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     log = _Logger(cfg, out, info.is_main)
     eval_batches = [
         (

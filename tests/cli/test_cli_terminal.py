@@ -96,9 +96,10 @@ def test_model_help_names_every_form(capsys):
 
 
 def test_a_shipped_model_loads_by_name():
-    from ramba.eval.loading import load_model_tokenizer, resolve_model_path
+    from ramba.errors import ModelLoadError
+    from ramba.eval.loading import load_model_tokenizer, resolve_model
 
     model, tok = load_model_tokenizer("tiny-ruler")
     assert tok.name == "byte" and model.config.vocab_size == 260
-    with pytest.raises(FileNotFoundError, match="no such folder or file: no-such-model .*tiny-ruler"):
-        resolve_model_path("no-such-model")
+    with pytest.raises(ModelLoadError, match="no such folder or file: no-such-model.*tiny-ruler"):
+        resolve_model("no-such-model")

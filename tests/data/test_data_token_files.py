@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ramba.data import ByteTokenizer, DataError, TokenFile, TokenFileWriter, load_tokenizer, prepare
+from ramba.errors import OutputPathError
 
 
 def test_prepare_files_folders_jsonl_gz(tmp_path):
@@ -35,7 +36,7 @@ def test_prepare_files_folders_jsonl_gz(tmp_path):
 def test_prepare_refuses_to_overwrite_and_reports_missing_input(tmp_path):
     (tmp_path / "a.txt").write_text("x")
     prepare([tmp_path / "a.txt"], tmp_path / "out", ByteTokenizer(), progress=False)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputPathError, match="exists; pass --overwrite"):
         prepare([tmp_path / "a.txt"], tmp_path / "out", ByteTokenizer(), progress=False)
     prepare([tmp_path / "a.txt"], tmp_path / "out", ByteTokenizer(), overwrite=True, progress=False)
     with pytest.raises(FileNotFoundError, match="nope"):

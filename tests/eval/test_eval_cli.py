@@ -134,8 +134,8 @@ def test_model_folder_checkpoint_or_run(model_dir, tmp_path):
     and the tokenizer the run was configured with."""
     import shutil
 
+    from ramba.errors import ModelLoadError
     from ramba.eval.loading import load_model_tokenizer, resolve_model_dir
-    from ramba.eval.results import EvalError
 
     run = tmp_path / "run"
     for step in (9, 10):
@@ -150,5 +150,5 @@ def test_model_folder_checkpoint_or_run(model_dir, tmp_path):
         load_model_tokenizer(run)
     model, tok = load_model_tokenizer(run, tokenizer="byte")
     assert tok.vocab_size == 260 and not model.training
-    with pytest.raises(EvalError, match="not a model folder"):
+    with pytest.raises(ModelLoadError, match="not a model folder"):
         resolve_model_dir(tmp_path)

@@ -36,7 +36,7 @@ GRID = list(itertools.product([1, 16, 21], [(1, 1), (4, 1), (4, 2)], [False, Tru
 def test_chunk_matches_naive_fwd_bwd(T, HG, init):
     H, G = HG
     inputs = make_inputs(2, T, H, 3, G, 5, init=init, seed=T * 7 + H + G)
-    y_ref, h_ref, g_ref = run_with_grads("naive", inputs, 8)
+    y_ref, h_ref, g_ref = run_with_grads("reference", inputs, 8)
     y, h, grads = run_with_grads("torch", inputs, 8)
     assert y.shape == (2, T, H, 3) and h.shape == (2, H, 3, 5)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
@@ -64,7 +64,7 @@ def test_chunk_gradcheck():
 def test_result_independent_of_chunk_size(chunk_size):
     inputs = make_inputs(1, 19, 4, 2, 2, 3, init=True, seed=11)
     x, dt, A, B, C, h0 = inputs
-    y_ref, h_ref = ssd(x, dt, A, B, C, initial_state=h0, return_final_state=True, backend="naive")
+    y_ref, h_ref = ssd(x, dt, A, B, C, initial_state=h0, return_final_state=True, backend="reference")
     y, h = ssd(x, dt, A, B, C, chunk_size=chunk_size, initial_state=h0, return_final_state=True, backend="torch")
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
@@ -73,7 +73,7 @@ def test_result_independent_of_chunk_size(chunk_size):
 def test_strong_decay_stays_finite():
     # dt*A down to about -200 per token: exp underflows to 0 and must not produce inf/nan anywhere
     inputs = make_inputs(1, 20, 2, 2, 1, 3, init=True, seed=5, dt_scale=100.0)
-    y_ref, h_ref, g_ref = run_with_grads("naive", inputs, 8)
+    y_ref, h_ref, g_ref = run_with_grads("reference", inputs, 8)
     y, h, grads = run_with_grads("torch", inputs, 8)
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(h, h_ref, rtol=1e-9, atol=1e-9)
@@ -109,13 +109,13 @@ def test_step_loop_matches_scan():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_low_precision_inputs(dtype, tol):
     inputs64 = make_inputs(2, 21, 4, 8, 2, 16, init=True, seed=4)
-    y_ref, h_ref = ssd(*inputs64[:5], chunk_size=8, initial_state=inputs64[5], return_final_state=True, backend="naive")
+    y_ref, h_ref = ssd(*inputs64[:5], chunk_size=8, initial_state=inputs64[5], return_final_state=True, backend="reference")
     x, dt, A, B, C, h0 = [t.to(dtype) for t in inputs64]
     y, h = ssd(x, dt, A, B, C, chunk_size=8, initial_state=h0, return_final_state=True, backend="torch")
     assert y.dtype == dtype and h.dtype == torch.float32
     # reference from the rounded inputs, so only the computation's error is measured
     y_ref, h_ref = ssd(*[t.double() for t in (x, dt, A, B, C, h0)][:5], initial_state=h0.double(),
-                       return_final_state=True, backend="naive")
+                       return_final_state=True, backend="reference")
     rel = (y.double() - y_ref).norm() / y_ref.norm()
     assert rel < tol, rel
     assert (h.double() - h_ref).norm() / h_ref.norm() < 1e-5

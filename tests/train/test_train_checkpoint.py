@@ -2,6 +2,9 @@
 
 import errno
 import json
+import os
+import socket
+import subprocess
 
 import pytest
 import torch
@@ -90,12 +93,17 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
 def test_unfinished_save_is_ignored(tmp_path):
     model, opt = _model_and_optimizer()
     good = save_checkpoint(tmp_path, 4, model, opt, _state(4), keep=3)
-    stale = tmp_path / ".step-00000008.tmp-123"  # what a kill -9 during a save leaves
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".step-00000008.tmp-{host}-{dead.pid}-x1y2"  # what a kill -9 during a save leaves
     (stale / "model").mkdir(parents=True)
     (stale / "optimizer.pt").write_bytes(b"half")
+    alive = tmp_path / f".step-00000009.tmp-{host}-{os.getpid()}-x3y4"  # a save in progress in a live process
+    alive.mkdir()
     assert latest_checkpoint(tmp_path) == good
     save_checkpoint(tmp_path, 5, model, opt, _state(5), keep=3)
-    assert not stale.exists()
+    assert not stale.exists() and alive.exists()
 
 
 @pytest.mark.parametrize(

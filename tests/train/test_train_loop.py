@@ -16,6 +16,7 @@ import torch
 
 from ramba.cli.main import main
 from ramba.data import ByteTokenizer, make_task, prepare
+from ramba.errors import ModelLoadError
 from ramba.train import CheckpointError, load_config, train
 from ramba.train.config import config_from_dict
 from ramba.train.evaluate import eval_task, teacher_forced_answers
@@ -103,7 +104,7 @@ def test_init_from_a_run_a_model_file_or_nothing(config_dict, tmp_path):
     for (name, a), b, c in zip(first.state_dict().items(), second.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
     assert any(not torch.equal(a, c) for a, c in zip(first.state_dict().values(), fresh.state_dict().values()))
-    with pytest.raises(FileNotFoundError, match="is not a model folder"):
+    with pytest.raises(ModelLoadError, match="has weights but no config.json"):
         build_model(config_from_dict({**config_dict, "model": {"init_from": str(tmp_path)}}), ByteTokenizer())
 
 
@@ -258,7 +259,7 @@ def test_bad_inputs_give_clear_errors(config_dict, tmp_path, capsys):
     cases = [
         (["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
         (["--set", "max_steps=many"], "config key 'max_steps': expected int"),
-        (["--set", "model.overrides.d_modle=8"], "unknown RambaConfig fields ['d_modle']"),
+        (["--set", "model.overrides.d_modle=8"], "unknown field 'd_modle'; did you mean 'd_model'"),
         (["--set", "model.overrides.vocab_size=200"], "smaller than the tokenizer's 260"),
         (["--set", f"data.sources.0.path={tmp_path / 'nope'}"], "no such token file"),
         (["--set", "data.seq_len=100000"], "fewer than one sequence of 100000"),

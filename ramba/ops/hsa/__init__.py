@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ramba.ops.backends import check_backend
 from ramba.ops.hsa.naive import hsa_naive, softmax1
 
 BACKENDS = ("reference", "torch", "triton")
@@ -11,7 +12,9 @@ BACKENDS = ("reference", "torch", "triton")
 def _check_inputs(q, k, v, weights, indices, chunk_size, backend) -> None:
     for name, t in (("q", q), ("k", k), ("v", v), ("weights", weights), ("indices", indices)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"hsa: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"hsa: {name} must be a torch.Tensor, got {type(t).__name__} (convert it with "
+                            "torch.as_tensor)")
+    for name, t in (("q", q), ("k", k), ("v", v), ("weights", weights), ("indices", indices)):
         if t.dim() != 4:
             raise ValueError(f"hsa: {name} must have rank 4, got shape {tuple(t.shape)}")
     if not isinstance(chunk_size, int) or chunk_size <= 0:
@@ -88,12 +91,11 @@ def hsa(
     Returns:
         ``[B, T, HQ, D]`` in q's dtype. Differentiable in q, k, v and weights.
     """
+    _check_inputs(q, k, v, weights, indices, chunk_size, backend)
+    check_backend("hsa", backend, BACKENDS, q.device)
     if backend is None:
         use_triton = q.is_cuda and _triton_available() and _triton_supports(q.shape[-1], chunk_size)
         backend = "triton" if use_triton else "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"hsa: backend must be one of {BACKENDS} or None, got {backend!r}")
-    _check_inputs(q, k, v, weights, indices, chunk_size, backend)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if backend == "reference":

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import torch
 
+from ramba.ops.precision import compute_dtype
+
 # Elements of per-block work buffers (gathered queries, scores, outputs): ~2M (8 MB in fp32).
 # Small enough to stay in cache and in the allocator's reused heap (fresh large buffers cost
 # page faults), large enough that Python overhead is small; measured best on a 2-core CPU.
 _BLOCK_ELEMS = 1 << 21
 # Query rows (pairs × G) per group: enough rows for an efficient [rows, D] @ [D, S] matmul.
 _GROUP_ROWS = 256
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Plan:
@@ -117,7 +115,7 @@ class _HSABlocked(torch.autograd.Function):
         B, T, HQ, D = q.shape
         H, S = k.shape[2], chunk_size
         G = HQ // H
-        acc = _acc_dtype(q.dtype)
+        acc = compute_dtype(q)
         plan = _Plan(indices, k.shape[1] // S, G, _GROUP_ROWS)
         P = plan.P
         qr = _rows(q, G, acc, scale)  # scale folded into q once
@@ -144,7 +142,7 @@ class _HSABlocked(torch.autograd.Function):
         B, T, HQ, D = q.shape
         H = k.shape[2]
         G, P = HQ // H, plan.P
-        acc = _acc_dtype(q.dtype)
+        acc = compute_dtype(q)
         qr, dor = _rows(q, G, acc, scale), _rows(do, G, acc)
         kc, vc = _chunks(k, S, acc), _chunks(v, S, acc)
         N = weights.numel()

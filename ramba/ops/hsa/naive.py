@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ramba.ops.precision import compute_dtype
+
 
 def softmax1(scores: torch.Tensor, sm_n: float) -> torch.Tensor:
     """Softmax over the last dim whose denominator gets an extra ``sm_n`` (``exp(0)`` terms).
@@ -39,7 +41,7 @@ def hsa_naive(
     G = HQ // H
     S = chunk_size
     C = k.shape[1] // S
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(q)
     kc = k.to(acc).view(B, C, S, H, D).permute(0, 3, 1, 2, 4)  # [B, H, C, S, D]
     vc = v.to(acc).view(B, C, S, H, D).permute(0, 3, 1, 2, 4)
     idx = indices.long().permute(0, 2, 1, 3)  # [B, H, T, K]

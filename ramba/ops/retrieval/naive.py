@@ -11,12 +11,9 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from ramba.ops.precision import compute_dtype
+
 NORMS = ("stick_breaking", "softmax")
-
-
-def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float64 when any input is float64 (exact tests), float32 otherwise (bf16/fp16/fp32 inputs)."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _check_norm_inputs(fn: str, scores: torch.Tensor, valid: torch.Tensor) -> None:

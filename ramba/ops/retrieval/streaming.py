@@ -12,7 +12,8 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from ramba.ops.retrieval.naive import NORMALISERS, check_inputs, compute_dtype, resolve_positions
+from ramba.ops.precision import compute_dtype
+from ramba.ops.retrieval.naive import NORMALISERS, check_inputs, resolve_positions
 
 DEFAULT_BLOCK_CHUNKS = 1024
 # elements in one tile (scores of a token block × chunk block, or gathered landmarks): 16 MiB in float32
@@ -151,11 +152,12 @@ def select_chunks_streaming(
     B, T, R, Dr = q_r.shape
     C, K, dev = landmarks.shape[1], topk, q_r.device
     acc = compute_dtype(q_r.dtype, landmarks.dtype)
+    BR = max(B * R, 1)  # an empty batch sizes its (empty) tiles like a batch of one
     first_block = min(block_chunks or DEFAULT_BLOCK_CHUNKS, max(C, 1))
-    tokens_topk = block_tokens or max(1, TILE_ELEMENTS // (B * R * (first_block + K)))
+    tokens_topk = block_tokens or max(1, TILE_ELEMENTS // (BR * (first_block + K)))
     # few tokens (decoding) score many chunks per tile: one pass over a million landmarks, not a thousand
-    block_chunks = block_chunks or max(DEFAULT_BLOCK_CHUNKS, TILE_ELEMENTS // (B * R * min(tokens_topk, max(T, 1))) - K)
-    tokens_gather = block_tokens or max(1, TILE_ELEMENTS // (B * R * K * Dr))
+    block_chunks = block_chunks or max(DEFAULT_BLOCK_CHUNKS, TILE_ELEMENTS // (BR * min(tokens_topk, max(T, 1))) - K)
+    tokens_gather = block_tokens or max(1, TILE_ELEMENTS // (BR * K * Dr))
     n_vis = resolve_positions(positions, B, T, dev).div(chunk_size, rounding_mode="floor").clamp(0, C)
     indices = torch.empty(B, T, R, K, dtype=torch.long, device=dev)
     with torch.no_grad():

@@ -13,11 +13,13 @@ import functools
 
 import torch
 
+from ramba.ops.backends import check_backend
 from ramba.ops.ssd.chunk import ssd_chunk
 from ramba.ops.ssd.mamba_triton import chunk_scan_combined, ssd_mamba_triton, supports_chunk_size
-from ramba.ops.ssd.naive import compute_dtype, ssd_naive, ssd_step_naive
+from ramba.ops.precision import compute_dtype
+from ramba.ops.ssd.naive import ssd_naive, ssd_step_naive
 
-BACKENDS = ("naive", "torch", "fla", "mamba_ssm")
+BACKENDS = ("reference", "torch", "fla", "mamba_ssm")
 
 
 @functools.cache
@@ -103,7 +105,7 @@ def ssd(
         chunk_size: block length of the chunked algorithms (does not change the result).
         initial_state: ``[B, H, P, N]`` state before the first token, or None (zeros).
         return_final_state: also return the state after the last token.
-        backend: ``"naive"`` (per-token loop), ``"torch"`` (chunked PyTorch), ``"mamba_ssm"``
+        backend: ``"reference"`` (per-token loop), ``"torch"`` (chunked PyTorch), ``"mamba_ssm"``
             (mamba_ssm's Triton kernels, CUDA) or ``"fla"`` (fla-core's Triton kernels, CUDA);
             ``None``: :func:`default_backend`.
     Returns:
@@ -111,13 +113,12 @@ def ssd(
         ``[B, H, P, N]`` in float32 (float64 for float64 inputs on CPU backends).
         Differentiable in x, dt, A, B, C and initial_state.
     """
-    if backend is None:
-        backend = default_backend(x.device, chunk_size)
-    if backend not in BACKENDS:
-        raise ValueError(f"ssd: backend must be one of {BACKENDS} or None, got {backend!r}")
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
     _check_inputs(x, dt, A, B, C, initial_state, "initial_state", step=False)
+    check_backend("ssd", backend, BACKENDS, x.device)
+    if backend is None:
+        backend = default_backend(x.device, chunk_size)
     if x.shape[1] == 0:
         Bsz, _, H, P = x.shape
         y = x.new_zeros(x.shape)
@@ -126,12 +127,10 @@ def ssd(
         acc = compute_dtype(x)
         h = x.new_zeros(Bsz, H, P, B.shape[-1], dtype=acc) if initial_state is None else initial_state.to(acc)
         return y, h
-    if backend == "naive":
+    if backend == "reference":
         return ssd_naive(x, dt, A, B, C, initial_state, return_final_state)
     if backend == "torch":
         return ssd_chunk(x, dt, A, B, C, chunk_size, initial_state, return_final_state)
-    if not x.is_cuda:
-        raise ValueError(f"ssd: backend {backend!r} needs CUDA tensors, got device {x.device}")
     if backend == "mamba_ssm":
         return ssd_mamba_triton(x, dt, A, B, C, chunk_size, initial_state, return_final_state)
     from ramba.ops.ssd.fla import ssd_fla

@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import torch
 
+from ramba.ops.precision import compute_dtype
+
 # scan(q [B,T,G,K], k [B,T,G,K], v [B,T,H,V], g [B,T,H], S_0 [B,H,V,K] | None) -> (o [B,T,H,V], S_T [B,H,V,K])
 Scan = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -44,7 +46,7 @@ class _AdjointScan(torch.autograd.Function):
         scan = ctx.scan
         H, G = v.shape[2], q.shape[2]
         R = H // G
-        acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+        acc = compute_dtype(v)
         d_final = d_final.to(acc)
         q_heads = q.repeat_interleave(R, dim=2).to(acc)  # [B, T, H, K]
         k_heads = k.repeat_interleave(R, dim=2).to(acc)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ramba.ops.ssd.naive import compute_dtype
+from ramba.ops.precision import compute_dtype
 
 
 def segment_sum(a: torch.Tensor) -> torch.Tensor:

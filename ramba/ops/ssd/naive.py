@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import torch
 
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; every other float dtype is computed in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from ramba.ops.precision import compute_dtype
 
 
 def ssd_step_naive(
