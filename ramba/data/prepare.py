@@ -11,14 +11,14 @@ import gzip
 import json
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .tokenizer import ByteTokenizer
-from .tokens import DataError, TokenFile, TokenFileWriter
+from ramba.data.tokenizer import ByteTokenizer
+from ramba.data.tokens import DataError, TokenFile, TokenFileWriter
 
 __all__ = ["prepare", "iter_documents", "DEFAULT_EXTENSIONS"]
 
@@ -62,7 +62,7 @@ def _collect_files(inputs: Sequence[str | os.PathLike], extensions: Sequence[str
 def _open_text(path: Path):
     if path.name.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, "r", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
 
 
 def iter_documents(path: Path, jsonl_field: str = "text") -> Iterator[str]:

@@ -33,12 +33,12 @@ from __future__ import annotations
 import random
 import re
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
-from .tokens import TokenFile
+from ramba.data.tokens import TokenFile
 
 __all__ = [
     "TaskSample",

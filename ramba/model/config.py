@@ -204,7 +204,7 @@ class RambaConfig(PreTrainedConfig):
         return plan
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "RambaConfig":
+    def preset(cls, name: str, **overrides) -> RambaConfig:
         """A named configuration (``"tiny"``, ``"small"``, ``"370m"``) with fields overridden by keyword."""
         if name not in PRESETS:
             raise ValueError(f"RambaConfig.preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")

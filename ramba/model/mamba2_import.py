@@ -97,11 +97,11 @@ def load_mamba2_weights(model, path: str | Path, zero_new_outputs: bool = True) 
         if parts[:2] == ["backbone", "layers"] and int(parts[2]) < len(mamba_layers):
             rename[key] = ".".join(["model", "layers", str(mamba_layers[int(parts[2])])] + parts[3:])
     target = model.state_dict()
-    for what, field in (("conv1d.bias", "conv_bias"), ("in_proj.bias", "ssm_proj_bias")):
+    for what, option in (("conv1d.bias", "conv_bias"), ("in_proj.bias", "ssm_proj_bias")):
         in_source = any(k.endswith(f"mixer.{what}") for k in source)
-        if in_source != getattr(model.config, field):
+        if in_source != getattr(model.config, option):
             raise ValueError(f"{path}: the Mamba-2 model {'has' if in_source else 'has no'} {what} but the RAMba model's "
-                             f"config has {field}={getattr(model.config, field)}: build it with ramba_config_from_mamba2")
+                             f"config has {option}={getattr(model.config, option)}: build it with ramba_config_from_mamba2")
     report = Mamba2ImportReport()
     for key, tensor in source.items():
         dest = rename.get(key)

@@ -30,11 +30,10 @@ from ramba.data.tasks import MixedHaystack, TemplateHaystack, TokenFileHaystack,
 from ramba.data.tokenizer import load_tokenizer
 from ramba.data.tokens import TokenFile
 from ramba.layers.mamba2 import set_compile_glue
-
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, model_folder, save_checkpoint
-from .config import ConfigError, TrainConfig
-from .cuda_graph import GraphedLoss
-from .distributed import (
+from ramba.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, model_folder, save_checkpoint
+from ramba.train.config import ConfigError, TrainConfig
+from ramba.train.cuda_graph import GraphedLoss
+from ramba.train.distributed import (
     DistInfo,
     all_reduce_mean,
     any_rank,
@@ -43,8 +42,8 @@ from .distributed import (
     shutdown_distributed,
     wrap_model,
 )
-from .evaluate import eval_loss, eval_task
-from .schedule import make_scheduler
+from ramba.train.evaluate import eval_loss, eval_task
+from ramba.train.schedule import make_scheduler
 
 __all__ = ["train", "build_model", "build_data"]
 
@@ -252,7 +251,7 @@ class StopSignals:
         self.received: str | None = None
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self

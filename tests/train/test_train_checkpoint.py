@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from train_helpers import MODEL_OVERRIDES
 
 from ramba import RambaConfig, RambaForCausalLM
 from ramba.train.checkpoint import (
@@ -16,6 +15,7 @@ from ramba.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from train_helpers import MODEL_OVERRIDES
 
 
 def _model_and_optimizer(seed=0, steps=1):
