@@ -16,6 +16,8 @@ TORCH=${FLOOR_TORCH:-2.13.0}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/pip" install -q "torch==$TORCH" "transformers==$TRANSFORMERS" numpy safetensors tqdm pyyaml matplotlib pytest
 "$VENV/bin/python" -c "import torch, transformers; print('floors: torch', torch.__version__, 'transformers', transformers.__version__)"
-PYTHONPATH=$PWD "$VENV/bin/python" -m pytest -q -x -p no:cacheprovider \
+# what touches transformers and torch's APIs (config, save/load, generate, Mamba-2 import, cache, checkpoints);
+# the model's causality grid is left to the main run
+PYTHONPATH=$PWD "$VENV/bin/python" -m pytest -q -x -p no:cacheprovider -k "not test_causal" \
     tests/model/test_model.py tests/model/test_mamba2_import.py tests/model/test_single_file.py \
     tests/inference tests/train/test_train_checkpoint.py tests/data/test_data_token_files.py
