@@ -1,4 +1,4 @@
-"""Dump the chunk selection a trained model makes on real text, for bench_hsa.py's "trained" pattern.
+"""Dump the chunk selection a trained model makes on real text, for ramba/bench/hsa.py's "trained" pattern.
 
 Usage: python benchmarks/dump_selection.py [--corpus corpus/python-doc] [--tokens 65536] [--out PATH]
 

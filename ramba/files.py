@@ -21,8 +21,8 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ramba.errors import CheckpointError, OutputPathError
 

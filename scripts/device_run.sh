@@ -7,12 +7,12 @@
 # Sections (run in the order given, each bounded by its own timeout, outputs under $OUT):
 #   tests        the GPU tests but the slow ones (fp32 fla kernels: minutes of compiling)
 #   tests-model  the GPU tests of the model (fast paths against the CPU paths, cache and offload, a training step)
-#   hsa          HSA GPU tests + benchmarks/bench_hsa.py (beside .carry/hsa_triton_v2.py's kernels when carried:
+#   hsa          HSA GPU tests + ramba bench kernels (ramba/bench/hsa.py; beside .carry/hsa_triton_v2.py's kernels when carried:
 #                git show 9efe38d:ramba/ops/hsa/triton.py > .carry/hsa_triton_v2.py)
-#   hsa-sweep    benchmarks/bench_hsa.py --sweep: the other supported shapes (beside the same baseline)
+#   hsa-sweep    ramba bench kernels --sweep: the other supported shapes (beside the same baseline)
 #   ssd[:KEXPR]  the GPU tests of the SSD fast paths but the slow ones (those pytest -k KEXPR selects)
 #   train[:PRESETS[:ARCHS[:LENGTHS]]]
-#                benchmarks/bench_train.py (default the 370m and tiny layouts, RAMba, Mamba-2 and Transformer, 4K and
+#                ramba bench train (default the 370m and tiny layouts, RAMba, Mamba-2 and Transformer, 4K and
 #                16K; gradient checkpointing where one sequence does not fit); environment: BENCH_TOKENS tokens a step
 #                (default 16384), BENCH_STEPS timed steps (default 15), BENCH_NAME results file stem (default bench_train)
 #   train-eager[:PRESETS[:ARCHS[:LENGTHS]]]
@@ -22,9 +22,9 @@
 #   tests-graph  the GPU tests of the CUDA-graph training step (tests/gpu/test_cuda_graph_gpu.py)
 #   tests-nsa    the GPU tests of the NSA baseline (fla's kernels vs the torch path; tests/gpu/test_nsa_gpu.py)
 #   profile:PRESET:ARCHS:LENGTH
-#                bench_train.py --profile for the comma-separated architectures (BENCH_TOKENS a step, default 8192): a table of
+#                ramba bench train --profile for the comma-separated architectures (BENCH_TOKENS a step, default 8192): a table of
 #                the kernels by device time per model under $OUT/profile/
-#   inference    benchmarks/bench_inference.py (tiny preset, 4K..64M, offload)
+#   inference    ramba bench inference (tiny preset, 4K..64M, offload)
 #   save-cache   the Triton kernel cache as $OUT/triton-cache.tgz.part-* (copy them into .carry/ for the
 #                next fresh machine: the kernels of the last run then need no compiling or autotuning)
 #   corpus       unpack the corpora carried in .carry/corpus/ and prepare their token files under data/
@@ -171,11 +171,11 @@ section() {
             local baseline=()
             [ ! -f .carry/hsa_triton_v2.py ] || baseline=(--baseline .carry/hsa_triton_v2.py)
             if [ "$name" = hsa-sweep ]; then
-                timeout 400 python3 benchmarks/bench_hsa.py "$OUT" --sweep "${baseline[@]}"
+                timeout 400 python3 -m ramba bench kernels "$OUT" --sweep "${baseline[@]}"
             else
                 timeout 200 python3 -m pytest -m gpu tests/gpu/test_hsa_gpu.py -q -rfE --durations=5 -p no:cacheprovider
                 local rc=$?
-                timeout 300 python3 benchmarks/bench_hsa.py "$OUT" "${baseline[@]}" || return 1
+                timeout 300 python3 -m ramba bench kernels "$OUT" "${baseline[@]}" || return 1
                 return $rc
             fi ;;
         ssd)
@@ -187,15 +187,15 @@ section() {
             IFS=: read -r _ presets archs lengths <<<"$1"
             [ "$name" != train-eager ] || mode=(--no-compile-glue)
             [ "$name" != train-graph ] || mode=(--cuda-graph)
-            timeout 300 python3 benchmarks/bench_train.py --presets "${presets:-370m,tiny}" \
+            timeout 300 python3 -m ramba bench train --presets "${presets:-370m,tiny}" \
                 --architectures "${archs:-ramba,mamba2,transformer}" --lengths "${lengths:-4096,16384}" \
                 --batch-tokens "${BENCH_TOKENS:-16384}" --steps "${BENCH_STEPS:-15}" --warmup 2 --checkpoint-fallback \
                 "${mode[@]}" --out "$OUT" --name "${BENCH_NAME:-bench_$name}" ;;
         profile)
             IFS=: read -r _ preset archs length <<<"$1"
-            timeout 300 python3 benchmarks/bench_train.py --presets "$preset" --architectures "$archs" --lengths "$length" \
+            timeout 300 python3 -m ramba bench train --presets "$preset" --architectures "$archs" --lengths "$length" \
                 --batch-tokens "${BENCH_TOKENS:-8192}" --steps 3 --warmup 2 --profile "$OUT/profile" --out "$OUT" --name "profile-$preset" ;;
-        inference) timeout 240 python3 benchmarks/bench_inference.py --preset tiny --architectures ramba \
+        inference) timeout 240 python3 -m ramba bench inference --preset tiny --architectures ramba \
                    --lengths 4k,64k,1m,16m,64m --decode-tokens 16 --segment-len 65536 --mode fast --offload --out "$OUT" ;;
         multigpu)
             local name sets n args=()

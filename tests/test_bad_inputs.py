@@ -1,7 +1,6 @@
 """The catalogue of bad inputs (docs/design.md §8): every one raises its documented error type with the words a
 user needs, and no output file is created or changed. Python API cases first, then the command line (exit
 status 2, one `ramba <command>: error: ...` line, no traceback)."""
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -9,13 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from small_models import SMALL, small_model
 
 import ramba.cli.main as cli
 from ramba import RambaConfig, RambaForCausalLM
 from ramba.data import ByteTokenizer, TokenFile, prepare
-from ramba.errors import (CheckpointError, ConfigError, DataError, EvalError, InputError, ModelLoadError,
-                          OutputPathError, RambaUserError)
+from ramba.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    EvalError,
+    InputError,
+    ModelLoadError,
+    OutputPathError,
+    RambaUserError,
+)
 from ramba.eval.results import parse_depths, parse_lengths, write_results
 from ramba.files import check_output
 from ramba.inference import generate, prefill
@@ -27,6 +33,7 @@ from ramba.ops.ssd import ssd
 from ramba.train.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 from ramba.train.config import ConfigTypeError, config_from_dict, load_config
 from ramba.train.lock import RunLock
+from small_models import SMALL, small_model
 
 BYTE = dict(SMALL, vocab_size=260, pad_token_id=256, bos_token_id=257, eos_token_id=258)
 

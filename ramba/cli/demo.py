@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ramba.cli.generate import StreamDecoder
     from ramba.data.tasks import TokenFileHaystack, make_task
+    from ramba.errors import EvalError, ModelLoadError
     from ramba.eval.loading import load_model_tokenizer
     from ramba.eval.passkey import evaluate_passkey, passkey_table, save_passkey
-    from ramba.errors import EvalError, ModelLoadError
     from ramba.eval.results import format_length
     from ramba.eval.tasks import GenerationSettings
     from ramba.files import check_output

@@ -21,8 +21,8 @@ def _arg(parse):
 
 
 def _common(p: argparse.ArgumentParser, out: str) -> None:
-    from ramba.model.loading import MODEL_FORMS
     from ramba.eval.results import parse_lengths
+    from ramba.model.loading import MODEL_FORMS
 
     p.add_argument("--model", required=True, help=f"the model: {MODEL_FORMS}")
     p.add_argument("--tokenizer", default=None,

@@ -1,10 +1,10 @@
 """Tokenizers, memory-mapped token files, corpus preparation, synthetic long-context tasks, mixtures."""
 
-from .mixture import DistributedSampler, Mixture, TaskStream, TokenWindows, collate
-from .prepare import prepare
-from .tasks import TASKS, MixedHaystack, TaskSample, TemplateHaystack, TokenFileHaystack, make_task
-from .tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
-from .tokens import DataError, TokenFile, TokenFileWriter
+from ramba.data.mixture import DistributedSampler, Mixture, TaskStream, TokenWindows, collate
+from ramba.data.prepare import prepare
+from ramba.data.tasks import TASKS, MixedHaystack, TaskSample, TemplateHaystack, TokenFileHaystack, make_task
+from ramba.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from ramba.data.tokens import DataError, TokenFile, TokenFileWriter
 
 __all__ = [
     "ByteTokenizer",

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .tasks import Task
-from .tokens import DataError, TokenFile
+from ramba.data.tasks import Task
+from ramba.data.tokens import DataError, TokenFile
 
 __all__ = ["TokenWindows", "TaskStream", "Mixture", "DistributedSampler", "collate"]
 

@@ -11,17 +11,16 @@ import gzip
 import json
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from ramba.data.tokenizer import ByteTokenizer
+from ramba.data.tokens import DataError, TokenFile, TokenFileWriter
 from ramba.errors import OutputPathError, RambaUserError
 from ramba.files import WRITE_ERRNOS, describe_os_error
-
-from .tokenizer import ByteTokenizer
-from .tokens import DataError, TokenFile, TokenFileWriter
 
 __all__ = ["prepare", "iter_documents", "DEFAULT_EXTENSIONS"]
 
@@ -65,7 +64,7 @@ def _collect_files(inputs: Sequence[str | os.PathLike], extensions: Sequence[str
 def _open_text(path: Path):
     if path.name.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, "r", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
 
 
 def iter_documents(path: Path, jsonl_field: str = "text") -> Iterator[str]:

@@ -33,12 +33,12 @@ from __future__ import annotations
 import random
 import re
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
-from .tokens import TokenFile
+from ramba.data.tokens import TokenFile
 
 __all__ = [
     "TaskSample",
@@ -461,7 +461,7 @@ class NeedleTask(Task):
             queried.sort()
         if self.distractors:  # drawn last: a seed's sample without distractors is unchanged
             near = [keys[rng.choice(queried)] for _ in range(self.distractors)]
-            fake_keys = [_unique(lambda: _near_miss(k, kf, rng), 1, keys)[0] for k in near]
+            fake_keys = [_unique(lambda k=k: _near_miss(k, kf, rng), 1, keys)[0] for k in near]
             fake_values = _unique(lambda: _draw(vf, rng, digits), self.distractors, keys + values + fake_keys)
             for key, value in zip(fake_keys, fake_values):
                 needles.append(needle.format(noun=noun, key=key, value=value))

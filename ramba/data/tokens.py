@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -77,7 +77,7 @@ class TokenFileWriter:
     def n_docs(self) -> int:
         return len(self._offsets) - 1
 
-    def close(self, extra_meta: dict | None = None) -> "TokenFile":
+    def close(self, extra_meta: dict | None = None) -> TokenFile:
         """Finishes the file and moves it into place; raises DataError if no document was added."""
         self._bin.close()
         if self.n_tokens == 0:
@@ -105,7 +105,7 @@ class TokenFileWriter:
             self._bin.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def __enter__(self) -> "TokenFileWriter":
+    def __enter__(self) -> TokenFileWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import asdict
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -119,7 +119,7 @@ def sample_from_doc(doc: dict) -> TaskSample:
     return TaskSample(input_ids=np.empty(0, dtype=np.int64), **fields)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _scorer(spec: str):
     from ramba.data.tokenizer import ByteTokenizer
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from ramba.errors import EvalError
-from ramba.model.loading import load_model, resolve_dtype, resolve_device, resolve_model, resolve_model_dir
+from ramba.model.loading import load_model, resolve_device, resolve_dtype, resolve_model, resolve_model_dir
 
 __all__ = ["resolve_model", "resolve_model_dir", "run_config", "load_model", "load_model_tokenizer", "resolve_device",
            "resolve_dtype"]

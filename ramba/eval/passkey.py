@@ -6,8 +6,8 @@ scores 1 when the first number it writes is the key.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ramba.data.tasks import make_task
 from ramba.eval.plots import heatmap

@@ -9,8 +9,8 @@ scored given all tokens before it in the window: `nll[p] = -log P(x[p] | x[:p])`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -10,8 +10,8 @@ distractors crowding the needle out, as the long-context failures of a model tra
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -1,4 +1,4 @@
-"""Segmented prefill and token-by-token generation over contexts of millions of tokens (DESIGN §5)."""
+"""Segmented prefill and token-by-token generation over contexts of millions of tokens (docs/design.md §5)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator

@@ -6,8 +6,14 @@ package is imported here, so a layer kind in a new module registers itself witho
 import importlib
 import pkgutil
 
-from ramba.layers.attention import (Attention, AttentionBlock, KVCache, NativeSparseAttention,
-                                    NativeSparseAttentionBlock, SlidingWindowBlock)
+from ramba.layers.attention import (
+    Attention,
+    AttentionBlock,
+    KVCache,
+    NativeSparseAttention,
+    NativeSparseAttentionBlock,
+    SlidingWindowBlock,
+)
 from ramba.layers.base import LAYER_CLASSES, ChunkMemory, ChunkSelection, LayerContext, RambaLayer, build_layer
 from ramba.layers.hsa import ChunkEncoder, ChunkEncoderState, HSALayer, RetrievalLayer
 from ramba.layers.mamba2 import Mamba2Block, Mamba2Mixer, Mamba2State

@@ -282,6 +282,7 @@ class Mamba2Block(RambaLayer):
         c = config
         return cls(d_model=c.d_model, d_state=c.d_state, d_conv=c.conv_kernel, expand=c.expand,
                    head_dim=c.ssm_head_dim, n_groups=c.n_groups, chunk_size=c.ssm_chunk_size,
+                   use_conv_bias=c.conv_bias, use_bias=c.ssm_proj_bias, time_step_limit=c.dt_limit,
                    rms_norm_eps=c.rms_norm_eps, layer_idx=layer_idx)
 
     def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype, chunk_store=None) -> Mamba2State:

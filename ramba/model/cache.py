@@ -10,7 +10,6 @@ from transformers.cache_utils import Cache
 from ramba.layers.base import RambaLayer, build_layer
 from ramba.layers.hsa import ChunkEncoderState, ChunkMemory, ChunkSelection
 
-
 # The most chunk-memory bytes one offloaded fetch may copy to the device, were every selected chunk distinct:
 # a long segment attends block by block (see ChunkMemoryStore.fetch_tokens), so the GPU memory a prefill
 # needs does not grow with the number of chunks its tokens can choose from.

@@ -55,6 +55,14 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def json_float(value) -> float:
+    """A float read back from JSON: a number, or infinity as written by transformers' ``to_json_string``
+    (``{"__float__": "Infinity"}`` in transformers 5, the bare ``Infinity`` of Python's json before)."""
+    if isinstance(value, dict) and set(value) == {"__float__"}:
+        value = value["__float__"]
+    return float(value)
+
+
 class RambaConfig(PreTrainedConfig):
     """Configuration of RAMba and of the baselines built from the same parts.
 
@@ -74,6 +82,8 @@ class RambaConfig(PreTrainedConfig):
         weight_norm: "stick_breaking" or "softmax".
         sm_n: extra softmax denominator inside each chunk (0 or 1). hsa_mlp: an MLP sub-block after each HSA layer.
         d_state / ssm_head_dim / expand / conv_kernel / n_groups / ssm_chunk_size: the Mamba-2 mixer.
+        conv_bias / ssm_proj_bias: a bias in the Mamba-2 conv / in_proj and out_proj (HF's use_conv_bias / use_bias).
+        dt_limit: ``(lo, hi)``, the Mamba-2 time step is clamped to it after the softplus (HF's time_step_limit).
         local_mixer: "mamba2" or "swa" (sliding-window attention with window ``window``, the SWA+HSA model).
         architecture: "ramba", or a baseline: "mamba2" (Mamba-2 only), "mamba2-swa" (SWA in place of the HSA layers),
             "mamba2-nsa" (native sparse attention in place of the HSA layers: blocks of chunk_size, topk of them,
@@ -108,6 +118,9 @@ class RambaConfig(PreTrainedConfig):
     conv_kernel: int = 4
     n_groups: int = 1
     ssm_chunk_size: int = 64
+    conv_bias: bool = True
+    ssm_proj_bias: bool = False
+    dt_limit: tuple[float, float] = (0.0, float("inf"))
     local_mixer: str = "mamba2"
     window: int = 512
     architecture: str = "ramba"
@@ -132,6 +145,7 @@ class RambaConfig(PreTrainedConfig):
             self.encoder_heads = max(1, self.d_model // 64) if isinstance(self.d_model, int) else None
         if self.mlp_hidden is None:
             self.mlp_hidden = 64 * -(-(8 * self.d_model // 3) // 64)
+        self.dt_limit = tuple(json_float(x) for x in self.dt_limit)
         self._validate()
         super().__post_init__(**kwargs)
 
@@ -174,6 +188,7 @@ class RambaConfig(PreTrainedConfig):
         need(self.sm_n in (0, 1, 0.0, 1.0), "sm_n", "must be 0 or 1")
         need((self.d_model // self.encoder_heads) % 2 == 0 and self.d_model >= self.encoder_heads, "encoder_heads",
              f"must leave an even head dim d_model // encoder_heads (rotary positions), d_model={self.d_model}")
+        need(len(self.dt_limit) == 2 and 0 <= self.dt_limit[0] <= self.dt_limit[1], "dt_limit", "must be (lo, hi) with 0 <= lo <= hi")
         if self.architecture in ("ramba", "mamba2-swa", "mamba2-nsa"):
             per_group = self.retrieval_groups * self.mamba_per_hsa
             need(self.n_upper_layers % per_group == 0 and self.n_upper_layers > 0, "n_upper_layers",
@@ -207,7 +222,7 @@ class RambaConfig(PreTrainedConfig):
         return plan
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "RambaConfig":
+    def preset(cls, name: str, **overrides) -> RambaConfig:
         """A named configuration (``"tiny"``, ``"small"``, ``"370m"``) with fields overridden by keyword."""
         if name not in PRESETS:
             raise ConfigError(f"RambaConfig.preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")

@@ -49,15 +49,22 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def ramba_config_from_mamba2(path: str | Path, **overrides) -> RambaConfig:
     """A :class:`RambaConfig` whose Mamba-2 blocks match the Mamba-2 model in ``path`` (its layers split
-    between lower and upper blocks as ``overrides`` say, default half and half)."""
+    between lower and upper blocks as ``overrides`` say, default half and half).
+
+    HF's ``use_bias``, ``use_conv_bias`` and ``time_step_limit`` become ``ssm_proj_bias``, ``conv_bias`` and
+    ``dt_limit``; a ``hidden_act`` other than SiLU is refused (RAMba's mixer has no other)."""
     cfg = json.loads((Path(path) / "config.json").read_text())
     if cfg.get("model_type") != "mamba2":
         raise ValueError(f"{path}: config.json has model_type {cfg.get('model_type')!r}, expected 'mamba2'")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: config.json has hidden_act {cfg['hidden_act']!r}; RAMba's Mamba-2 mixer uses 'silu' only")
     n_layers = cfg["num_hidden_layers"]
     fields = dict(
         vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], d_state=cfg["state_size"],
         ssm_head_dim=cfg["head_dim"], expand=cfg["expand"], conv_kernel=cfg["conv_kernel"], n_groups=cfg["n_groups"],
         rms_norm_eps=cfg["layer_norm_epsilon"], tie_embeddings=cfg.get("tie_word_embeddings", False),
+        conv_bias=cfg.get("use_conv_bias", True), ssm_proj_bias=cfg.get("use_bias", False),
+        dt_limit=cfg.get("time_step_limit", (0.0, float("inf"))),
         n_lower_layers=n_layers // 2, n_upper_layers=n_layers - n_layers // 2,
     )
     return RambaConfig(**{**fields, **overrides})
@@ -90,6 +97,11 @@ def load_mamba2_weights(model, path: str | Path, zero_new_outputs: bool = True) 
         if parts[:2] == ["backbone", "layers"] and int(parts[2]) < len(mamba_layers):
             rename[key] = ".".join(["model", "layers", str(mamba_layers[int(parts[2])])] + parts[3:])
     target = model.state_dict()
+    for what, option in (("conv1d.bias", "conv_bias"), ("in_proj.bias", "ssm_proj_bias")):
+        in_source = any(k.endswith(f"mixer.{what}") for k in source)
+        if in_source != getattr(model.config, option):
+            raise ValueError(f"{path}: the Mamba-2 model {'has' if in_source else 'has no'} {what} but the RAMba model's "
+                             f"config has {option}={getattr(model.config, option)}: build it with ramba_config_from_mamba2")
     report = Mamba2ImportReport()
     for key, tensor in source.items():
         dest = rename.get(key)

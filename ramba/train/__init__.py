@@ -1,9 +1,15 @@
 """Training: configuration, the loop, checkpoints, the learning-rate schedule, distributed helpers."""
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
-from .config import ConfigError, ConfigTypeError, TrainConfig, describe, load_config
-from .loop import train
-from .schedule import WarmupCosine
+from ramba.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from ramba.train.config import ConfigError, ConfigTypeError, TrainConfig, describe, load_config
+from ramba.train.loop import train
+from ramba.train.schedule import WarmupCosine
 
 __all__ = [
     "TrainConfig",

@@ -94,7 +94,7 @@ def save_checkpoint(
     optim_sd = get_optimizer_state_dict(model, optimizer, options=_FULL)
     if not is_main:
         return None
-    from .distributed import unwrap_model
+    from ramba.train.distributed import unwrap_model
 
     root = Path(root)
     final = root / f"step-{step:08d}"
@@ -159,7 +159,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # a manifest-consistent file that still fails to parse is corrupt all the same
         raise CheckpointError(f"checkpoint {path}: cannot read ({e})") from e
-    from .distributed import unwrap_model
+    from ramba.train.distributed import unwrap_model
 
     raw = unwrap_model(model)
     # Tied weights appear once in the file; the aliases are the names state_dict() has beyond named_parameters().

@@ -17,12 +17,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
 from ramba.errors import ConfigError
-from ramba.overrides import apply_overrides, yaml_load as _yaml_load
+from ramba.overrides import apply_overrides
+from ramba.overrides import yaml_load as _yaml_load
 
 __all__ = [
     "ConfigError",
@@ -57,11 +58,11 @@ def _f(default, help: str, **kw):
 class ModelConfig:
     """Which model to train."""
 
-    preset: Optional[str] = _f(
+    preset: str | None = _f(
         "tiny", "RambaConfig preset name ('tiny', '370m'); null builds RambaConfig(**overrides) from defaults."
     )
     overrides: dict = _f({}, "RambaConfig fields set on top of the preset, e.g. {d_model: 64, architecture: mamba2}.")
-    init_from: Optional[str] = _f(
+    init_from: str | None = _f(
         None,
         "Start from these weights: a folder written by save_pretrained, a checkpoint (step-N/), a training run "
         "(its newest checkpoint) or a model file (`ramba export`); preset and overrides are then ignored.",
@@ -75,19 +76,19 @@ class ModelConfig:
 class SourceConfig:
     """One entry of the data mixture: a token file or a synthetic task."""
 
-    path: Optional[str] = _f(None, "Token file folder written by `ramba prepare` (give this or `task`).")
-    task: Optional[str] = _f(
+    path: str | None = _f(None, "Token file folder written by `ramba prepare` (give this or `task`).")
+    task: str | None = _f(
         None,
         "Synthetic task name: passkey, niah_single, niah_multikey, niah_multivalue, niah_multiquery, "
         "variable_tracking (give this or `path`).",
     )
     weight: float = _f(1.0, "Relative sampling weight of this source in the mixture.")
-    haystack: Union[str, list[str], None] = _f(
+    haystack: str | list[str] | None = _f(
         None,
         "Tasks: token file whose text fills the haystack, or a list of them (one drawn per sample); "
         "null repeats a template sentence.",
     )
-    depth: Optional[float] = _f(None, "Tasks: needle depth in [0, 1]; null draws a depth per sample.")
+    depth: float | None = _f(None, "Tasks: needle depth in [0, 1]; null draws a depth per sample.")
     params: dict = _f({}, "Tasks: extra task options, e.g. {num_keys: 4} or {num_chains: 2, num_hops: 3}.")
     loss_on_prompt: bool = _f(False, "Tasks: also train on the prompt tokens, not only on the answer.")
 
@@ -203,7 +204,7 @@ class TrainConfig:
         "token: the loss is the mean over every labelled token of the batch. sequence: the mean over sequences of "
         "each sequence's mean, so a task sample whose loss is on a few answer tokens weighs as much as a text window.",
     )
-    device: Optional[str] = _f(None, "Device ('cpu', 'cuda'); null picks cuda:LOCAL_RANK when available.")
+    device: str | None = _f(None, "Device ('cpu', 'cuda'); null picks cuda:LOCAL_RANK when available.")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model (see model.*)."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "The data (see data.*)."})
     optim: OptimConfig = field(

@@ -31,7 +31,7 @@ class RunLock:
         self._fd: int | None = None
         self._created: list[Path] = []
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         folder = self.path.parent
         self._created = [p for p in (folder, self.path) if not p.exists()]  # removed again if the run writes nothing
         folder.mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,7 @@ class RunLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

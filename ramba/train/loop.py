@@ -29,15 +29,13 @@ from ramba.data.mixture import DistributedSampler, Mixture, TaskStream, TokenWin
 from ramba.data.tasks import MixedHaystack, TemplateHaystack, TokenFileHaystack, make_task
 from ramba.data.tokenizer import load_tokenizer
 from ramba.data.tokens import TokenFile
-from ramba.layers.mamba2 import set_compile_glue
-
 from ramba.errors import CheckpointError, ConfigError, InputError, ModelLoadError
 from ramba.files import check_output, write_text_atomic
-
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .cuda_graph import GraphedLoss
-from .distributed import (
+from ramba.layers.mamba2 import set_compile_glue
+from ramba.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ramba.train.config import TrainConfig
+from ramba.train.cuda_graph import GraphedLoss
+from ramba.train.distributed import (
     DistInfo,
     all_reduce_mean,
     any_rank,
@@ -46,9 +44,9 @@ from .distributed import (
     shutdown_distributed,
     wrap_model,
 )
-from .evaluate import eval_loss, eval_task
-from .lock import RunLock
-from .schedule import make_scheduler
+from ramba.train.evaluate import eval_loss, eval_task
+from ramba.train.lock import RunLock
+from ramba.train.schedule import make_scheduler
 
 __all__ = ["train", "build_model", "build_data"]
 
@@ -242,7 +240,7 @@ class StopSignals:
         self.received: str | None = None
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self

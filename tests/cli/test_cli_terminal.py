@@ -7,10 +7,10 @@ import re
 
 import pytest
 import torch
-from small_models import small_model
 
 from ramba.cli.main import main
 from ramba.inference import prefill, prefill_progress
+from small_models import small_model
 
 
 def _screen(text: str) -> list[str]:

@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 
 from ramba.eval.plots import Panel, heatmap, line_plots
-from ramba.eval.results import (EvalError, format_grid, format_length, parse_depths, parse_lengths, read_results,
-                                write_results)
+from ramba.eval.results import (
+    EvalError,
+    format_grid,
+    format_length,
+    parse_depths,
+    parse_lengths,
+    read_results,
+    write_results,
+)
 
 
 def test_parse_lengths():

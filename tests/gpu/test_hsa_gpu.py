@@ -92,7 +92,7 @@ def causal_selection(pattern: str, B: int, T: int, S: int, K: int, seed: int):
 
 @pytest.mark.parametrize("pattern,B,T", [("uniform", 1, 131072), ("recency", 2, 65536), ("trained", 1, 65536)])
 def test_triton_matches_torch_backend_long(pattern, B, T):
-    """Real sizes, selection patterns like those of benchmarks/bench_hsa.py, against the fp32 torch backend."""
+    """Real sizes, selection patterns like those of ramba/bench/hsa.py, against the fp32 torch backend."""
     HQ, H, D, S, K = 16, 1, 64, 64, 8  # the first CASES shape: its kernels are compiled already
     q, k, v, _, _, do = make(B, T, HQ, H, D, S, K, torch.bfloat16, seed=T + K)
     idx, w = causal_selection(pattern, B, T, S, K, seed=T)

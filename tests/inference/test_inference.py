@@ -2,10 +2,9 @@
 import pytest
 import torch
 
-from small_models import small_model
-
 from ramba import RambaCache
 from ramba.inference import generate, prefill
+from small_models import small_model
 
 CONFIGS = {
     "ramba": {},
@@ -127,8 +126,8 @@ def test_bad_cache_use():
 
 
 def test_offload_moves_only_selected_chunks():
-    from ramba.model.cache import ChunkMemoryStore
     from ramba.layers.hsa import ChunkMemory, ChunkSelection
+    from ramba.model.cache import ChunkMemoryStore
 
     store = ChunkMemoryStore(2, 4, 1, 3, 1, 5, torch.float32, torch.device("cpu"), offload=True)
     for c in (3, 1, 6):  # growth across appends

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from small_models import SMALL
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ramba import RambaConfig, RambaForCausalLM
+from small_models import SMALL
 
 aten = torch.ops.aten
 SYNCING = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten._unique2, aten.unique_consecutive,

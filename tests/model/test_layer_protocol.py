@@ -5,13 +5,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from small_models import SMALL, small_model
 
 from ramba import RambaCache, RambaConfig, RambaForCausalLM
-from ramba.layers import (LAYER_CLASSES, AttentionBlock, ChunkEncoder, ChunkEncoderState, KVCache, LayerContext,
-                          Mamba2State, RambaLayer)
+from ramba.layers import (
+    LAYER_CLASSES,
+    AttentionBlock,
+    ChunkEncoder,
+    ChunkEncoderState,
+    KVCache,
+    LayerContext,
+    Mamba2State,
+    RambaLayer,
+)
 from ramba.model.config import LayerKind
 from ramba.model.modeling import CACHE_FIELD
+from small_models import SMALL, small_model
 
 
 def test_every_kind_has_its_layer_class():

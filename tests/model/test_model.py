@@ -2,10 +2,9 @@
 import pytest
 import torch
 
-from small_models import SMALL, small_model
-
 from ramba import RambaConfig, RambaForCausalLM
 from ramba.layers import HSALayer
+from small_models import SMALL, small_model
 
 VARIANTS = {
     "ramba": {},

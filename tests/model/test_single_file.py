@@ -3,9 +3,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from small_models import small_model
-
 from ramba.model.single_file import load_model_file, read_model_file_metadata, save_model_file
+from small_models import small_model
 
 
 def test_round_trip_float32_is_exact_and_bf16_close(tmp_path):

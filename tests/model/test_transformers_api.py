@@ -7,12 +7,12 @@ import warnings
 import pytest
 import torch
 import transformers
-from small_models import small_model
 from transformers.cache_utils import Cache
 
 from ramba import RambaCache
 from ramba.inference import generate, prefill
 from ramba.model.modeling import CACHE_FIELD
+from small_models import small_model
 
 
 @contextlib.contextmanager
@@ -45,7 +45,7 @@ def deprecations_caught():
 def test_the_catcher_sees_transformers_deprecations():
     with deprecations_caught() as found:
         transformers.utils.logging.get_logger("transformers.test").warning_once("`x` is deprecated. Use `y`.")
-        warnings.warn("old", FutureWarning)
+        warnings.warn("old", FutureWarning, stacklevel=2)
     assert len(found) == 2
 
 

@@ -198,7 +198,7 @@ def test_gradcheck_streaming():
     q, lm = _inputs(1, 11, 4, 2, 3, seed=10)
     kw = dict(chunk_size=2, topk=3, block_chunks=2, block_tokens=4)
     for norm in ("stick_breaking", "softmax"):
-        assert torch.autograd.gradcheck(lambda a, b: select_chunks(a, b, norm=norm, **kw)[1], (q, lm))
+        assert torch.autograd.gradcheck(lambda a, b, norm=norm: select_chunks(a, b, norm=norm, **kw)[1], (q, lm))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from train_helpers import MODEL_OVERRIDES, make_text
 
 from ramba.data import ByteTokenizer, prepare
+from train_helpers import MODEL_OVERRIDES, make_text
 
 
 @pytest.fixture(autouse=True)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from small_models import small_model
 
 from ramba.data import ByteTokenizer, TokenFile, prepare
 from ramba.errors import CheckpointError, OutputPathError
 from ramba.train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint, verify_checkpoint
+from small_models import small_model
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), str(Path(__file__).parents[1])])}

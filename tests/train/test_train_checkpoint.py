@@ -8,7 +8,6 @@ import subprocess
 
 import pytest
 import torch
-from train_helpers import MODEL_OVERRIDES
 
 from ramba import RambaConfig, RambaForCausalLM
 from ramba.train.checkpoint import (
@@ -19,6 +18,7 @@ from ramba.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from train_helpers import MODEL_OVERRIDES
 
 
 def _model_and_optimizer(seed=0, steps=1):

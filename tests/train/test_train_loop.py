@@ -59,12 +59,18 @@ def test_gradient_checkpointing_and_accumulation(config_dict, tmp_path):
     config_dict["checkpoint"] = {"every": 0, "keep": 1}
     base = losses_of(config_dict, tmp_path / "base")
     assert losses_of({**config_dict, "grad_checkpointing": True}, tmp_path / "ckpt") == base
-    if shutil.which("g++") or shutil.which("c++"):  # torch.compile on the CPU needs a C++ compiler
-        fused = losses_of({**config_dict, "compile_glue": True}, tmp_path / "fused")
-        assert np.allclose(list(fused.values()), list(base.values()), rtol=1e-5, atol=1e-6)
     # Two micro-batches of 2 see the same 4 sequences as one of 4: same losses up to float rounding.
     accum = losses_of({**config_dict, "micro_batch": 2, "grad_accum": 2}, tmp_path / "accum")
     assert np.allclose(list(accum.values()), list(base.values()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compile_glue_gives_the_eager_losses(config_dict, tmp_path):
+    config_dict.update(max_steps=3)
+    config_dict["checkpoint"] = {"every": 0, "keep": 1}
+    base = losses_of(config_dict, tmp_path / "base")
+    fused = losses_of({**config_dict, "compile_glue": True}, tmp_path / "fused")
+    assert np.allclose(list(fused.values()), list(base.values()), rtol=1e-5, atol=1e-6)
 
 
 def test_sequence_mean_loss():
@@ -101,7 +107,7 @@ def test_init_from_a_run_a_model_file_or_nothing(config_dict, tmp_path):
     second = build_model(config_from_dict({**config_dict, "model": {"init_from": str(tmp_path / "m.safetensors")}}),
                          ByteTokenizer())
     fresh = build_model(config_from_dict(config_dict), ByteTokenizer())
-    for (name, a), b, c in zip(first.state_dict().items(), second.state_dict().values(), fresh.state_dict().values()):
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
     assert any(not torch.equal(a, c) for a, c in zip(first.state_dict().values(), fresh.state_dict().values()))
     with pytest.raises(ModelLoadError, match="has weights but no config.json"):
@@ -234,18 +240,27 @@ def test_eval_task_scores_a_perfect_predictor():
     samples = [task.generate(300, d, seed=10**6 + i) for i, d in enumerate(np.linspace(0, 1, 3))]
 
     class Oracle(torch.nn.Module):
-        """Puts all mass on the true next token of the sample it recognises."""
+        """Puts all mass on the true next token (plus `shift`) of whatever it reads; records what it read."""
+
+        def __init__(self, shift=0):
+            super().__init__()
+            self.shift, self.seen = shift, []
 
         def forward(self, input_ids):
+            self.seen.extend(input_ids)
             logits = torch.zeros(*input_ids.shape, 260)
-            logits[:, :-1].scatter_(2, input_ids[:, 1:, None], 1.0)
+            logits[:, :-1].scatter_(2, (input_ids[:, 1:, None] + self.shift) % 260, 1.0)
             return type("Out", (), {"logits": logits})()
 
-    assert eval_task(Oracle(), task, 300, 3, 2, "cpu") == 1.0
+    oracle = Oracle()
+    assert eval_task(oracle, task, 300, 3, 2, "cpu") == 1.0
+    # the fixed samples at depths 0, 0.5 and 1, in batches of 2
+    assert [row[: len(s.input_ids)].tolist() for row, s in zip(oracle.seen, samples, strict=True)] == [
+        s.input_ids.tolist() for s in samples]
+    assert eval_task(Oracle(shift=1), task, 300, 3, 2, "cpu") == 0.0  # every answer token wrong
     logits = torch.zeros(1, 6, 260)
     logits[0, torch.arange(6), torch.tensor([10, 11, 12, 13, 14, 15])] = 1
     assert teacher_forced_answers(logits, [3])[0].tolist() == [12, 13, 14]
-    assert len(samples) == 3
 
 
 def _run_cli(args, capsys):

@@ -1,4 +1,4 @@
-"""Hierarchical Sparse Attention (DESIGN §1): ``from ramba.ops import hsa``."""
+"""Hierarchical Sparse Attention (docs/design.md §1): ``from ramba.ops import hsa``."""
 from __future__ import annotations
 
 import torch

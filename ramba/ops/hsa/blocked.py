@@ -180,7 +180,7 @@ def hsa_blocked(
     scale: float,
     sm_n: float = 0.0,
 ) -> torch.Tensor:
-    """HSA grouped by chunk (DESIGN §1), differentiable in q, k, v and weights.
+    """HSA grouped by chunk (docs/design.md §1), differentiable in q, k, v and weights.
 
     Args:
         q: ``[B, T, HQ, D]``; k, v: ``[B, Tk, H, D]``; weights: ``[B, T, H, K]`` float;

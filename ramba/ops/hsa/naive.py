@@ -1,4 +1,4 @@
-"""Reference HSA: gather + einsum. The spec of DESIGN §1 in code; memory O(T·K·S·D)."""
+"""Reference HSA: gather + einsum. The spec of docs/design.md §1 in code; memory O(T·K·S·D)."""
 from __future__ import annotations
 
 import torch

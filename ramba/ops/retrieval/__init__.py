@@ -1,4 +1,4 @@
-"""Chunk selection (DESIGN §2): ``from ramba.ops.retrieval import select_chunks``.
+"""Chunk selection (docs/design.md §2): ``from ramba.ops.retrieval import select_chunks``.
 
 ``select_chunks`` runs the streaming implementation (memory O(T·K), any device);
 ``select_chunks_naive`` is its readable reference, ``chunk_scores`` the scores it ranks.

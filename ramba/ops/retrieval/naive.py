@@ -1,4 +1,4 @@
-"""Reference chunk selection (DESIGN §2): full score matrix, mask, top-k, sort. The spec in code.
+"""Reference chunk selection (docs/design.md §2): full score matrix, mask, top-k, sort. The spec in code.
 
 Also holds what both implementations share: input checks, positions, and the two weight
 normalisers (used by the model's layers too).

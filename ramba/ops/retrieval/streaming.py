@@ -1,4 +1,4 @@
-"""Streaming chunk selection (DESIGN §2): never builds the ``T × C`` score matrix.
+"""Streaming chunk selection (docs/design.md §2): never builds the ``T × C`` score matrix.
 
 Tokens are processed in blocks; for each token block, chunks are scored one block at a time
 and merged into a running top-K. The selected scores are then recomputed by an autograd

@@ -14,9 +14,9 @@ import functools
 import torch
 
 from ramba.ops.backends import check_backend
+from ramba.ops.precision import compute_dtype
 from ramba.ops.ssd.chunk import ssd_chunk
 from ramba.ops.ssd.mamba_triton import chunk_scan_combined, ssd_mamba_triton, supports_chunk_size
-from ramba.ops.precision import compute_dtype
 from ramba.ops.ssd.naive import ssd_naive, ssd_step_naive
 
 BACKENDS = ("reference", "torch", "fla", "mamba_ssm")

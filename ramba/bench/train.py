@@ -1,8 +1,8 @@
 """Training throughput: RAMba vs Mamba-2 only vs Transformer (SDPA), built from the same preset, in one run.
 
 Usage:
-    python benchmarks/bench_train.py --presets 370m --lengths 4096,16384 --batch-tokens 32768 [--out DIR]
-    python benchmarks/bench_train.py --presets tiny --set d_model=64 --lengths 64,128 --batch-tokens 256 --steps 2 --warmup 1
+    ramba bench train --presets 370m --lengths 4096,16384 --batch-tokens 32768 [--out DIR]
+    ramba bench train --presets tiny --set d_model=64 --lengths 64,128 --batch-tokens 256 --steps 2 --warmup 1
 
 For every (preset, architecture, length): a model with random weights, AdamW, random tokens, batch
 `max(1, batch_tokens // length)` sequences of `length` tokens (halved while out of memory, then with
@@ -71,7 +71,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--profile", metavar="DIR", help="profile the timed steps; one table per model into DIR (slows them)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
+    p.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
     p.add_argument("--name", default="bench_train", help="file name stem (default bench_train)")
     return p
 

@@ -1,7 +1,7 @@
 """Benchmark the HSA Triton kernels against SDPA flash attention and fla's NSA selection kernel.
 
-Usage: python benchmarks/bench_hsa.py [OUT_DIR] [--baseline FILE] [--sweep]
-(default OUT_DIR benchmarks/results/; needs a CUDA GPU)
+Usage: ramba bench kernels [[--out] OUT_DIR] [--baseline FILE] [--sweep]
+(or python -m ramba.bench.hsa, from the source checkout's root; default OUT_DIR benchmarks/results/; needs a CUDA GPU)
 
 Shapes: HQ=16 query heads, H=1 kv head, D=64, S=64, K=8, bf16, B×T in 64×4K, 16×16K, 4×64K, 1×128K,
 each with three selection patterns (below). Writes bench_hsa.json (machine, date, versions, every number)
@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import sys
 import traceback
 
 import torch
@@ -38,7 +39,8 @@ import torch.nn.functional as F
 HQ, H, D, S, K = 16, 1, 64, 64, 8
 SHAPES = [(64, 4096), (16, 16384), (4, 65536), (1, 131072)]
 PATTERNS = ("uniform", "recency", "trained")
-SELECTION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "selection_tiny_passkey.pt")
+# the "trained" pattern's selection, written by benchmarks/dump_selection.py (relative to the working directory)
+SELECTION = os.path.join("benchmarks", "results", "selection_tiny_passkey.pt")
 # the other supported shapes, recency pattern, B×T = 4×8K: (HQ, H, D, S, K, sm_n, dtype)
 SWEEP = [
     (16, 1, 64, 64, 8, 1.0, "float16"), (8, 2, 128, 64, 4, 0.0, "bfloat16"), (4, 4, 32, 128, 16, 1.0, "bfloat16"),
@@ -253,15 +255,25 @@ def print_table(runs, keys, names) -> None:
         print(" ".join(f"{str(r[k]):>8}" for k in keys) + " " + " ".join(cells))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out_dir", nargs="?", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from ramba.eval.results import EvalError
+
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir", nargs="?", help="output folder (default benchmarks/results)")
+    ap.add_argument("--out", help="output folder, the same as OUT_DIR")
     ap.add_argument("--baseline", help="module file of an earlier ramba/ops/hsa/triton.py to time beside")
     ap.add_argument("--sweep", action="store_true", help="time the other supported shapes (SWEEP) instead")
-    args = ap.parse_args()
-    os.makedirs(args.out_dir, exist_ok=True)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise EvalError("bench kernels: the HSA kernel benchmark needs a CUDA GPU (none found)")
+    if not args.sweep and not os.path.isfile(SELECTION):
+        raise EvalError(f"bench kernels: no {SELECTION} (the trained pattern's selection) under {os.getcwd()}; run from "
+                        "the source checkout's root or write it with benchmarks/dump_selection.py")
+    out_dir = args.out or args.out_dir or os.path.join("benchmarks", "results")
+    os.makedirs(out_dir, exist_ok=True)
     baseline = load_baseline(args.baseline) if args.baseline else None
-    (sweep if args.sweep else main_table)(args.out_dir, baseline)
+    (sweep if args.sweep else main_table)(out_dir, baseline)
+    return 0
 
 
 def plot(result, path) -> None:
@@ -294,4 +306,4 @@ def plot(result, path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

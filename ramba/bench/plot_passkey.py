@@ -4,7 +4,7 @@ Long contexts are evaluated in separate runs (more samples at short lengths, few
 merges their cells into one length x depth grid, leaving cells no run covered blank.
 
 Usage:
-    python benchmarks/plot_passkey.py -o benchmarks/results/passkey_ramba.png --title "RAMba tiny" \\
+    python -m ramba.bench.plot_passkey -o benchmarks/results/passkey_ramba.png --title "RAMba tiny" \\
         benchmarks/results/passkey-ramba-to-1m.json benchmarks/results/passkey-ramba-to-64m.json
 """
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Time the HSA "torch" backend against the reference on the CPU (forward, forward+backward).
 
-Usage: python benchmarks/bench_hsa_cpu.py OUT.json [--reps N]
+Usage: ramba bench hsa-cpu OUT.json [--reps N] [--shapes train,long]   (or python -m ramba.bench.hsa_cpu)
 
-Shapes (float32, D=64, S=64, H=1, k/v memory as long as the queries):
+Shapes (float32, H=1, k/v memory as long as the queries; D=64, S=64 unless said):
   train: B=8, T=1024, HQ=2, K=4   (one HSA layer of the small CPU training run)
   long:  B=1, T=16384, HQ=16, K=8 (long context)
+  tiny:  B=1, T=256, HQ=2, K=2, D=16, S=16 (a smoke run of seconds; not in the default --shapes)
 Indices: token t sees the complete chunks c < t // S and picks up to K distinct ones with
 probability ∝ 1 / (t // S − c) (Gumbel top-K: biased to recent chunks, heavy tail of far ones);
 slots ordered by chunk id descending, unfilled slots get index 0 and weight 0; weights are a
@@ -30,6 +31,7 @@ import torch
 SHAPES = {  # name: (B, T, HQ, H, D, S, K)
     "train": (8, 1024, 2, 1, 64, 64, 4),
     "long": (1, 16384, 16, 1, 64, 64, 8),
+    "tiny": (1, 256, 2, 1, 16, 16, 2),
 }
 BACKENDS = ("reference", "torch")
 
@@ -86,24 +88,22 @@ def run_case(shape: str, backend: str, reps: int) -> dict:
     return row
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out")
-    ap.add_argument("--reps", type=int, default=3)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", help="the JSON file to write")
+    ap.add_argument("--reps", type=int, default=3, help="timed runs per case (default 3)")
     ap.add_argument("--case", nargs=2, metavar=("SHAPE", "BACKEND"), help=argparse.SUPPRESS)
-    ap.add_argument("--shapes", default=",".join(SHAPES))
-    args = ap.parse_args()
+    ap.add_argument("--shapes", default="train,long", help=f"comma-separated, of {', '.join(SHAPES)} (default train,long)")
+    args = ap.parse_args(argv)
     if args.case:
         print("RESULT" + json.dumps(run_case(*args.case, args.reps)))
-        return
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root)
+        return 0
     runs = []
     for shape in args.shapes.split(","):
         for backend in BACKENDS:
             proc = subprocess.run(
-                [sys.executable, __file__, args.out, "--reps", str(args.reps), "--case", shape, backend],
-                env=env, capture_output=True, text=True,
+                [sys.executable, "-m", __spec__.name, args.out, "--reps", str(args.reps), "--case", shape, backend],
+                capture_output=True, text=True,
             )
             lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")]
             row = json.loads(lines[0][6:]) if lines else {"shape": shape, "backend": backend,
@@ -122,7 +122,9 @@ def main() -> None:
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,9 +1,9 @@
 """Inference speed and memory by context length: segmented prefill, decoding, chunk memory offloaded.
 
 Usage:
-    python benchmarks/bench_inference.py --preset 370m --lengths 4k,64k,1m,16m [--no-offload] [--out DIR]
-    python benchmarks/bench_inference.py --model runs/x/checkpoints/step-N --lengths 4k,64k
-    python benchmarks/bench_inference.py --preset tiny --set d_model=64 --lengths 100,300 --segment-len 64   (CPU)
+    ramba bench inference --preset 370m --lengths 4k,64k,1m,16m [--no-offload] [--out DIR]
+    ramba bench inference --model runs/x/checkpoints/step-N --lengths 4k,64k
+    ramba bench inference --preset tiny --set d_model=64 --lengths 100,300 --segment-len 64   (CPU)
 
 For every (architecture, length): random prompt tokens `[batch, length]` go through
 `ramba.inference.generate` with `decode_tokens` new tokens; the time to the first new token is the
@@ -56,7 +56,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="output folder")
+    p.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
     p.add_argument("--name", default="bench_inference", help="file name stem (default bench_inference)")
     return p
 
