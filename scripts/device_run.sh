@@ -25,6 +25,16 @@
 #                bench_train.py --profile for the comma-separated architectures (BENCH_TOKENS a step, default 8192): a table of
 #                the kernels by device time per model under $OUT/profile/
 #   inference    benchmarks/bench_inference.py (tiny preset, 4K..64M, offload)
+#   prefill-ablation[:LENGTH]
+#                issue 16 item 4: bench_inference.py at LENGTH (default 16m, fast mode, offload) three ways: mamba_ssm SSD
+#                with eager glue (today's inference), mamba_ssm with compiled glue, fla's SSD with eager glue
+#   inference-long[:LENGTHS[:DEPTHS[:BENCH_LENGTHS]]]
+#                issue 16: the shipped model's passkey (fast mode, offload, segments of 65536, python-doc haystack: run
+#                corpus first) at LENGTHS (default 128m,256m) x DEPTHS (default 0,0.5,1), 1 sample, then
+#                bench_inference.py at BENCH_LENGTHS (default none; e.g. 4k,64k,1m,16m,64m,256m)
+#   disk-tier[:LENGTH[:BUDGET]]
+#                issue 16: the same passkey at LENGTH (default 128m), depth 0.5, with the disk tier (--offload-dir
+#                /tmp/ramba-disk, --host-budget BUDGET, default 8g), then bench_inference.py at LENGTH with the same
 #   save-cache   the Triton kernel cache as $OUT/triton-cache.tgz.part-* (copy them into .carry/ for the
 #                next fresh machine: the kernels of the last run then need no compiling or autotuning)
 #   corpus       unpack the corpora carried in .carry/corpus/ and prepare their token files under data/
@@ -195,6 +205,35 @@ section() {
             IFS=: read -r _ preset archs length <<<"$1"
             timeout 300 python3 benchmarks/bench_train.py --presets "$preset" --architectures "$archs" --lengths "$length" \
                 --batch-tokens "${BENCH_TOKENS:-8192}" --steps 3 --warmup 2 --profile "$OUT/profile" --out "$OUT" --name "profile-$preset" ;;
+        inference-long)
+            local bench_lengths
+            IFS=: read -r _ lengths depths bench_lengths <<<"$1"
+            timeout 580 python3 -m ramba eval passkey --model ramba/pretrained/tiny-passkey.safetensors \
+                --lengths "${lengths:-128m,256m}" --depths "${depths:-0,0.5,1}" --samples 1 --mode fast --offload \
+                --segment-len 65536 --haystack data/python-doc --out "$OUT" --name "passkey-ramba-long" --no-progress || return 1
+            [ -z "$bench_lengths" ] || timeout 580 python3 benchmarks/bench_inference.py --preset tiny --architectures ramba \
+                --lengths "$bench_lengths" --decode-tokens 16 --segment-len 65536 --mode fast --offload --out "$OUT" \
+                --name bench_inference_long ;;
+        disk-tier)
+            local length budget
+            IFS=: read -r _ length budget <<<"$1"
+            mkdir -p /tmp/ramba-disk
+            timeout 400 python3 -m ramba eval passkey --model ramba/pretrained/tiny-passkey.safetensors \
+                --lengths "${length:-128m}" --depths 0.5 --samples 1 --mode fast --offload-dir /tmp/ramba-disk \
+                --host-budget "${budget:-8g}" --segment-len 65536 --haystack data/python-doc --out "$OUT" \
+                --name "passkey-ramba-disk" --no-progress || return 1
+            timeout 400 python3 benchmarks/bench_inference.py --preset tiny --architectures ramba --lengths "${length:-128m}" \
+                --decode-tokens 16 --segment-len 65536 --mode fast --offload-dir /tmp/ramba-disk --host-budget "${budget:-8g}" \
+                --out "$OUT" --name bench_inference_disk ;;
+        prefill-ablation)
+            local variant
+            IFS=: read -r _ length <<<"$1"
+            for variant in "mamba_ssm --no-compile-glue" "mamba_ssm --compile-glue" "fla --no-compile-glue"; do
+                # shellcheck disable=SC2086
+                timeout 200 python3 benchmarks/bench_inference.py --preset tiny --architectures ramba --lengths "${length:-16m}" \
+                    --decode-tokens 16 --segment-len 65536 --mode fast --offload --ssd-backend $variant --out "$OUT" \
+                    --name "bench_prefill_${variant// /}" || return 1
+            done ;;
         inference) timeout 240 python3 benchmarks/bench_inference.py --preset tiny --architectures ramba \
                    --lengths 4k,64k,1m,16m,64m --decode-tokens 16 --segment-len 65536 --mode fast --offload --out "$OUT" ;;
         multigpu)

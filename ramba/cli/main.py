@@ -28,10 +28,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, printed as one line instead of a traceback."""
     from ramba.data.tokens import DataError
     from ramba.eval.results import EvalError
+    from ramba.inference.planner import MemoryPlanError
+    from ramba.model.chunk_store import OffloadError
     from ramba.train.checkpoint import CheckpointError
     from ramba.train.config import ConfigError
 
-    return (ConfigError, DataError, CheckpointError, EvalError, FileNotFoundError, FileExistsError)
+    return (ConfigError, DataError, CheckpointError, EvalError, MemoryPlanError, OffloadError, FileNotFoundError,
+            FileExistsError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,10 +154,12 @@ def _alternatives(model, plan: MemoryPlan, spec: Offload):
     """``(option text, plan)`` for the options a user can pass instead, in the order they are suggested."""
     if spec.tier == "device":
         yield "offload=True (CLI --offload)", replace(spec, tier="host")
-    host_left = plan.host_available - plan.host_bytes - 4 * FETCH_BYTES
-    if spec.tier != "disk" and plan.chunks:
-        yield (f"the disk tier: offload='disk:PATH' (CLI --offload-dir PATH), a host budget of about "
-               f"{_gib(max(0, host_left) * 3 // 4)}"), Offload("disk", os.getcwd(), max(0, host_left) * 3 // 4)
+    if spec.tier != "disk" and plan.chunks:  # a budget of 3/4 of the host memory left beside everything else
+        others = plan.pinned_bytes + plan.host_bytes - plan.parts.get("pinned: chunk pages", 0)
+        others += plan.device_bytes if plan.device_available is None else 0
+        budget = max(0, plan.host_available - others) * 3 // 4
+        yield (f"the disk tier: offload='disk:PATH' (CLI --offload-dir PATH), a host budget of about {_gib(budget)}",
+               Offload("disk", os.getcwd(), budget))
 
 
 def check_plan(model, plan: MemoryPlan, offload: bool | str | Offload = False) -> MemoryPlan:
@@ -187,5 +189,5 @@ def check_plan(model, plan: MemoryPlan, offload: bool | str | Offload = False) -
 def plan_prefill(model, batch: int, tokens: int, segment_len: int, offload: bool | str | Offload = False) -> MemoryPlan:
     """Plan, log and check a prefill (raises :class:`MemoryPlanError` when it would not fit)."""
     plan = plan_memory(model, batch, tokens, segment_len, offload)
-    logger.info("%s", plan.summary())
+    logger.debug("%s", plan.summary())
     return check_plan(model, plan, offload)

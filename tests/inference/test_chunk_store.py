@@ -102,7 +102,8 @@ CONFIGS = {"ramba": {}, "ramba-gqa-mlp": dict(n_heads=4, n_kv_heads=2, retrieval
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_tiers_give_full_forward_logits_across_pages(name, tmp_path, monkeypatch):
-    """Resident, offloaded and disk-tier caches (pages of 2 chunks, a one-page host budget, fetches of 8 tokens) give the logits of one full forward, in exact mode, prefill and decoding."""
+    """Resident, offloaded and disk-tier caches (pages of 2 chunks, a one-page host budget, fetches of 8 tokens)
+    give the logits of one full forward, in exact mode, prefill and decoding."""
     model = small_model(**CONFIGS[name])
     c = model.config
     chunk_bytes = 2 * 2 * c.chunk_size * c.n_kv_heads * c.head_dim * 4

@@ -134,14 +134,14 @@ def test_offloaded_long_segment_fetches_block_by_block(name, monkeypatch):
 
     model = small_model(**CONFIGS[name])
     ids = torch.randint(3, 64, (2, 150), generator=torch.Generator().manual_seed(5))
-    store_fetch, copied = cache_module.ChunkMemoryStore.fetch, []
+    store_blocks, copied = cache_module.ChunkMemoryStore.fetch_blocks, []
 
-    def counting_fetch(store, selection):
-        memory, remapped = store_fetch(store, selection)
-        copied.append((selection.indices.shape[1], memory.k.shape[1] // store.chunk_size))
-        return memory, remapped
+    def counting_blocks(store, selection, step=None):
+        for t0, t1, memory, remapped in store_blocks(store, selection, step):
+            copied.append((t1 - t0, memory.k.shape[1] // store.chunk_size))
+            yield t0, t1, memory, remapped
 
-    monkeypatch.setattr(cache_module.ChunkMemoryStore, "fetch", counting_fetch)
+    monkeypatch.setattr(cache_module.ChunkMemoryStore, "fetch_blocks", counting_blocks)
     with torch.no_grad():
         full = model(input_ids=ids).logits
         _, cache = prefill(model, ids[:, :100], segment_len=100, offload=True)
