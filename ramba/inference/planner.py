@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from ramba.model.chunk_store import FETCH_BYTES, PAGE_BYTES, Offload, available_host_bytes
+from ramba.model.chunk_store import FETCH_BYTES, PAGE_BYTES, Offload, available_host_bytes, unwritable_folder
 from ramba.ops.retrieval.streaming import TILE_ELEMENTS
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,8 @@ def _needs(config, batch: int, tokens: int, segment_len: int, offload: Offload, 
 def plan_memory(model, batch: int, tokens: int, segment_len: int, offload: bool | str | Offload = False,
                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> MemoryPlan:
     """The :class:`MemoryPlan` of prefilling ``[batch, tokens]`` in segments of ``segment_len`` with ``offload``
-    (see :class:`~ramba.model.chunk_store.Offload`), on ``model``'s device and dtype unless given."""
+    (see :class:`~ramba.model.chunk_store.Offload`), on ``model``'s device and dtype unless given. A disk-tier
+    folder that does not exist raises :class:`~ramba.model.chunk_store.OffloadError`."""
     weight = model.get_input_embeddings().weight
     device, dtype = torch.device(device or weight.device), dtype or weight.dtype
     spec = Offload.parse(offload).resolved()
@@ -143,7 +144,9 @@ def plan_memory(model, batch: int, tokens: int, segment_len: int, offload: bool 
         device_available = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     disk_available = None
     if spec.tier == "disk":
-        disk_available = shutil.disk_usage(spec.path).free if os.path.isdir(spec.path) else 0
+        if not os.path.isdir(spec.path):
+            raise unwritable_folder(spec.path, "not a folder")
+        disk_available = shutil.disk_usage(spec.path).free
     chunks = tokens // model.config.chunk_size if "chunk_encoder" in model.config.layer_plan() else 0
     return MemoryPlan(tokens, batch, segment_len, spec.tier, "cpu" if device_available is None else str(device),
                       chunks, total["device"], total["pinned"], total["host"], total["disk"], device_available,

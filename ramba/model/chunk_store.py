@@ -106,6 +106,12 @@ class Offload:
         return self
 
 
+def unwritable_folder(folder: str, reason: str) -> OffloadError:
+    """The error for a disk-tier folder that cannot hold the tier's file."""
+    return OffloadError(f"offload: cannot create the disk tier's file in {folder!r} ({reason}); "
+                        f"pass a writable folder as offload='disk:PATH' (CLI --offload-dir PATH)")
+
+
 class _DiskPages:
     """Pages in one memory-mapped file under ``folder``. The file is unlinked at once (its space is freed with the
     store, even after a crash) and its space is reserved with ``posix_fallocate``: a full disk fails in
@@ -116,8 +122,7 @@ class _DiskPages:
         try:
             fd, name = tempfile.mkstemp(prefix="ramba-chunks-", suffix=".bin", dir=folder)
         except OSError as e:
-            raise OffloadError(f"offload: cannot create the disk tier's file in {folder!r} ({e.strerror or e}); "
-                               f"pass a writable folder as offload='disk:PATH' (CLI --offload-dir PATH)") from None
+            raise unwritable_folder(folder, e.strerror or str(e)) from None
         os.unlink(name)
         self.file = os.fdopen(fd, "r+b")
 

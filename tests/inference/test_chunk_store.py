@@ -189,3 +189,20 @@ def test_full_disk_fails_before_work(small_filesystem, tmp_path, monkeypatch):
     error, message = (MemoryPlanError, "disk space for the disk tier") if small_filesystem else (OffloadError, "No space")
     with pytest.raises(error, match=message):
         prefill(model, torch.randint(3, 64, (1, 40)), segment_len=16, offload=Offload("disk", str(folder), 0))
+
+
+def test_cli_refuses_before_the_first_cell(tmp_path, capsys, monkeypatch):
+    """`ramba eval passkey` plans its longest prompt first: too little host memory ends it with the planner's
+    line (needed vs available, the option that fits) and no output written."""
+    import ramba.cli.main as cli
+
+    small_model(vocab_size=260).save_pretrained(tmp_path / "model")
+    args = ["eval", "passkey", "--model", str(tmp_path / "model"), "--tokenizer", "byte", "--lengths", "300,1m",
+            "--samples", "1", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert cli.main(args + ["--offload-dir", str(tmp_path / "missing"), "--host-budget", "1m"]) == 2
+    assert "cannot create the disk tier's file in" in capsys.readouterr().err
+    monkeypatch.setattr(planner, "available_host_bytes", lambda: 2**29)
+    assert cli.main(args + ["--offload"]) == 2
+    err = capsys.readouterr().err
+    assert "a prefill of 1,048,6" in err and "0.50 GiB available; it would fit with the disk tier" in err
+    assert not (tmp_path / "out").exists()
