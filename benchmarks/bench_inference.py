@@ -60,7 +60,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="chunk memory in CPU pinned memory (default on; --no-offload keeps it on the GPU)")
     p.add_argument("--offload-dir", default=None, metavar="PATH",
                    help="disk tier: chunk pages beyond --host-budget in a memory-mapped file under PATH")
-    p.add_argument("--host-budget", default=None, metavar="SIZE", help="with --offload-dir: host bytes for pages, e.g. 8g")
+    p.add_argument("--host-budget", default=None, metavar="SIZE",
+                   help="with --offload-dir: host bytes for pages, e.g. 8g")
     p.add_argument("--landmarks", choices=["host", "device"], default="host",
                    help="offloaded landmarks in pinned host memory (default) or on the GPU")
     p.add_argument("--ssd-backend", default=None, choices=["fla", "mamba_ssm", "torch"],
@@ -175,8 +176,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'model':>12} {'length':>7} {'prefill tok/s':>14} {'decode ms/tok':>14} {'peak GPU GiB':>13} {'RSS GiB':>8} "
-             f"{'pinned GiB':>10} {'disk GiB':>8}"]
+    lines = [f"{'model':>12} {'length':>7} {'prefill tok/s':>14} {'decode ms/tok':>14} {'peak GPU GiB':>13} "
+             f"{'RSS GiB':>8} {'pinned GiB':>10} {'disk GiB':>8}"]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"{r['model']:>12} {format_length(r['length']):>7}  {r['error'][:90]}")
@@ -203,7 +204,9 @@ def save(result: dict, out: str, name: str, seed: int) -> tuple[Path, Path]:
         panels.append(Panel("peak GPU memory", x, "GiB", series("peak_gpu_gib"), length_axis=True))
     panels.append(Panel("host memory (RSS after prefill)", x, "GiB", series("rss_after_prefill_gib"), length_axis=True))
     s = result["settings"]
-    where = f"disk tier, host budget {s['host_budget'] or 'default'}" if s["offload_dir"] else ("on" if s["offload"] else "off")
+    where = "on" if s["offload"] else "off"
+    if s["offload_dir"]:
+        where = f"disk tier, host budget {s['host_budget'] or 'default'}"
     title = f"inference ({result['device']}, {result['dtype']}, mode {s['mode']}, offload {where})"
     json_path = write_results(Path(out) / f"{name}.json", result, s, seed)
     png_path = line_plots(panels, Path(out) / f"{name}.png", title=title)

@@ -52,8 +52,8 @@ def prefill(
     if cache is None:
         plan_prefill(model, B, T, segment_len, offload)
         cache = RambaCache(model.config, B, weight.device, weight.dtype, offload=offload)
-        if cache.memory is not None:  # room for the prompt and one more segment (decoding), disk space reserved
-            cache.memory.reserve((T + segment_len) // model.config.chunk_size)
+        if cache.memory is not None:  # landmark room for the prompt (exactly: pinned buffers round up to 2^k bytes)
+            cache.memory.reserve(-(-T // model.config.chunk_size))
     logits = None
     ends = list(range(T, 0, -segment_len))[::-1]
     for start, end in zip([0] + ends[:-1], ends):

@@ -119,8 +119,7 @@ def _needs(config, batch: int, tokens: int, segment_len: int, offload: Offload, 
             needs[("disk", "chunk pages")] = (pages - host_pages) * page_bytes
         else:
             needs[("device" if offload.tier == "device" else "pinned", "chunk pages")] = pages * page_bytes
-        landmarks = batch * (chunks + segment_len // config.chunk_size) * config.retrieval_heads \
-            * config.retrieval_dim * elem
+        landmarks = batch * -(-tokens // config.chunk_size) * config.retrieval_heads * config.retrieval_dim * elem
         needs[("pinned" if offload.landmarks_on_host else "device", "landmarks")] = landmarks
         needs[("device", "fetch and selection")] = 2 * FETCH_BYTES + SELECTION_BYTES
         if offload.tier != "device":

@@ -1,4 +1,5 @@
-"""The chunk memory of a cache in fixed-size pages: on the device, in pinned host memory, or on disk (docs/design.md §5).
+"""The chunk memory of a cache in fixed-size pages: on the device, in pinned host memory or on disk
+(docs/design.md §5).
 
 Keys and values live in pages of ``page_chunks`` chunks each, ``[P, B, 2, S, H, D]`` (chunk-major, keys and
 values side by side, so one chunk of every batch row is one contiguous slab). A page, once made, never moves:
@@ -133,8 +134,8 @@ class _DiskPages:
         try:
             os.posix_fallocate(self.file.fileno(), self.size, size - self.size)
         except OSError as e:
-            raise OffloadError(f"offload: the disk tier needs {size / 2**30:.2f} GiB in {self.folder!r} "
-                               f"({e.strerror or e}); free space there, pick another folder, or raise the host budget") from None
+            raise OffloadError(f"offload: the disk tier needs {size / 2**30:.2f} GiB in {self.folder!r} ({e.strerror or e}); "
+                               f"free space there, pick another folder, or raise the host budget") from None
         self.size = size
 
     def page(self, index: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -213,7 +214,7 @@ class ChunkMemoryStore:
             tier, page = "disk", self._disk.page(self.page_tiers.count("disk"), shape, self.dtype)
         self.pages.append(page)
         self.page_tiers.append(tier)
-        if tier != "device":  # the worker gathers host pages as bytes with numpy: no torch thread pool beside the compute's
+        if tier != "device":  # the worker gathers host pages with numpy: no torch thread pool beside the compute's
             self._page_rows.append(page.view(torch.uint8).view(self.page_chunks, self.chunk_bytes).numpy())
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ from ramba import RambaConfig, RambaForCausalLM
 from ramba.inference import Offload, prefill
 from ramba.layers.hsa import ChunkMemory, ChunkSelection
 from ramba.model.chunk_store import ChunkMemoryStore
+from ramba.ops.retrieval import select_chunks
 
 pytestmark = pytest.mark.gpu
 
@@ -58,3 +59,14 @@ def test_cuda_tiers_match_resident_and_full_forward(tmp_path, monkeypatch):
         assert torch.equal(run, runs[0])  # the same chunks reach the same kernels, wherever they were kept
     err = ((runs[0][:, 1:].double() - full[:, 900:1000].double()).norm() / full[:, 900:1000].double().norm()).item()
     assert err < 2e-2
+
+
+def test_select_chunks_streams_host_landmarks():
+    """Landmarks in pinned host memory, streamed in block by block, select what device landmarks select."""
+    gen = torch.Generator().manual_seed(2)
+    q_r = torch.randn(2, 300, 1, 64, generator=gen).bfloat16().cuda()
+    landmarks = torch.randn(2, 40_000, 1, 64, generator=gen).bfloat16().pin_memory()
+    positions = torch.arange(40_000 * 64, 40_000 * 64 + 300, device="cuda")
+    on_host = select_chunks(q_r, landmarks, 64, 8, positions)
+    on_device = select_chunks(q_r, landmarks.cuda(), 64, 8, positions)
+    assert torch.equal(on_host[0], on_device[0]) and torch.equal(on_host[1], on_device[1])

@@ -59,7 +59,8 @@ def test_paged_store_matches_concatenation(data, batch, page_chunks, tier):
             elif store.n_chunks:
                 T, K = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 3))
                 indices = torch.randint(0, store.n_chunks, (batch, T, R, K), generator=gen)
-                weights = torch.rand(batch, T, R, K, generator=gen).masked_fill(torch.rand(batch, T, R, K, generator=gen) < 0.3, 0)
+                weights = torch.rand(batch, T, R, K, generator=gen)
+                weights = weights.masked_fill(torch.rand(batch, T, R, K, generator=gen) < 0.3, 0)
                 _check_fetch(store, k_all, v_all, ChunkSelection(indices, weights), data.draw(st.integers(1, T)))
         assert store.n_chunks == lm_all.shape[1] and torch.equal(store.landmarks, lm_all)
         if store.n_chunks:  # every chunk, one block: the whole memory in order
@@ -67,8 +68,8 @@ def test_paged_store_matches_concatenation(data, batch, page_chunks, tier):
             memory, _ = store.fetch(ChunkSelection(every, torch.ones(every.shape, dtype=torch.float64)))
             assert torch.equal(memory.k, k_all) and torch.equal(memory.v, v_all)
         if tier == "disk":
-            host_pages = budget // store.page_bytes
-            assert store.page_tiers == ["host"] * min(host_pages, len(store.pages)) + ["disk"] * max(0, len(store.pages) - host_pages)
+            host = min(budget // store.page_bytes, len(store.pages))
+            assert store.page_tiers == ["host"] * host + ["disk"] * (len(store.pages) - host)
 
 
 @pytest.mark.parametrize("tier", ["device", "host", "disk"])
@@ -186,7 +187,7 @@ def test_full_disk_fails_before_work(small_filesystem, tmp_path, monkeypatch):
     store = _store(1, 2**16, "disk", str(folder), host_budget=0)  # 6 MiB pages on a 1 MiB file system
     with pytest.raises(OffloadError, match="No space left on device"):
         store.reserve(1)
-    error, message = (MemoryPlanError, "disk space for the disk tier") if small_filesystem else (OffloadError, "No space")
+    error, message = (OffloadError, "No space") if small_filesystem is None else (MemoryPlanError, "disk space for the disk")
     with pytest.raises(error, match=message):
         prefill(model, torch.randint(3, 64, (1, 40)), segment_len=16, offload=Offload("disk", str(folder), 0))
 

@@ -155,11 +155,10 @@ def select_chunks_streaming(
     acc = compute_dtype(q_r.dtype, landmarks.dtype)
     first_block = min(block_chunks or DEFAULT_BLOCK_CHUNKS, max(C, 1))
     tokens_topk = block_tokens or max(1, TILE_ELEMENTS // (B * R * (first_block + K)))
-    # few tokens (decoding) score many chunks per tile: one pass over a million landmarks, not a thousand
-    # ... but a block of landmarks in the compute dtype stays within a tile too (decoding at 256M tokens would
-    # otherwise convert gigabytes of landmarks at once)
-    block_chunks = block_chunks or max(DEFAULT_BLOCK_CHUNKS, min(TILE_ELEMENTS // (B * R * min(tokens_topk, max(T, 1))) - K,
-                                                                 TILE_ELEMENTS // (B * R * Dr)))
+    # few tokens (decoding) score many chunks per tile, but a block of landmarks in the compute dtype stays
+    # within a tile too (decoding at 256M tokens would otherwise convert 4 GiB of landmarks at once)
+    wide = min(TILE_ELEMENTS // (B * R * min(tokens_topk, max(T, 1))) - K, TILE_ELEMENTS // (B * R * Dr))
+    block_chunks = block_chunks or max(DEFAULT_BLOCK_CHUNKS, wide)
     tokens_gather = block_tokens or max(1, TILE_ELEMENTS // (B * R * K * Dr))
     n_vis = resolve_positions(positions, B, T, dev).div(chunk_size, rounding_mode="floor").clamp(0, C)
     indices = torch.empty(B, T, R, K, dtype=torch.long, device=dev)
