@@ -28,10 +28,13 @@
 #   prefill-ablation[:LENGTH]
 #                issue 16 item 4: bench_inference.py at LENGTH (default 16m, fast mode, offload) three ways: mamba_ssm SSD
 #                with eager glue (today's inference), mamba_ssm with compiled glue, fla's SSD with eager glue
-#   inference-long[:LENGTHS[:DEPTHS[:BENCH_LENGTHS]]]
+#   inference-long[:LENGTHS[:DEPTHS]]
 #                issue 16: the shipped model's passkey (fast mode, offload, segments of 65536, python-doc haystack: run
-#                corpus first) at LENGTHS (default 128m,256m) x DEPTHS (default 0,0.5,1), 1 sample, then
-#                bench_inference.py at BENCH_LENGTHS (default none; e.g. 4k,64k,1m,16m,64m,256m)
+#                corpus first) at LENGTHS (default 128m,256m) x DEPTHS (default 0,0.5,1), 1 sample;
+#                passkey-ramba-long-LENGTHS-DEPTHS.json/.png (about 100 s a sample at 128M, 200 s at 256M)
+#   bench-long[:LENGTHS]
+#                issue 16: bench_inference.py (tiny preset, ramba, fast mode, offload, segments of 65536) at LENGTHS
+#                (default 4k,64k,1m,16m,64m,256m); bench_inference_long.json/.png
 #   disk-tier[:LENGTH[:BUDGET]]
 #                issue 16: the same passkey at LENGTH (default 128m), depth 0.5, with the disk tier (--offload-dir
 #                /tmp/ramba-disk, --host-budget BUDGET, default 8g), then bench_inference.py at LENGTH with the same
@@ -206,14 +209,16 @@ section() {
             timeout 300 python3 benchmarks/bench_train.py --presets "$preset" --architectures "$archs" --lengths "$length" \
                 --batch-tokens "${BENCH_TOKENS:-8192}" --steps 3 --warmup 2 --profile "$OUT/profile" --out "$OUT" --name "profile-$preset" ;;
         inference-long)
-            local bench_lengths
-            IFS=: read -r _ lengths depths bench_lengths <<<"$1"
-            timeout 580 python3 -m ramba eval passkey --model ramba/pretrained/tiny-passkey.safetensors \
-                --lengths "${lengths:-128m,256m}" --depths "${depths:-0,0.5,1}" --samples 1 --mode fast --offload \
-                --segment-len 65536 --haystack data/python-doc --out "$OUT" --name "passkey-ramba-long" --no-progress || return 1
-            [ -z "$bench_lengths" ] || timeout 580 python3 benchmarks/bench_inference.py --preset tiny --architectures ramba \
-                --lengths "$bench_lengths" --decode-tokens 16 --segment-len 65536 --mode fast --offload --out "$OUT" \
-                --name bench_inference_long ;;
+            IFS=: read -r _ lengths depths <<<"$1"
+            lengths=${lengths:-128m,256m} depths=${depths:-0,0.5,1}
+            timeout 590 python3 -m ramba eval passkey --model ramba/pretrained/tiny-passkey.safetensors \
+                --lengths "$lengths" --depths "$depths" --samples 1 --mode fast --offload --segment-len 65536 \
+                --haystack data/python-doc --out "$OUT" --name "passkey-ramba-long-${lengths//,/_}-${depths//,/_}" --no-progress ;;
+        bench-long)
+            IFS=: read -r _ lengths <<<"$1"
+            timeout 590 python3 benchmarks/bench_inference.py --preset tiny --architectures ramba \
+                --lengths "${lengths:-4k,64k,1m,16m,64m,256m}" --decode-tokens 16 --segment-len 65536 --mode fast --offload \
+                --out "$OUT" --name bench_inference_long ;;
         disk-tier)
             local length budget
             IFS=: read -r _ length budget <<<"$1"
