@@ -25,12 +25,25 @@
 #                ramba bench train --profile for the comma-separated architectures (BENCH_TOKENS a step, default 8192): a table of
 #                the kernels by device time per model under $OUT/profile/
 #   inference    ramba bench inference (tiny preset, 4K..64M, offload)
+#   prefill-ablation[:LENGTH]
+#                issue 16 item 4: bench_inference.py at LENGTH (default 16m, fast mode, offload) three ways: mamba_ssm SSD
+#                with eager glue (today's inference), mamba_ssm with compiled glue, fla's SSD with eager glue
+#   inference-long[:LENGTHS[:DEPTHS]]
+#                issue 16: the shipped model's passkey (fast mode, offload, segments of 65536, python-doc haystack: run
+#                corpus first) at LENGTHS (default 128m,256m) x DEPTHS (default 0,0.5,1), 1 sample;
+#                passkey-ramba-long-LENGTHS-DEPTHS.json/.png (about 100 s a sample at 128M, 200 s at 256M)
+#   bench-long[:LENGTHS]
+#                issue 16: bench_inference.py (tiny preset, ramba, fast mode, offload, segments of 65536) at LENGTHS
+#                (default 4k,64k,1m,16m,64m,256m); bench_inference_long.json/.png
+#   disk-tier[:LENGTH[:BUDGET]]
+#                issue 16: the same passkey at LENGTH (default 128m), depth 0.5, with the disk tier (--offload-dir
+#                /tmp/ramba-disk, --host-budget BUDGET, default 8g), then bench_inference.py at LENGTH with the same
 #   save-cache   the Triton kernel cache as $OUT/triton-cache.tgz.part-* (copy them into .carry/ for the
 #                next fresh machine: the kernels of the last run then need no compiling or autotuning)
 #   corpus       unpack the corpora carried in .carry/corpus/ and prepare their token files under data/
 #   passkey-train:ARCH:STAGE:STEPS[:SECONDS[:INIT]]
 #                train stage 1, 2, 3 or 4 (recipes/tiny-passkey-1k.yaml, tiny-passkey.yaml, tiny-passkey-distractors.yaml,
-#                tiny-passkey-hard.yaml; stage 4 of ramba starts from the shipped model unless stage 3 ran here)
+#                tiny-passkey-hard.yaml; each stage from the one before: this call's run, else the carried model)
 #                of ARCH (ramba, mamba2 or swa) for STEPS steps, then export $OUT/passkey-ARCH[-sN].safetensors and its
 #                metrics; SECONDS bounds the run (default 540); INIT: continue from these weights instead
 #                (a continuation: 50 warmup steps to lr 5e-4)
@@ -92,7 +105,7 @@ arch_overrides() {
 passkey_model() {  # NAME: this call's export in $OUT, else the carried model, else the shipped one (ramba)
     local file=$OUT/passkey-$1.safetensors
     [ -f "$file" ] || file=.carry/models/passkey-$1.safetensors
-    [ -f "$file" ] || [ "$1" != ramba ] || file=ramba/pretrained/tiny-passkey.safetensors
+    [ -f "$file" ] || [ "$1" != ramba ] || file=ramba/pretrained/tiny-ruler.safetensors
     echo "$file"
 }
 
@@ -133,7 +146,6 @@ section() {
             if [ "$stage" != 1 ]; then  # from the previous stage: this call's run, else the carried model
                 overrides="" init=runs/$prev
                 [ -d "$init" ] || init=.carry/models/$prev.safetensors
-                [ -e "$init" ] || [ "$prev" != passkey-ramba-s3 ] || init=ramba/pretrained/tiny-passkey.safetensors
                 init="--set model.init_from=$init"
             fi
             [ -z "$init_from" ] || init="--set model.init_from=$init_from --set optim.warmup_steps=50 --set optim.lr=5e-4 --set optim.min_lr=5e-5"
@@ -195,6 +207,37 @@ section() {
             IFS=: read -r _ preset archs length <<<"$1"
             timeout 300 python3 -m ramba bench train --presets "$preset" --architectures "$archs" --lengths "$length" \
                 --batch-tokens "${BENCH_TOKENS:-8192}" --steps 3 --warmup 2 --profile "$OUT/profile" --out "$OUT" --name "profile-$preset" ;;
+        inference-long)
+            IFS=: read -r _ lengths depths <<<"$1"
+            lengths=${lengths:-128m,256m} depths=${depths:-0,0.5,1}
+            timeout 590 python3 -m ramba eval passkey --model tiny-ruler \
+                --lengths "$lengths" --depths "$depths" --samples 1 --mode fast --offload --segment-len 65536 \
+                --haystack data/python-doc --out "$OUT" --name "passkey-ramba-long-${lengths//,/_}-${depths//,/_}" --no-progress ;;
+        bench-long)
+            IFS=: read -r _ lengths <<<"$1"
+            timeout 590 python3 -m ramba bench inference --preset tiny --architectures ramba \
+                --lengths "${lengths:-4k,64k,1m,16m,64m,256m}" --decode-tokens 16 --segment-len 65536 --mode fast --offload \
+                --out "$OUT" --name bench_inference_long ;;
+        disk-tier)
+            local length budget
+            IFS=: read -r _ length budget <<<"$1"
+            mkdir -p /tmp/ramba-disk
+            timeout 400 python3 -m ramba eval passkey --model tiny-ruler \
+                --lengths "${length:-128m}" --depths 0.5 --samples 1 --mode fast --offload-dir /tmp/ramba-disk \
+                --host-budget "${budget:-8g}" --segment-len 65536 --haystack data/python-doc --out "$OUT" \
+                --name "passkey-ramba-disk" --no-progress || return 1
+            timeout 400 python3 -m ramba bench inference --preset tiny --architectures ramba --lengths "${length:-128m}" \
+                --decode-tokens 16 --segment-len 65536 --mode fast --offload-dir /tmp/ramba-disk --host-budget "${budget:-8g}" \
+                --out "$OUT" --name bench_inference_disk ;;
+        prefill-ablation)
+            local variant
+            IFS=: read -r _ length <<<"$1"
+            for variant in "mamba_ssm --no-compile-glue" "mamba_ssm --compile-glue" "fla --no-compile-glue"; do
+                # shellcheck disable=SC2086
+                timeout 200 python3 -m ramba bench inference --preset tiny --architectures ramba --lengths "${length:-16m}" \
+                    --decode-tokens 16 --segment-len 65536 --mode fast --offload --ssd-backend $variant --out "$OUT" \
+                    --name "bench_prefill_${variant// /}" || return 1
+            done ;;
         inference) timeout 240 python3 -m ramba bench inference --preset tiny --architectures ramba \
                    --lengths 4k,64k,1m,16m,64m --decode-tokens 16 --segment-len 65536 --mode fast --offload --out "$OUT" ;;
         multigpu)

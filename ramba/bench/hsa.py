@@ -15,7 +15,7 @@ Selection patterns (chunk c is complete, so selectable, for token t iff (c + 1) 
 - uniform: K distinct visible chunks drawn uniformly, independently per token.
 - recency: K distinct visible chunks drawn without replacement with probability ∝ 1 / (t // S − c)
   (Gumbel top-K): biased toward recent chunks with a heavy tail of far ones, independently per token.
-- trained: what the shipped tiny-passkey model selected on 64K tokens of the Python docs
+- trained: what the model shipped before 2026-12-01 (tiny-passkey) selected on 64K tokens of the Python docs
   (benchmarks/dump_selection.py -> benchmarks/results/selection_tiny_passkey.pt, the same chunk size and
   K); every batch row uses it, and tokens past 64K repeat it shifted by 64K / S chunks.
 Slots a token cannot fill get index 0 and weight 0. The K slots are ordered by chunk id descending;

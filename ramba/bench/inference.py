@@ -4,14 +4,18 @@ Usage:
     ramba bench inference --preset 370m --lengths 4k,64k,1m,16m [--no-offload] [--out DIR]
     ramba bench inference --model runs/x/checkpoints/step-N --lengths 4k,64k
     ramba bench inference --preset tiny --set d_model=64 --lengths 100,300 --segment-len 64   (CPU)
+    ramba bench inference --preset tiny --architectures ramba --lengths 64k,1m,16m,64m,128m,256m \
+        --segment-len 65536 --mode fast --decode-tokens 16      (one H200: the issue-16 run, chunk memory to 256M)
 
 For every (architecture, length): random prompt tokens `[batch, length]` go through
-`ramba.inference.generate` with `decode_tokens` new tokens; the time to the first new token is the
+`ramba.inference.prefill`, then `decode_tokens` greedy tokens; the time to the first new token is the
 prefill (tokens/s = batch x length / seconds), the mean gap between later tokens is the decode time
 per token (ms). Peak GPU memory is torch.cuda.max_memory_allocated during that call (weights
 included; `gpu_weights_gib` says how much of it they are). Host memory: the process RSS when the
 prefill ends, and the process's peak RSS so far (a running maximum over the whole run, since the
-lengths go up). Random weights are fine for speed: nothing here depends on what the model says.
+lengths go up); the chunk store's bytes by tier (pinned host pages and landmarks, disk-tier pages,
+device) and the memory planner's estimate (`plan`) beside them. `--offload-dir PATH --host-budget 8g`
+runs the disk tier. Random weights are fine for speed: nothing here depends on what the model says.
 A short warm-up call per architecture comes first (kernel compilation). A configuration that fails
 (e.g. out of memory) is recorded with its error, and longer lengths of that architecture are skipped.
 
@@ -32,6 +36,7 @@ from ramba.eval.loading import load_model, resolve_device, resolve_dtype
 from ramba.eval.measure import free_memory, parse_overrides, peak_rss_bytes, rss_bytes, synchronized_time
 from ramba.eval.plots import Panel, line_plots
 from ramba.eval.results import format_length, parse_lengths, write_results
+from ramba.layers.mamba2 import Mamba2Mixer, set_compile_glue
 
 logger = logging.getLogger("bench_inference")
 GIB = 2**30
@@ -53,6 +58,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["exact", "fast"], default="exact", help="prefill mode (default exact)")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True,
                    help="chunk memory in CPU pinned memory (default on; --no-offload keeps it on the GPU)")
+    p.add_argument("--offload-dir", default=None, metavar="PATH",
+                   help="disk tier: chunk pages beyond --host-budget in a memory-mapped file under PATH")
+    p.add_argument("--host-budget", default=None, metavar="SIZE",
+                   help="with --offload-dir: host bytes for pages, e.g. 8g")
+    p.add_argument("--landmarks", choices=["host", "device"], default="host",
+                   help="offloaded landmarks in pinned host memory (default) or on the GPU")
+    p.add_argument("--ssd-backend", default=None, choices=["fla", "mamba_ssm", "torch"],
+                   help="the Mamba-2 layers' SSD backend (default: ramba.ops.ssd.default_backend)")
+    p.add_argument("--compile-glue", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the Mamba-2 element-wise work (default: only when training on CUDA)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0)
@@ -61,32 +76,48 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def offload_spec(args):
+    """The ``offload`` argument of ``prefill`` for these settings."""
+    from ramba.cli.offload import parse_size
+    from ramba.model.chunk_store import Offload
+
+    if args.offload_dir is not None:
+        budget = parse_size(args.host_budget) if args.host_budget else None
+        return Offload("disk", args.offload_dir, budget, args.landmarks)
+    return Offload("host", landmarks=args.landmarks) if args.offload else False
+
+
 def measure(model, length: int, args, device: torch.device) -> dict:
-    """One generate call on `[batch, length]` random tokens: prefill tokens/s, decode ms/token, memory."""
-    from ramba.inference import generate
+    """A prefill of `[batch, length]` random tokens, then greedy decoding: prefill tokens/s, decode ms/token,
+    memory (GPU peak, host RSS, the chunk store's pinned / disk / device bytes) and the memory plan."""
+    from ramba.inference import prefill
+    from ramba.inference.planner import plan_memory
 
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, length), generator=gen)  # stays on the CPU
-    times: list[float] = []
-    rss_after_prefill: list[int] = []
-
-    def on_token(_):
-        times.append(synchronized_time(device))
-        if len(times) == 1:
-            rss_after_prefill.append(rss_bytes())
-
+    offload = offload_spec(args)
+    plan = plan_memory(model, args.batch, length, args.segment_len, offload)
     free_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = synchronized_time(device)
-    generate(model, ids, args.decode_tokens, segment_len=args.segment_len, mode=args.mode, offload=args.offload,
-             on_token=on_token)
+    logits, cache = prefill(model, ids, segment_len=args.segment_len, mode=args.mode, offload=offload)
+    token = logits.argmax(-1)
+    times = [synchronized_time(device)]
+    rss_after_prefill = rss_bytes()
+    for _ in range(args.decode_tokens - 1):
+        token = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+        times.append(synchronized_time(device))
     prefill_s = times[0] - start
+    held = cache.memory.nbytes() if cache.memory is not None else {}
     row = {"prefill_s": prefill_s, "prefill_tokens_per_s": args.batch * length / prefill_s,
-           "decode_ms_per_token": 1e3 * (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
-           "rss_after_prefill_gib": rss_after_prefill[0] / GIB, "peak_rss_gib": peak_rss_bytes() / GIB}
+           "decode_ms_per_token": 1e3 * (times[-1] - times[0]) / (len(times) - 1),
+           "rss_after_prefill_gib": rss_after_prefill / GIB, "peak_rss_gib": peak_rss_bytes() / GIB,
+           "store_pinned_gib": held.get("pinned", 0) / GIB, "store_disk_gib": held.get("disk", 0) / GIB,
+           "store_device_gib": held.get("device", 0) / GIB, "plan": plan.to_dict()}
     if device.type == "cuda":
         row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+    del cache
     return row
 
 
@@ -108,6 +139,10 @@ def run(args: argparse.Namespace) -> dict:
     lengths = sorted(parse_lengths(args.lengths))
     rows, configs = [], {}
     for label, model in _models(args, device, dtype):
+        set_compile_glue(model, args.compile_glue)
+        for module in model.modules():
+            if isinstance(module, Mamba2Mixer):
+                module.backend = args.ssd_backend
         configs[label] = model.config.to_dict()
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         failed = None
@@ -115,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
             from ramba.inference import generate
 
             warm = torch.zeros(args.batch, min(lengths[0], 2 * args.segment_len), dtype=torch.long, device=device)
-            generate(model, warm, 2, segment_len=args.segment_len, mode=args.mode, offload=args.offload)
+            generate(model, warm, 2, segment_len=args.segment_len, mode=args.mode, offload=offload_spec(args))
         except Exception as exc:
             failed = f"warm-up: {type(exc).__name__}: {exc}"[:500]
             logger.warning("%s: warm-up failed, every length skipped", label, exc_info=True)
@@ -141,14 +176,16 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'model':>12} {'length':>7} {'prefill tok/s':>14} {'decode ms/tok':>14} {'peak GPU GiB':>13} {'RSS GiB':>8}"]
+    lines = [f"{'model':>12} {'length':>7} {'prefill tok/s':>14} {'decode ms/tok':>14} {'peak GPU GiB':>13} "
+             f"{'RSS GiB':>8} {'pinned GiB':>10} {'disk GiB':>8}"]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"{r['model']:>12} {format_length(r['length']):>7}  {r['error'][:90]}")
             continue
         gpu = f"{r['peak_gpu_gib']:13.3f}" if "peak_gpu_gib" in r else f"{'-':>13}"
         lines.append(f"{r['model']:>12} {format_length(r['length']):>7} {r['prefill_tokens_per_s']:14.0f} "
-                     f"{r['decode_ms_per_token']:14.2f} {gpu} {r['rss_after_prefill_gib']:8.2f}")
+                     f"{r['decode_ms_per_token']:14.2f} {gpu} {r['rss_after_prefill_gib']:8.2f} "
+                     f"{r['store_pinned_gib']:10.2f} {r['store_disk_gib']:8.2f}")
     return "\n".join(lines)
 
 
@@ -167,7 +204,10 @@ def save(result: dict, out: str, name: str, seed: int) -> tuple[Path, Path]:
         panels.append(Panel("peak GPU memory", x, "GiB", series("peak_gpu_gib"), length_axis=True))
     panels.append(Panel("host memory (RSS after prefill)", x, "GiB", series("rss_after_prefill_gib"), length_axis=True))
     s = result["settings"]
-    title = f"inference ({result['device']}, {result['dtype']}, mode {s['mode']}, offload {'on' if s['offload'] else 'off'})"
+    where = "on" if s["offload"] else "off"
+    if s["offload_dir"]:
+        where = f"disk tier, host budget {s['host_budget'] or 'default'}"
+    title = f"inference ({result['device']}, {result['dtype']}, mode {s['mode']}, offload {where})"
     json_path = write_results(Path(out) / f"{name}.json", result, s, seed)
     png_path = line_plots(panels, Path(out) / f"{name}.png", title=title)
     return json_path, png_path

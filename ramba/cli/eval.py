@@ -55,7 +55,9 @@ def _generation(p: argparse.ArgumentParser, depths: str) -> None:
     p.add_argument("--samples", type=int, default=5, help="samples per (length, depth) cell (default 5)")
     p.add_argument("--mode", choices=["exact", "fast"], default="exact",
                    help="prefill mode: exact (HSA on every prompt token) or fast (HSA only in the last segment)")
-    p.add_argument("--offload", action="store_true", help="keep the chunk memory in CPU pinned memory")
+    from ramba.cli import offload
+
+    offload.add_arguments(p)
     p.add_argument("--segment-len", type=int, default=2048, help="prefill segment length in tokens (default 2048)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts generated together (default 1)")
     p.add_argument("--extra-tokens", type=int, default=8,
@@ -120,10 +122,18 @@ def _load(args):
 
 
 def _settings(args):
+    from ramba.cli import offload
     from ramba.eval.tasks import GenerationSettings
 
-    return GenerationSettings(segment_len=args.segment_len, mode=args.mode, offload=args.offload,
+    return GenerationSettings(segment_len=args.segment_len, mode=args.mode, offload=offload.offload(args),
                               batch_size=args.batch_size, extra_tokens=args.extra_tokens)
+
+
+def _check_memory(model, args) -> dict:
+    """The memory plan of the longest prompt (its answer included), checked before the first cell."""
+    from ramba.cli import offload
+
+    return offload.check_memory(model, args, max(args.lengths) + 64 + args.extra_tokens, args.batch_size)
 
 
 def _haystack(args, tokenizer):
@@ -147,12 +157,14 @@ def run_passkey(args: argparse.Namespace) -> int:
     from ramba.eval.passkey import evaluate_passkey, passkey_table, save_passkey
 
     model, tok = _load(args)
+    plan = _check_memory(model, args)
     result = evaluate_passkey(model, tok, args.lengths, args.depths, args.samples, _settings(args), args.seed,
                               _haystack(args, tok), args.digits, progress=not args.no_progress)
     print(f"passkey accuracy ({args.samples} samples per cell, mode {args.mode}{', offload' if args.offload else ''}):")
     print(passkey_table(result))
     print(f"mean accuracy: {result['mean']:.3f}")
-    _done(save_passkey(result, args.out, _config(args, model, tokenizer=tok.name), args.seed, args.name or "passkey"))
+    _done(save_passkey(result, args.out, _config(args, model, tokenizer=tok.name, memory_plan=plan), args.seed,
+                       args.name or "passkey"))
     return 0
 
 
@@ -161,6 +173,7 @@ def run_tasks(args: argparse.Namespace) -> int:
     from ramba.eval.tasks import evaluate_tasks, save_tasks
 
     model, tok = _load(args)
+    plan = _check_memory(model, args)
     specs = [s.strip() for s in args.tasks.split(",") if s.strip()]
     if args.export_harness:
         return _export_harness(args, tok, specs)
@@ -169,7 +182,8 @@ def run_tasks(args: argparse.Namespace) -> int:
     for spec, r in result["tasks"].items():
         print(f"{spec} (mean {r['mean']:.3f}):")
         print(format_grid(r["scores"], args.lengths, args.depths))
-    _done(save_tasks(result, args.out, _config(args, model, tokenizer=tok.name), args.seed, args.name or "tasks"))
+    _done(save_tasks(result, args.out, _config(args, model, tokenizer=tok.name, memory_plan=plan), args.seed,
+                     args.name or "tasks"))
     return 0
 
 

@@ -55,7 +55,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (with --sample)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
     p.add_argument("--mode", choices=["exact", "fast"], default="exact", help="prefill mode (default exact)")
-    p.add_argument("--offload", action="store_true", help="keep the chunk memory in CPU pinned memory")
+    from ramba.cli import offload
+
+    offload.add_arguments(p)
     p.add_argument("--segment-len", type=int, default=2048, help="prefill segment length (default 2048)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
@@ -102,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
     ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
     if len(ids) == 0:
         raise InputError("prompt: the prompt is empty; give some text")
+    from ramba.cli import offload
+
+    offload.check_memory(model, args, len(ids) + args.max_new_tokens, 1)
     input_ids = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
     eos = None if args.ignore_eos else tok.eos_id
     stream = StreamDecoder(tok)
@@ -123,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with torch.no_grad():
         generate(model, input_ids, args.max_new_tokens, segment_len=args.segment_len, mode=args.mode,
-                 offload=args.offload, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+                 offload=offload.offload(args), do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
                  eos_token_id=eos, on_token=on_token)
     sys.stdout.write(stream.flush() + "\n")
     sys.stdout.flush()

@@ -8,7 +8,9 @@ from contextvars import ContextVar
 import torch
 
 from ramba.errors import InputError
+from ramba.inference.planner import plan_prefill
 from ramba.model.cache import RambaCache
+from ramba.model.chunk_store import Offload
 
 PREFILL_MODES = ("exact", "fast")
 _SHOW_PREFILL_PROGRESS: ContextVar[bool] = ContextVar("show_prefill_progress", default=False)
@@ -41,7 +43,7 @@ def prefill(
     input_ids: torch.Tensor,
     segment_len: int = 2048,
     mode: str = "exact",
-    offload: bool = False,
+    offload: bool | str | Offload = False,
     cache: RambaCache | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, RambaCache]:
@@ -52,9 +54,11 @@ def prefill(
     ``mode="fast"`` skips retrieval and the HSA attention term for every segment but the last (the chunk
     memory is still built from them): an approximation, as in the paper's longest runs, that makes
     prefill cost independent of HSA; the final ``segment_len`` prompt tokens (the question, in a
-    retrieval task) always get HSA. ``offload`` keeps the chunk memory in CPU (pinned) memory; only
-    landmarks stay on the device. ``input_ids`` may stay on the CPU: each segment is moved to the
-    model's device on its own.
+    retrieval task) always get HSA. ``offload=True`` keeps the chunk memory in CPU (pinned) memory, paged,
+    only the selected chunks copied in; ``"disk:PATH"`` spills pages beyond a host budget to a memory-mapped
+    file under PATH (see :class:`ramba.model.chunk_store.Offload`). A fresh prefill first plans its memory and
+    raises :class:`ramba.inference.planner.MemoryPlanError` when it would not fit. ``input_ids`` may stay on
+    the CPU: each segment is moved to the model's device on its own.
 
     Args:
         model: a ``RambaForCausalLM``. input_ids: ``[B, T]`` with ``T >= 1``.
@@ -76,7 +80,10 @@ def prefill(
                          "encode the prompt with the tokenizer the model was trained with")
     weight = model.get_input_embeddings().weight
     if cache is None:
+        plan_prefill(model, B, T, segment_len, offload)
         cache = RambaCache(model.config, B, weight.device, weight.dtype, offload=offload)
+        if cache.memory is not None:  # landmark room for the prompt (exactly: pinned buffers round up to 2^k bytes)
+            cache.memory.reserve(-(-T // model.config.chunk_size))
     logits = None
     ends = list(range(T, 0, -segment_len))[::-1]
     bar = _prefill_bar(T, segment_len)
@@ -113,7 +120,7 @@ def generate(
     max_new_tokens: int,
     segment_len: int = 2048,
     mode: str = "exact",
-    offload: bool = False,
+    offload: bool | str | Offload = False,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,

@@ -218,12 +218,9 @@ class HSALayer(RambaLayer):
 
     def attend_over_store(self, hidden: torch.Tensor, store, selection: ChunkSelection) -> torch.Tensor:
         """:meth:`attend` over a cache's chunk memory store, one block of ``store.fetch_tokens`` tokens at a time:
-        each block copies in only the chunks it selected. HSA acts on each token alone, so the blocks give
-        exactly the output of one call."""
-        T = hidden.shape[1]
-        step = store.fetch_tokens(selection)
-        outputs = []
-        for t0 in range(0, T, step):
-            block = ChunkSelection(selection.indices[:, t0 : t0 + step], selection.weights[:, t0 : t0 + step])
-            outputs.append(self.attend(hidden[:, t0 : t0 + step], *store.fetch(block)))
+        each block gathers only the chunks it selected (the next one prefetched meanwhile, see
+        ``ChunkMemoryStore.fetch_blocks``). HSA acts on each token alone, so the blocks give exactly the output of
+        one call."""
+        blocks = store.fetch_blocks(selection)
+        outputs = [self.attend(hidden[:, t0:t1], memory, block) for t0, t1, memory, block in blocks]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)

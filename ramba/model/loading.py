@@ -5,7 +5,7 @@ A model is named by
 - a model folder written by ``save_pretrained`` (``config.json`` + ``*.safetensors``);
 - a training checkpoint (``step-N/``, holding ``model/``) or a training run (``out_dir/``: its newest checkpoint);
 - a single-file model (``*.safetensors`` written by ``ramba export``: config and tokenizer in its metadata);
-- the name of a model shipped with ramba (``tiny-passkey``).
+- the name of a model shipped with ramba (``tiny-ruler``).
 
 Loads are verified unless ``verify=False``: a folder inside a checkpoint against the checkpoint's
 manifest (size and sha256 of every weight file), a single-file model against the weights checksum in

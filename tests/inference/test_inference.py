@@ -125,43 +125,22 @@ def test_bad_cache_use():
         prefill(small_model(), ids, mode="quick")
 
 
-def test_offload_moves_only_selected_chunks():
-    from ramba.layers.hsa import ChunkMemory, ChunkSelection
-    from ramba.model.cache import ChunkMemoryStore
-
-    store = ChunkMemoryStore(2, 4, 1, 3, 1, 5, torch.float32, torch.device("cpu"), offload=True)
-    for c in (3, 1, 6):  # growth across appends
-        k = torch.randn(2, c * 4, 1, 3)
-        store.append(ChunkMemory(k, k + 1, torch.randn(2, c, 1, 5)))
-    assert store.n_chunks == 10
-    full_k = store._k[:, :10].reshape(2, 40, 1, 3)
-    indices = torch.tensor([[[[7, 2]]], [[[9, 2]]]])
-    weights = torch.tensor([[[[0.5, 0.25]]], [[[0.5, 0.0]]]])
-    memory, (remapped, w) = store.fetch(ChunkSelection(indices, weights))
-    assert memory.k.shape[1] == 4 * 4  # chunks {0 (empty slot), 2, 7, 9}
-    for b in range(2):
-        for slot in range(2):
-            if weights[b, 0, 0, slot] > 0:
-                c, r = int(indices[b, 0, 0, slot]), int(remapped[b, 0, 0, slot])
-                torch.testing.assert_close(memory.k[b, r * 4 : r * 4 + 4], full_k[b, c * 4 : c * 4 + 4])
-
-
 @pytest.mark.parametrize("name", ["ramba", "ramba-gqa-mlp"])
 def test_offloaded_long_segment_fetches_block_by_block(name, monkeypatch):
     """With a fetch budget of a few chunks, the HSA layers of one long exact segment attend in blocks of
     tokens, each copying in only its own chunks: the logits stay those of one full forward."""
-    import ramba.model.cache as cache_module
+    import ramba.model.chunk_store as cache_module
 
     model = small_model(**CONFIGS[name])
     ids = torch.randint(3, 64, (2, 150), generator=torch.Generator().manual_seed(5))
-    store_fetch, copied = cache_module.ChunkMemoryStore.fetch, []
+    store_blocks, copied = cache_module.ChunkMemoryStore.fetch_blocks, []
 
-    def counting_fetch(store, selection):
-        memory, remapped = store_fetch(store, selection)
-        copied.append((selection.indices.shape[1], memory.k.shape[1] // store.chunk_size))
-        return memory, remapped
+    def counting_blocks(store, selection, step=None):
+        for t0, t1, memory, remapped in store_blocks(store, selection, step):
+            copied.append((t1 - t0, memory.k.shape[1] // store.chunk_size))
+            yield t0, t1, memory, remapped
 
-    monkeypatch.setattr(cache_module.ChunkMemoryStore, "fetch", counting_fetch)
+    monkeypatch.setattr(cache_module.ChunkMemoryStore, "fetch_blocks", counting_blocks)
     with torch.no_grad():
         full = model(input_ids=ids).logits
         _, cache = prefill(model, ids[:, :100], segment_len=100, offload=True)

@@ -72,8 +72,9 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def check_inputs(fn: str, q_r, landmarks, chunk_size, topk, positions, norm) -> None:
-    """Raise TypeError/ValueError naming the bad argument of ``select_chunks``."""
+def check_inputs(fn: str, q_r, landmarks, chunk_size, topk, positions, norm, host_landmarks: bool = False) -> None:
+    """Raise TypeError/ValueError naming the bad argument of ``select_chunks`` (``host_landmarks``: landmarks may
+    be in host memory while ``q_r`` is on a GPU)."""
     for name, t, dims in (("q_r", q_r, "[B, T, R, Dr]"), ("landmarks", landmarks, "[B, C, R, Dr]")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor {dims}, got {type(t).__name__}")
@@ -89,7 +90,7 @@ def check_inputs(fn: str, q_r, landmarks, chunk_size, topk, positions, norm) -> 
         )
     if Dr == 0:
         raise ValueError(f"{fn}: q_r's retrieval dim Dr must be positive, got shape {tuple(q_r.shape)}")
-    if q_r.device != landmarks.device:
+    if q_r.device != landmarks.device and not (host_landmarks and landmarks.device.type == "cpu"):
         raise ValueError(f"{fn}: q_r and landmarks must be on one device, got {q_r.device} and {landmarks.device}")
     if not _is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")

@@ -31,8 +31,8 @@ def _flat_index(indices: torch.Tensor, C: int) -> torch.Tensor:
 def _gather(landmarks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``landmarks [B, C, R, Dr]``, ``indices [B, t, R, K]`` in ``[0, C)`` -> ``[B, t, R, K, Dr]``."""
     B, C, R, Dr = landmarks.shape
-    flat = _flat_index(indices, C).reshape(-1)
-    return landmarks.reshape(B * C * R, Dr).index_select(0, flat).view(*indices.shape, Dr)
+    flat = _flat_index(indices, C).reshape(-1).to(landmarks.device)
+    return landmarks.reshape(B * C * R, Dr).index_select(0, flat).to(indices.device).view(*indices.shape, Dr)
 
 
 class _SelectedScores(torch.autograd.Function):
@@ -106,7 +106,8 @@ def _running_topk(
     for c0 in range(0, max_visible, block_chunks):
         c1 = min(C, c0 + block_chunks)
         cidx = torch.arange(c0, c1, device=dev)
-        s = torch.einsum("btrd,bcrd->btrc", q_r, landmarks[:, c0:c1].to(q_r.dtype)) / math.sqrt(Dr)
+        block = landmarks[:, c0:c1].to(dev, non_blocking=True).to(q_r.dtype)  # streamed in from host landmarks
+        s = torch.einsum("btrd,bcrd->btrc", q_r, block) / math.sqrt(Dr)
         s = s.masked_fill(~(cidx < n_vis[:, :, None])[:, :, None, :], -math.inf)
         # candidates in descending chunk order (the block reversed, then the running top-K, whose
         # chunks are all older and whose ties are already recent-first): a stable sort then breaks
@@ -134,7 +135,8 @@ def select_chunks_streaming(
 
     Args:
         q_r: ``[B, T, R, Dr]`` retrieval queries, any float dtype.
-        landmarks: ``[B, C, R, Dr]`` one vector per complete chunk.
+        landmarks: ``[B, C, R, Dr]`` one vector per complete chunk; on ``q_r``'s device, or (inference, no
+            gradient for them) in host memory, streamed in block by block.
         chunk_size: tokens per chunk ``S``; chunk ``c`` is visible at position ``p`` iff ``(c + 1) * S <= p``.
         topk: ``K`` slots per token.
         positions: ``None`` (token ``t`` at position ``t``) or integer ``[T]`` / ``[B, T]``.
@@ -145,7 +147,7 @@ def select_chunks_streaming(
         indices ``[B, T, R, K]`` int64, most recent chunk first, empty slots (index 0) last;
         weights ``[B, T, R, K]`` float32 (float64 for float64 inputs), 0 on empty slots.
     """
-    check_inputs("select_chunks", q_r, landmarks, chunk_size, topk, positions, norm)
+    check_inputs("select_chunks", q_r, landmarks, chunk_size, topk, positions, norm, host_landmarks=True)
     for name, value in (("block_chunks", block_chunks), ("block_tokens", block_tokens)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"select_chunks: {name} must be None or a positive int, got {value!r}")
@@ -155,8 +157,10 @@ def select_chunks_streaming(
     BR = max(B * R, 1)  # an empty batch sizes its (empty) tiles like a batch of one
     first_block = min(block_chunks or DEFAULT_BLOCK_CHUNKS, max(C, 1))
     tokens_topk = block_tokens or max(1, TILE_ELEMENTS // (BR * (first_block + K)))
-    # few tokens (decoding) score many chunks per tile: one pass over a million landmarks, not a thousand
-    block_chunks = block_chunks or max(DEFAULT_BLOCK_CHUNKS, TILE_ELEMENTS // (BR * min(tokens_topk, max(T, 1))) - K)
+    # few tokens (decoding) score many chunks per tile, but a block of landmarks in the compute dtype stays
+    # within a tile too (decoding at 256M tokens would otherwise convert 4 GiB of landmarks at once)
+    wide = min(TILE_ELEMENTS // (BR * min(tokens_topk, max(T, 1))) - K, TILE_ELEMENTS // (BR * Dr))
+    block_chunks = block_chunks or max(DEFAULT_BLOCK_CHUNKS, wide)
     tokens_gather = block_tokens or max(1, TILE_ELEMENTS // (BR * K * Dr))
     n_vis = resolve_positions(positions, B, T, dev).div(chunk_size, rounding_mode="floor").clamp(0, C)
     indices = torch.empty(B, T, R, K, dtype=torch.long, device=dev)
