@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 ALL_TASKS = "niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking"
+HELD_OUT = ("debian-manuals",)  # as ramba.eval.tasks.HELD_OUT (not imported here: the parser stays light)
 
 
 def _arg(parse):
@@ -62,7 +63,16 @@ def _generation(p: argparse.ArgumentParser, depths: str) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="prompts generated together (default 1)")
     p.add_argument("--extra-tokens", type=int, default=8,
                    help="new tokens allowed beyond the reference answer's length (default 8)")
-    p.add_argument("--haystack", default=None, help="token file whose text fills the haystack (default: a repeated template)")
+    p.add_argument("--long-samples", type=int, default=None,
+                   help="samples per cell at lengths above 1M (default: --samples; the protocol: --samples 2 "
+                        "--long-samples 1)")
+    p.add_argument("--haystack", default="template",
+                   help="comma-separated haystacks, each evaluated on its own: token files (made by `ramba prepare`) "
+                        "or 'template' (a repeated sentence); default template. The protocol: template,"
+                        "data/python-doc,data/debian-manuals (docs/evaluation.md)")
+    p.add_argument("--held-out", default=",".join(HELD_OUT),
+                   help=f"comma-separated names of the haystacks used in neither training nor tuning, marked so in "
+                        f"the results (default {','.join(HELD_OUT)})")
 
 
 def add_parser(subparsers) -> None:
@@ -137,9 +147,22 @@ def _check_memory(model, args) -> dict:
 
 
 def _haystack(args, tokenizer):
-    from ramba.data.tasks import TokenFileHaystack
+    """The one haystack of --haystack (None: the template)."""
+    from ramba.eval.results import EvalError
+    from ramba.eval.tasks import load_haystacks
 
-    return TokenFileHaystack(args.haystack, tokenizer) if args.haystack else None
+    hays = load_haystacks(args.haystack, tokenizer)
+    if len(hays) > 1:
+        raise EvalError(f"haystack: this command takes one haystack, got {args.haystack!r}")
+    return next(iter(hays.values()))
+
+
+def _over_haystacks(args, tokenizer, evaluate):
+    """`evaluate(haystack)` on every haystack of --haystack (see `ramba.eval.tasks.over_haystacks`)."""
+    from ramba.eval.tasks import load_haystacks, over_haystacks
+
+    held_out = [n.strip() for n in args.held_out.split(",") if n.strip()]
+    return over_haystacks(evaluate, load_haystacks(args.haystack, tokenizer), held_out)
 
 
 def _config(args, model, **extra) -> dict:
@@ -158,11 +181,13 @@ def run_passkey(args: argparse.Namespace) -> int:
 
     model, tok = _load(args)
     plan = _check_memory(model, args)
-    result = evaluate_passkey(model, tok, args.lengths, args.depths, args.samples, _settings(args), args.seed,
-                              _haystack(args, tok), args.digits, progress=not args.no_progress)
+    result = _over_haystacks(args, tok, lambda hay: evaluate_passkey(
+        model, tok, args.lengths, args.depths, args.samples, _settings(args), args.seed, hay, args.digits,
+        progress=not args.no_progress, long_samples=args.long_samples))
     print(f"passkey accuracy ({args.samples} samples per cell, mode {args.mode}{', offload' if args.offload else ''}):")
     print(passkey_table(result))
-    print(f"mean accuracy: {result['mean']:.3f}")
+    means = [r["mean"] for r in result["haystacks"].values()]
+    print(f"mean accuracy: {sum(means) / len(means):.3f}")
     _done(save_passkey(result, args.out, _config(args, model, tokenizer=tok.name, memory_plan=plan), args.seed,
                        args.name or "passkey"))
     return 0
@@ -170,18 +195,21 @@ def run_passkey(args: argparse.Namespace) -> int:
 
 def run_tasks(args: argparse.Namespace) -> int:
     from ramba.eval.results import format_grid
-    from ramba.eval.tasks import evaluate_tasks, save_tasks
+    from ramba.eval.tasks import evaluate_tasks, save_tasks, tasks_tables
 
     model, tok = _load(args)
     plan = _check_memory(model, args)
     specs = [s.strip() for s in args.tasks.split(",") if s.strip()]
     if args.export_harness:
         return _export_harness(args, tok, specs)
-    result = evaluate_tasks(model, tok, specs, args.lengths, args.depths, args.samples, _settings(args), args.seed,
-                            _haystack(args, tok), progress=not args.no_progress)
-    for spec, r in result["tasks"].items():
-        print(f"{spec} (mean {r['mean']:.3f}):")
-        print(format_grid(r["scores"], args.lengths, args.depths))
+    result = _over_haystacks(args, tok, lambda hay: evaluate_tasks(
+        model, tok, specs, args.lengths, args.depths, args.samples, _settings(args), args.seed, hay,
+        progress=not args.no_progress, long_samples=args.long_samples))
+    for hay, h in result["haystacks"].items():
+        for spec, r in h["tasks"].items():
+            print(f"{spec} on {hay} (mean {r['mean']:.3f}):")
+            print(format_grid(r["scores"], args.lengths, args.depths))
+    print(tasks_tables(result))
     _done(save_tasks(result, args.out, _config(args, model, tokenizer=tok.name, memory_plan=plan), args.seed,
                      args.name or "tasks"))
     return 0

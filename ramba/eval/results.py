@@ -15,6 +15,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from ramba.errors import EvalError
 from ramba.files import atomic_write
 
 __all__ = ["EvalError", "environment", "write_results", "read_results", "parse_lengths", "parse_depths", "format_length",
-           "format_grid"]
+           "format_table", "format_grid"]
 
 _SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -166,13 +167,19 @@ def read_results(path: str | os.PathLike) -> dict:
         return json.load(f)
 
 
-def format_grid(matrix: np.ndarray, lengths, depths, corner: str = "length") -> str:
-    """A text table of `matrix [len(lengths), len(depths)]`: a row per length, a column per depth, and the row mean."""
+def format_table(matrix: np.ndarray, rows: Sequence[str], columns: Sequence[str], corner: str = "") -> str:
+    """A text table of `matrix [len(rows), len(columns)]` with the row labels, the column labels and the row mean."""
     matrix = np.asarray(matrix, dtype=np.float64)
-    head = f"{corner:>8} | " + " ".join(f"{100 * d:>6.4g}%" for d in depths) + " |   mean"
+    width = max(8, *(len(r) for r in rows))
+    head = f"{corner:>{width}} | " + " ".join(f"{c:>7}" for c in columns) + " |   mean"
     lines = [head, "-" * len(head)]
-    for n, row in zip(lengths, matrix):
+    for label, row in zip(rows, matrix):
         cells = " ".join(f"{x:>7.3f}" if math.isfinite(x) else f"{'-':>7}" for x in row)
         mean = np.nanmean(row) if np.isfinite(row).any() else math.nan
-        lines.append(f"{format_length(int(n)):>8} | {cells} | {mean:>6.3f}")
+        lines.append(f"{label:>{width}} | {cells} | {mean:>6.3f}")
     return "\n".join(lines)
+
+
+def format_grid(matrix: np.ndarray, lengths, depths, corner: str = "length") -> str:
+    """A text table of `matrix [len(lengths), len(depths)]`: a row per length, a column per depth, and the row mean."""
+    return format_table(matrix, [format_length(int(n)) for n in lengths], [f"{100 * d:>6.4g}%" for d in depths], corner)

@@ -1,10 +1,15 @@
 """Scoring synthetic long-context tasks (passkey, needle-in-a-haystack, variable tracking) by generation.
 
 For every (length, depth) cell, `samples` prompts are generated with seeds `seed, seed + 1, ...`
-(the same seeds in every cell, so cells differ only in length and depth), the model continues each
-prompt through `ramba.inference.generate` (segmented prefill, so any length that fits the cache
-works, whether or not it is a multiple of the chunk size), and the task's scorer grades the decoded
-continuation, cut at the first eos.
+(the same seeds in every cell, so cells differ only in length and depth; lengths above 1M take
+`long_samples`), the model continues each prompt through `ramba.inference.generate` (segmented
+prefill, so any length that fits the cache works, whether or not it is a multiple of the chunk size),
+and the task's scorer grades the decoded continuation, cut at the first eos. Every sample's record keeps
+the expected answer, the model's answer and the token positions of the needles, so a failure can be
+read without running again.
+
+The protocol runs over several haystacks (`load_haystacks`, `over_haystacks`): results name each one and
+say which are held out (used in neither training nor tuning; docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -12,17 +17,24 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Collection
 
 import numpy as np
 import torch
 
-from ramba.data.tasks import Task, TaskSample, make_task
-from ramba.eval.results import EvalError, write_results
+from ramba.data.tasks import Task, TaskSample, TokenFileHaystack, make_task
+from ramba.eval.results import EvalError, format_length, format_table, write_results
 
-__all__ = ["GenerationSettings", "CellResult", "parse_task_spec", "build_task", "continue_prompts", "cell_samples",
-           "evaluate_task", "score_matrix", "summarize", "evaluate_tasks", "save_tasks"]
+__all__ = ["GenerationSettings", "CellResult", "parse_task_spec", "build_task", "continue_prompts",
+           "cell_samples", "evaluate_task", "score_matrix", "summarize", "evaluate_tasks", "save_tasks", "tasks_tables",
+           "load_haystacks", "over_haystacks", "sample_record", "task_length_matrix", "LONG_CONTEXT", "HELD_OUT"]
 
 logger = logging.getLogger(__name__)
+
+LONG_CONTEXT = 1 << 20  # cells longer than this (1M tokens) take `long_samples` samples
+HELD_OUT = ("debian-manuals",)  # the protocol's held-out haystack: in neither training nor tuning (docs/evaluation.md)
+TEMPLATE = "template"  # the haystack name of the repeated template sentence
 
 
 @dataclass
@@ -105,6 +117,16 @@ def continue_prompts(model, prompts: np.ndarray, max_new_tokens: int, settings: 
     return rows
 
 
+def sample_record(sample: TaskSample, prediction: str, score: float, seed: int) -> dict:
+    """What a results file keeps of one sample: the expected and the predicted answer, and where the needles
+    are (`needle_position`: the asked needle's first token; `answer_positions`: per expected answer, the first
+    token of the needle holding it; `needles`: every needle's `[start, end)`, distractors included)."""
+    return {"seed": seed, "answer": sample.answer, "expected": sample.answers, "prediction": prediction,
+            "score": float(score), "depth": sample.depth, "needle_position": sample.needles[sample.target][0],
+            "answer_positions": [sample.needles[i][0] for i in sample.answer_needles],
+            "needles": [list(n) for n in sample.needles], "options": sample.metadata}
+
+
 def cell_samples(task: Task, length: int, depth: float, n: int, seed: int) -> list[TaskSample]:
     """The `n` samples of one (length, depth) cell: seeds `seed, seed + 1, ...`."""
     try:
@@ -139,22 +161,26 @@ def evaluate_task(
     settings: GenerationSettings | None = None,
     seed: int = 0,
     progress: bool = False,
+    long_samples: int | None = None,
 ) -> list[CellResult]:
-    """Scores `task` on every (length, depth) cell, `samples` prompts per cell; cells in order of
-    length, then depth. `progress` shows a progress bar (one step per sample) on stderr."""
+    """Scores `task` on every (length, depth) cell, `samples` prompts per cell (`long_samples` above
+    LONG_CONTEXT tokens; None: `samples`); cells in order of length, then depth. `progress` shows a
+    progress bar (one step per sample) on stderr."""
     from tqdm.auto import tqdm
 
     settings = settings or GenerationSettings()
-    if samples < 1:
-        raise EvalError(f"samples: expected >= 1, got {samples}")
+    long_samples = samples if long_samples is None else long_samples
+    if samples < 1 or long_samples < 1:
+        raise EvalError(f"samples, long_samples: expected >= 1, got {samples}, {long_samples}")
+    per_cell = {int(n): long_samples if n > LONG_CONTEXT else samples for n in lengths}
     tok = task.tokenizer
     device = _device(model)
     results = []
-    bar = tqdm(total=len(lengths) * len(depths) * samples, desc=task.name, unit="sample", disable=not progress)
+    bar = tqdm(total=len(depths) * sum(per_cell.values()), desc=task.name, unit="sample", disable=not progress)
     try:
         for length in lengths:
             for depth in depths:
-                cell = cell_samples(task, int(length), float(depth), samples, seed)
+                cell = cell_samples(task, int(length), float(depth), per_cell[int(length)], seed)
                 records = []
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -164,8 +190,7 @@ def evaluate_task(
                 peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
                 for i, (s, ids) in enumerate(zip(cell, predictions)):
                     prediction = tok.decode(ids)
-                    records.append({"seed": seed + i, "answer": s.answer, "expected": s.answers,
-                                    "prediction": prediction, "score": float(task.score(s, prediction))})
+                    records.append(sample_record(s, prediction, task.score(s, prediction), seed + i))
                 score = float(np.mean([r["score"] for r in records]))
                 logger.debug("%s length %d depth %g: %.3f", task.name, length, depth, score)
                 results.append(CellResult(task.name, int(length), float(depth), score, records, seconds, peak))
@@ -199,26 +224,73 @@ def summarize(cells: Sequence[CellResult], lengths: Sequence[int], depths: Seque
 
 def evaluate_tasks(model, tokenizer, specs: Sequence[str], lengths: Sequence[int], depths: Sequence[float], samples: int,
                    settings: GenerationSettings | None = None, seed: int = 0, haystack=None,
-                   progress: bool = False) -> dict:
-    """Scores every task of `specs` (see `parse_task_spec`) on the length x depth grid."""
+                   progress: bool = False, long_samples: int | None = None) -> dict:
+    """Scores every task of `specs` (see `parse_task_spec`) on the length x depth grid of one haystack."""
     tasks = {spec: build_task(spec, tokenizer, haystack) for spec in specs}
-    out = {"lengths": list(lengths), "depths": list(depths), "samples": samples, "tasks": {}}
+    out = {"lengths": list(lengths), "depths": list(depths), "samples": samples, "long_samples": long_samples,
+           "tasks": {}}
     for spec, task in tasks.items():
-        cells = evaluate_task(model, task, lengths, depths, samples, settings, seed, progress)
+        cells = evaluate_task(model, task, lengths, depths, samples, settings, seed, progress, long_samples)
         out["tasks"][spec] = summarize(cells, lengths, depths)
     return out
 
 
-def save_tasks(result: dict, out_dir, config: dict | None = None, seed: int | None = None, name: str = "tasks"):
-    """Writes `<name>.json` and `<name>.png` (mean score by length, a line per task) into `out_dir`."""
-    from pathlib import Path
+def load_haystacks(spec: str | None, tokenizer) -> dict[str, object]:
+    """`"template,data/python-doc"` -> `{"template": None, "python-doc": TokenFileHaystack}` (named by the token
+    file's folder name; None or "" gives the template alone)."""
+    out: dict[str, object] = {}
+    for item in (spec or TEMPLATE).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name = TEMPLATE if item == TEMPLATE else Path(item).name
+        if name in out:
+            raise EvalError(f"haystack: {name!r} is given twice in {spec!r}")
+        if item != TEMPLATE and not Path(item).exists():
+            raise EvalError(f"haystack: no such token file: {item} (make it with `ramba prepare`, or use 'template')")
+        out[name] = None if item == TEMPLATE else TokenFileHaystack(item, tokenizer)
+    if not out:
+        raise EvalError(f"haystack: no haystack named in {spec!r}")
+    return out
 
-    from ramba.eval.plots import Panel, line_plots
+
+def over_haystacks(evaluate: Callable[[object], dict], haystacks: dict[str, object],
+                   held_out: Collection[str] = HELD_OUT) -> dict:
+    """`{"held_out": [names], "haystacks": {name: {"source", "held_out", **evaluate(haystack)}}}`: one evaluation
+    per haystack of `load_haystacks`; `held_out` names the haystacks used in neither training nor tuning."""
+    result: dict = {"held_out": [n for n in haystacks if n in held_out], "haystacks": {}}
+    for name, haystack in haystacks.items():
+        source = TEMPLATE if haystack is None else str(haystack.file.path)
+        result["haystacks"][name] = {"source": source, "held_out": name in held_out, **evaluate(haystack)}
+    return result
+
+
+def _mean_by_length(r: dict) -> np.ndarray:
+    return np.nanmean(np.asarray(r["scores"], dtype=np.float64), axis=1)
+
+
+def task_length_matrix(result: dict) -> np.ndarray:
+    """`[tasks, lengths]` mean score over depths of one haystack's `evaluate_tasks` result."""
+    return np.stack([_mean_by_length(r) for r in result["tasks"].values()])
+
+
+def tasks_tables(result: dict) -> str:
+    """A task x length table (mean over depths) per haystack of an `over_haystacks` result."""
+    blocks = []
+    for name, r in result["haystacks"].items():
+        title = f"haystack {name}{' (held out)' if r['held_out'] else ''}: mean score over {len(r['depths'])} depths"
+        lengths = [format_length(int(n)) for n in r["lengths"]]
+        blocks.append(title + "\n" + format_table(task_length_matrix(r), list(r["tasks"]), lengths, corner="task"))
+    return "\n\n".join(blocks)
+
+
+def save_tasks(result: dict, out_dir, config: dict | None = None, seed: int | None = None, name: str = "tasks"):
+    """Writes `<name>.json` (an `over_haystacks` result) and `<name>.png` (a task x length heatmap per haystack)."""
+    from ramba.eval.plots import heatmaps, task_grid
 
     out_dir = Path(out_dir)
-    series = {spec: (result["lengths"], np.nanmean(np.asarray(r["scores"], dtype=np.float64), axis=1))
-              for spec, r in result["tasks"].items()}
+    grids = [task_grid(task_length_matrix(r), list(r["tasks"]), r["lengths"],
+                       f"{hay}{' (held out)' if r['held_out'] else ''}: mean over {len(r['depths'])} depths")
+             for hay, r in result["haystacks"].items()]
     json_path = write_results(out_dir / f"{name}.json", result, config, seed)
-    png_path = line_plots([Panel("task accuracy by context length", "context length (tokens)", "mean score",
-                                 series, length_axis=True, ylim=(-0.02, 1.02))], out_dir / f"{name}.png")
-    return json_path, png_path
+    return json_path, heatmaps(grids, out_dir / f"{name}.png", title="task accuracy by context length")

@@ -25,6 +25,8 @@ def test_eval_passkey(model_dir, tmp_path, capsys):
                    "--samples", "1", "--segment-len", "48", "--extra-tokens", "0", "--out", str(out), "--seed", "3", "--no-progress"])
     assert rc == 0
     data = _check_outputs(out, "passkey", seed=3)
+    assert data["held_out"] == [] and list(data["haystacks"]) == ["template"]
+    data = data | data["haystacks"]["template"]
     assert data["lengths"] == [256, 300] and len(data["accuracy"]) == 2 and len(data["accuracy"][0]) == 2
     assert data["meta"]["config"]["model"]["chunk_size"] == 16 and data["meta"]["config"]["eval"]["segment_len"] == 48
     assert [c["samples"][0]["seed"] for c in data["cells"]] == [3, 3, 3, 3]
@@ -33,15 +35,21 @@ def test_eval_passkey(model_dir, tmp_path, capsys):
     assert "100%" in printed and "mean accuracy" in printed and "passkey.png" in printed
 
 
-def test_eval_tasks(model_dir, tmp_path):
+def test_eval_tasks(model_dir, token_file, tmp_path, capsys):
     out = tmp_path / "out"
     rc = cli.main(["eval", "tasks", "--model", str(model_dir), "--tasks", "niah_single,variable_tracking:num_hops=1",
                    "--lengths", "350", "--depths", "0.5", "--samples", "2", "--batch-size", "2", "--segment-len", "64",
-                   "--mode", "fast", "--extra-tokens", "0", "--out", str(out), "--name", "t", "--no-progress"])
+                   "--mode", "fast", "--extra-tokens", "0", "--out", str(out), "--name", "t", "--no-progress",
+                   "--haystack", f"template,{token_file.path}", "--held-out", token_file.path.name])
     assert rc == 0
     data = _check_outputs(out, "t")
-    assert set(data["tasks"]) == {"niah_single", "variable_tracking:num_hops=1"}
-    assert all(0.0 <= r["mean"] <= 1.0 for r in data["tasks"].values())
+    assert data["held_out"] == [token_file.path.name] and list(data["haystacks"]) == ["template", token_file.path.name]
+    for hay in data["haystacks"].values():
+        assert set(hay["tasks"]) == {"niah_single", "variable_tracking:num_hops=1"}
+        assert all(0.0 <= r["mean"] <= 1.0 for r in hay["tasks"].values())
+        record = hay["tasks"]["niah_single"]["cells"][0]["samples"][0]
+        assert {"expected", "prediction", "needle_position", "answer_positions"} <= set(record)
+    assert f"haystack {token_file.path.name} (held out)" in capsys.readouterr().out
 
 
 def test_eval_ppl(model_dir, token_file, tmp_path, capsys):

@@ -13,7 +13,8 @@ from eval_helpers import tiny_model
 from ramba.data import ByteTokenizer, make_task
 from ramba.eval.passkey import evaluate_passkey, passkey_table
 from ramba.eval.results import EvalError
-from ramba.eval.tasks import GenerationSettings, continue_prompts, evaluate_task, evaluate_tasks, parse_task_spec
+from ramba.eval.tasks import (GenerationSettings, continue_prompts, evaluate_task, evaluate_tasks, load_haystacks,
+                              over_haystacks, parse_task_spec, tasks_tables)
 
 TOK = ByteTokenizer()
 
@@ -58,7 +59,8 @@ def test_passkey_oracle_scores_one_and_known_failures(monkeypatch):
     cell = result["cells"][-1]
     assert (cell["length"], cell["depth"]) == (301, 1.0)
     assert [r["prediction"] for r in cell["samples"]] == [" 00000."] * 3
-    assert "301" in passkey_table(result)
+    table = passkey_table(over_haystacks(lambda hay: result, {"template": None}))
+    assert "301" in table and "haystack template, mean 0.833" in table
 
 
 @pytest.mark.parametrize("prediction, expected", [
@@ -90,6 +92,57 @@ def test_needle_and_variable_tracking_partial_credit(monkeypatch):
     monkeypatch.setattr(ramba.inference, "generate", Oracle(samples))
     result = evaluate_tasks(tiny_model(), TOK, specs, [520], [0.25, 0.75], 2)
     assert all(r["mean"] == 1.0 for r in result["tasks"].values())
+
+
+def test_records_keep_answers_and_needle_positions(monkeypatch):
+    task = make_task("niah_multivalue", TOK, num_values=2, distractors=1)
+    samples = _samples(task, [600], [0.0, 1.0], 2)
+    monkeypatch.setattr(ramba.inference, "generate", Oracle(samples, lambda s: " " + s.answers[1] + "."))
+    cells = evaluate_task(tiny_model(), task, [600], [0.0, 1.0], 2)
+    for cell in cells:
+        for record in cell.samples:
+            s = task.generate(600, cell.depth, seed=record["seed"])
+            assert record["expected"] == s.answers and record["answer"] == s.answer
+            assert record["prediction"] == " " + s.answers[1] + "." and record["score"] == 0.5
+            assert record["needle_position"] == s.needles[s.target][0] and record["depth"] == cell.depth
+            assert len(record["needles"]) == 3 and record["options"]["value_format"] == "number"
+            for answer, position in zip(record["expected"], record["answer_positions"]):  # each answer's needle
+                assert answer in TOK.decode(s.input_ids[position : position + 80]).split(".")[0]
+    assert cells[0].samples[0]["needle_position"] == s.haystack_span[0]  # depth 0: the haystack's first token
+
+
+def test_long_samples_above_1m(monkeypatch):
+    calls = []
+    monkeypatch.setattr("ramba.eval.tasks.cell_samples", lambda task, length, depth, n, seed: calls.append((length, n)) or [])
+    monkeypatch.setattr("ramba.eval.tasks._predict", lambda *a: [])
+    monkeypatch.setattr("numpy.mean", lambda x: 0.0)
+    evaluate_task(tiny_model(), make_task("passkey", TOK), [1 << 20, (1 << 20) + 1], [0.5], 2, long_samples=1)
+    assert calls == [(1 << 20, 2), ((1 << 20) + 1, 1)]
+
+
+def test_over_haystacks_names_each_and_the_held_out(monkeypatch, token_file):
+    hays = load_haystacks(f"template,{token_file.path}", TOK)
+    assert list(hays) == ["template", token_file.path.name] and hays["template"] is None
+    specs = ["niah_single", "variable_tracking:num_hops=1"]
+    samples = []
+    for hay in hays.values():
+        for spec in specs:
+            samples += _samples(make_task(parse_task_spec(spec)[0], TOK, hay, **parse_task_spec(spec)[1]),
+                                [520, 700], [0.5], 1)
+    monkeypatch.setattr(ramba.inference, "generate", Oracle(samples, lambda s: s.answer if len(s.input_ids) == 520 else ""))
+    result = over_haystacks(lambda hay: evaluate_tasks(tiny_model(), TOK, specs, [520, 700], [0.5], 1, haystack=hay),
+                            hays, held_out=[token_file.path.name, "elsewhere"])
+    assert result["held_out"] == [token_file.path.name]
+    assert [(r["source"], r["held_out"]) for r in result["haystacks"].values()] == [
+        ("template", False), (str(token_file.path), True)]
+    table = tasks_tables(result)
+    assert f"haystack {token_file.path.name} (held out)" in table
+    assert [line.split() for line in table.splitlines() if line.strip().startswith("niah_single")] == [
+        ["niah_single", "|", "1.000", "0.000", "|", "0.500"]] * 2
+    with pytest.raises(EvalError, match="no such token file"):
+        load_haystacks("template,nowhere/x", TOK)
+    with pytest.raises(EvalError, match="given twice"):
+        load_haystacks("template,template", TOK)
 
 
 def test_bad_inputs_name_the_problem():
