@@ -1,7 +1,8 @@
 """One heatmap (and a Markdown table) from several `ramba eval passkey` results of the same model.
 
 Long contexts are evaluated in separate runs (more samples at short lengths, fewer depths at 64M); this
-merges their cells into one length x depth grid, leaving cells no run covered blank.
+merges their cells into one length x depth grid, leaving cells no run covered blank. A results file with
+several haystacks gives the one `--haystack` names.
 
 Usage:
     python -m ramba.bench.plot_passkey -o benchmarks/results/passkey_ramba.png --title "RAMba tiny" \\
@@ -18,6 +19,19 @@ from ramba.eval.plots import heatmap
 from ramba.eval.results import format_grid, read_results
 
 
+def one_haystack(result: dict, name: str | None) -> dict:
+    """The results of haystack `name` (None: the only one) of a results file; files written before
+    2026-12-01 hold one haystack at the top level."""
+    if "haystacks" not in result:
+        return result
+    hays = result["haystacks"]
+    if name is None and len(hays) == 1:
+        return next(iter(hays.values()))
+    if name not in hays:
+        raise SystemExit(f"--haystack: choose one of {', '.join(hays)} (got {name})")
+    return hays[name]
+
+
 def merge(results: list[dict]) -> tuple[np.ndarray, list[int], list[float], dict[int, int]]:
     """`(accuracy [lengths, depths] with NaN where no run has the cell, lengths, depths, samples per length)`."""
     lengths = sorted({int(n) for r in results for n in r["lengths"]})
@@ -26,8 +40,9 @@ def merge(results: list[dict]) -> tuple[np.ndarray, list[int], list[float], dict
     samples: dict[int, int] = {}
     for r in results:
         acc = np.asarray(r["accuracy"], dtype=np.float64)
+        for c in r["cells"]:
+            samples[int(c["length"])] = len(c["samples"])
         for i, n in enumerate(r["lengths"]):
-            samples[int(n)] = int(r["samples"])
             for j, d in enumerate(r["depths"]):
                 grid[lengths.index(int(n)), depths.index(float(d))] = acc[i, j]
     return grid, lengths, depths, samples
@@ -38,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results", nargs="+", help="passkey result JSON files of one model")
     p.add_argument("-o", "--output", required=True, help="the PNG to write")
     p.add_argument("--title", default="passkey retrieval", help="figure title")
+    p.add_argument("--haystack", default=None, help="the haystack to plot, when the files hold several")
     args = p.parse_args(argv)
-    grid, lengths, depths, samples = merge([read_results(path) for path in args.results])
+    grid, lengths, depths, samples = merge([one_haystack(read_results(path), args.haystack) for path in args.results])
     heatmap(grid, lengths, depths, args.output, title=args.title)
     print(format_grid(grid, lengths, depths))
     print("samples per cell by length:", {n: samples[n] for n in lengths})

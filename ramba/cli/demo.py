@@ -1,9 +1,10 @@
-"""`ramba demo`: the shipped tiny RAMba finds a pass key hidden in contexts far longer than any it was
-trained on, on whatever device there is (a few minutes on a laptop CPU).
+"""`ramba demo`: the shipped tiny RAMba retrieves from contexts far longer than any it was trained on,
+on whatever device there is (a few minutes on a laptop CPU).
 
-First a grid of passkey trials (context length x needle depth: a printed table, JSON and a heatmap PNG),
-then one pass key of your choosing (`--passkey`) hidden in the longest context, with the model's answer
-streamed as it is generated. Prefill runs in the fast mode (HSA for the final segment only).
+First the RULER-style suite (five needle and tracking tasks by context length: a printed task x length
+table, JSON and a heatmap PNG), then a grid of passkey trials (context length x needle depth), then one
+pass key of your choosing (`--passkey`) hidden in the longest context, with the model's answer streamed
+as it is generated. Prefill runs in the fast mode (HSA for the final segment only).
 """
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import time
 from pathlib import Path
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "pretrained" / "tiny-ruler.safetensors"
+SUITE = "niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking"
 
 
 def add_parser(subparsers) -> None:
     from ramba.cli.eval import _arg
     from ramba.eval.results import parse_depths, parse_lengths
 
-    p = subparsers.add_parser("demo", help="passkey retrieval far beyond the training length, with the shipped model",
+    p = subparsers.add_parser("demo", help="the RULER-style suite and passkey retrieval far beyond the training "
+                                           "length, with the shipped model",
                               description=__doc__)
     p.add_argument("--model", default=str(SHIPPED_MODEL), help="a model (default: the shipped tiny-ruler model)")
     p.add_argument("--passkey", default=None, help="the pass key to hide in the last trial (digits; default random)")
@@ -27,11 +30,18 @@ def add_parser(subparsers) -> None:
                    help="context lengths of the grid (default 4k,16k,64k,256k; k = 1024)")
     p.add_argument("--depths", type=_arg(parse_depths), default="0,0.5,1", help="needle depths (default 0,0.5,1)")
     p.add_argument("--samples", type=int, default=1, help="trials per (length, depth) cell (default 1)")
+    p.add_argument("--tasks", default=SUITE,
+                   help=f"comma-separated tasks of the suite (default {SUITE}); 'none' skips the suite")
+    p.add_argument("--suite-lengths", type=_arg(parse_lengths), default="4k,16k,64k",
+                   help="context lengths of the suite (default 4k,16k,64k)")
+    p.add_argument("--suite-depths", type=_arg(parse_depths), default="0.5",
+                   help="needle depths of the suite, averaged in its table (default 0.5)")
     p.add_argument("--haystack", default=None,
                    help="token file whose text fills the haystack (default: the classic repeated grass-sky-sun text)")
     p.add_argument("--segment-len", type=int, default=4096, help="prefill segment length (default 4096)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
-    p.add_argument("--out", default="demo_results", help="folder for demo_passkey.json and demo_passkey.png")
+    p.add_argument("--out", default="demo_results",
+                   help="folder for demo_tasks.json/.png and demo_passkey.json/.png")
     p.add_argument("--seed", type=int, default=0, help="seed of the trials")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--no-verify", action="store_true", help="skip the checks of the weights (checksums, NaN/inf)")
@@ -61,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from ramba.eval.loading import load_model_tokenizer
     from ramba.eval.passkey import evaluate_passkey, passkey_table, save_passkey
     from ramba.eval.results import format_length
-    from ramba.eval.tasks import GenerationSettings
+    from ramba.eval.tasks import GenerationSettings, evaluate_tasks, over_haystacks, save_tasks, tasks_tables
     from ramba.files import check_output
     from ramba.inference import generate
 
@@ -87,13 +97,25 @@ def run(args: argparse.Namespace) -> int:
               f"({longest / trained:g}x the training length)")
     settings = GenerationSettings(segment_len=args.segment_len, mode="fast", offload=False)
 
-    start = time.perf_counter()
-    result = evaluate_passkey(model, tok, args.lengths, args.depths, args.samples, settings, args.seed, haystack,
-                              progress=not args.no_progress)
-    print(f"\npasskey accuracy ({args.samples} trial(s) per cell, {time.perf_counter() - start:.0f} s):")
-    print(passkey_table(result))
     config = {"model_path": args.model, "model": model.config.to_dict(), "training_length": trained,
               "demo": {k: v for k, v in vars(args).items() if k != "func"}}
+    haystacks = {Path(args.haystack).name if args.haystack else "template": haystack}
+    specs = [t.strip() for t in args.tasks.split(",") if t.strip() and t.strip() != "none"]
+    if specs:
+        start = time.perf_counter()
+        result = over_haystacks(lambda hay: evaluate_tasks(model, tok, specs, args.suite_lengths, args.suite_depths,
+                                                           args.samples, settings, args.seed, hay,
+                                                           progress=not args.no_progress), haystacks)
+        print(f"\nRULER-style suite ({args.samples} trial(s) per cell, {time.perf_counter() - start:.0f} s):")
+        print(tasks_tables(result))
+        for path in save_tasks(result, args.out, config, args.seed, "demo_tasks"):
+            print(f"wrote {path}")
+
+    start = time.perf_counter()
+    result = over_haystacks(lambda hay: evaluate_passkey(model, tok, args.lengths, args.depths, args.samples, settings,
+                                                         args.seed, hay, progress=not args.no_progress), haystacks)
+    print(f"\npasskey accuracy ({args.samples} trial(s) per cell, {time.perf_counter() - start:.0f} s):")
+    print(passkey_table(result))
     for path in save_passkey(result, args.out, config, args.seed, "demo_passkey"):
         print(f"wrote {path}")
 

@@ -100,13 +100,15 @@ def add_parser(subparsers) -> None:
                          "task and length) into DIR; run them with `ramba-lm-eval --model ramba --include_path DIR ...`")
     tk.set_defaults(func=run_tasks)
 
-    rk = sub.add_parser("ranks", help="where the pass key's chunk ranks among all chunks while the model answers")
+    rk = sub.add_parser("ranks", help="where the asked needle's chunk ranks among all chunks while the model answers")
     _common(rk, "eval_results")
     rk.add_argument("--depths", type=_arg(parse_depths), default="0,0.5,1", help="needle depths (default 0,0.5,1)")
     rk.add_argument("--samples", type=int, default=1, help="samples per (length, depth) cell (default 1)")
     rk.add_argument("--mode", choices=["exact", "fast"], default="fast", help="prefill mode (default fast)")
     rk.add_argument("--segment-len", type=int, default=2048, help="prefill segment length in tokens (default 2048)")
     rk.add_argument("--haystack", default=None, help="token file whose text fills the haystack (default: a repeated template)")
+    rk.add_argument("--task", default="passkey",
+                    help="the task, NAME or NAME:key=value:... as --tasks of `ramba eval tasks` (default passkey)")
     rk.set_defaults(func=run_ranks)
 
     pp = sub.add_parser("ppl", help="perplexity by context length and by position")
@@ -233,8 +235,9 @@ def run_ranks(args: argparse.Namespace) -> int:
 
     model, tok = _load(args)
     result = evaluate_needle_ranks(model, tok, args.lengths, args.depths, args.samples, args.segment_len, args.mode,
-                                   args.seed, _haystack(args, tok), progress=not args.no_progress)
-    print(f"rank of the pass key's chunk at each answer token (0 = best; selected below top-{result['topk']}):")
+                                   args.seed, _haystack(args, tok), progress=not args.no_progress, task=args.task)
+    print(f"{args.task}: rank of the answer's needle chunk at each answer token (0 = best; selected below "
+          f"top-{result['topk']}):")
     print(ranks_table(result))
     _done(save_needle_ranks(result, args.out, _config(args, model, tokenizer=tok.name), args.seed, args.name or "ranks"))
     return 0

@@ -1,12 +1,15 @@
 """Where the needle's chunk ranks among all chunks when the model answers: a diagnosis of retrieval.
 
-A passkey answer is right only if, at each answer token, the retrieval layer puts a chunk holding the
-needle among its top K. For a passkey sample, the prompt is prefilled (as in `ramba eval passkey`), then
-the reference answer is fed one token at a time; at each of those tokens every retrieval layer's query
-is scored against the landmarks of all complete chunks. Reported per answer token and retrieval head:
-the rank of the best-ranked needle chunk (0 = the top; selected when below K), its score, and the
-K-th best score (what the needle has to beat). Ranks that grow with the context length show
-distractors crowding the needle out, as the long-context failures of a model trained on short ones do.
+An answer is right only if, at each answer token, the retrieval layer puts a chunk holding the needle
+that token comes from among its top K. For a sample of any task, the prompt is prefilled (as in
+`ramba eval tasks`), then the reference answer is fed one token at a time; at each of those tokens every
+retrieval layer's query is scored against the landmarks of all complete chunks. Reported per answer
+token and retrieval head, for the needle holding the answer the next token belongs to (a multi-value
+answer's third value: the third value's needle; a variable tracking answer's variable: the needle
+assigning it; a separator: the asked needle): the rank of the best-ranked chunk of that needle (0 = the
+top; selected when below K), its score, and the K-th best score (what the needle has to beat). Ranks
+that grow with the context length show distractors crowding the needle out, as the long-context
+failures of a model trained on short ones do.
 """
 from __future__ import annotations
 
@@ -16,25 +19,44 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ramba.data.tasks import TaskSample, make_task
+from ramba.data.tasks import TaskSample
 from ramba.eval.plots import Panel, line_plots
 from ramba.eval.results import EvalError, format_length, write_results
+from ramba.eval.tasks import build_task
 from ramba.ops.retrieval import chunk_scores
 
-__all__ = ["needle_ranks", "evaluate_needle_ranks", "save_needle_ranks", "ranks_table"]
+__all__ = ["needle_ranks", "evaluate_needle_ranks", "save_needle_ranks", "ranks_table", "answer_token_needles"]
 
 
-def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str = "fast") -> list[dict]:
+def answer_token_needles(sample: TaskSample, tokenizer) -> list[int]:
+    """Per answer token of `sample`: the index into `sample.needles` of the needle holding the expected answer
+    the token spells, or `sample.target` for tokens of none (spaces, commas, the final period, eos)."""
+    spans, cursor = [], 0
+    for answer in sample.answers:  # the answers appear in the answer text in order
+        start = sample.answer.index(answer, cursor)
+        spans.append((start, start + len(answer)))
+        cursor = start + len(answer)
+    ids = sample.answer_ids.tolist()
+    out = []
+    for t in range(len(ids)):
+        a, b = len(tokenizer.decode(ids[:t])), len(tokenizer.decode(ids[: t + 1]))
+        hit = [k for k, (s, e) in enumerate(spans) if a < e and s < b]
+        out.append(sample.answer_needles[hit[0]] if hit and sample.answer_needles else sample.target)
+    return out
+
+
+def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str = "fast", tokenizer=None) -> list[dict]:
     """Per answer token of `sample` (the final eos excluded) and retrieval layer (its index among the model's
-    layers): `{"token", "layer", "rank" [R], "score" [R], "kth_score" [R], "selected" [R], "chunks"}`."""
+    layers): `{"token", "layer", "needle", "rank" [R], "score" [R], "kth_score" [R], "selected" [R], "chunks"}`,
+    for the needle (an index into `sample.needles`) of the answer the next token belongs to (see
+    `answer_token_needles`; without `tokenizer`, always the asked needle `sample.target`)."""
     from ramba.inference import prefill
 
     layers = [(i, m) for i, (kind, m) in enumerate(zip(model.model.layer_kinds, model.model.layers)) if kind == "retrieval"]
     if not layers:
         raise EvalError("model: it has no retrieval layer (architecture 'ramba' has one per group)")
     S, K = model.config.chunk_size, model.config.topk
-    start, end = sample.needles[sample.target]
-    needle_chunks = torch.arange(start // S, (end - 1) // S + 1)
+    wanted = answer_token_needles(sample, tokenizer) if tokenizer is not None else [sample.target] * len(sample.answer_ids)
     captured: dict[int, torch.Tensor] = {}
 
     def capture(index):
@@ -54,14 +76,17 @@ def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str =
             for t in range(sample.prompt_len, len(ids) - 1):
                 captured.clear()
                 model(input_ids=ids[None, t : t + 1].to(device), past_key_values=cache, use_cache=True)
+                needle = wanted[t + 1 - sample.prompt_len]  # the query at token t serves the prediction of t + 1
+                start, end = sample.needles[needle]
+                needle_chunks = torch.arange(start // S, (end - 1) // S + 1)
                 for index, scores in captured.items():
                     if int(needle_chunks.max()) >= scores.shape[0]:
                         continue  # the needle's chunk is still incomplete: the local mixer's part, not retrieval's
-                    needle = scores[needle_chunks].max(dim=0).values  # [R]
-                    rank = (scores > needle).sum(dim=0)  # chunks scoring strictly higher (ties in the needle's favour)
+                    best = scores[needle_chunks].max(dim=0).values  # [R]
+                    rank = (scores > best).sum(dim=0)  # chunks scoring strictly higher (ties in the needle's favour)
                     kth = scores.topk(min(K, scores.shape[0]), dim=0).values[-1]
-                    rows.append({"token": t - sample.prompt_len, "layer": index, "rank": rank.tolist(),
-                                 "score": needle.tolist(), "kth_score": kth.tolist(),
+                    rows.append({"token": t - sample.prompt_len, "layer": index, "needle": needle, "rank": rank.tolist(),
+                                 "score": best.tolist(), "kth_score": kth.tolist(),
                                  "selected": (rank < K).tolist(), "chunks": int(scores.shape[0])})
     finally:
         for h in handles:
@@ -71,12 +96,14 @@ def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str =
 
 def evaluate_needle_ranks(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], samples: int,
                           segment_len: int = 2048, mode: str = "fast", seed: int = 0, haystack=None,
-                          progress: bool = False) -> dict:
-    """`needle_ranks` for passkey samples over lengths x depths: `{"lengths", "depths", "samples", "cells":
-    [{"length", "depth", "seed", "rows"}], "median_rank" [lengths]}` (median over every answer token and head)."""
+                          progress: bool = False, task: str = "passkey") -> dict:
+    """`needle_ranks` for samples of `task` (a spec as `ramba eval tasks` takes, e.g. "niah_multikey" or
+    "variable_tracking:num_hops=2") over lengths x depths: `{"task", "lengths", "depths", "samples", "cells":
+    [{"length", "depth", "seed", "needles", "answer_needles", "rows"}], "median_rank" [lengths]}` (median over
+    every answer token and head)."""
     from tqdm.auto import tqdm
 
-    task = make_task("passkey", tokenizer, haystack)
+    spec, task = task, build_task(task, tokenizer, haystack)
     cells = []
     bar = tqdm(total=len(lengths) * len(depths) * samples, desc="needle ranks", unit="sample", disable=not progress)
     try:
@@ -87,12 +114,14 @@ def evaluate_needle_ranks(model, tokenizer, lengths: Sequence[int], depths: Sequ
                         sample = task.generate(int(length), float(depth), seed=seed + i)
                     except ValueError as e:
                         raise EvalError(str(e)) from None
-                    rows = needle_ranks(model, sample, segment_len, mode)
-                    cells.append({"length": int(length), "depth": float(depth), "seed": seed + i, "rows": rows})
+                    rows = needle_ranks(model, sample, segment_len, mode, tokenizer)
+                    cells.append({"length": int(length), "depth": float(depth), "seed": seed + i,
+                                  "needles": [list(n) for n in sample.needles], "answer_needles": sample.answer_needles,
+                                  "rows": rows})
                     bar.update(1)
     finally:
         bar.close()
-    result = {"lengths": [int(n) for n in lengths], "depths": [float(d) for d in depths], "samples": samples,
+    result = {"task": spec, "lengths": [int(n) for n in lengths], "depths": [float(d) for d in depths], "samples": samples,
               "topk": model.config.topk, "cells": cells}
     result["median_rank"] = [float(np.median(_ranks(result, n) or [np.nan])) for n in result["lengths"]]
     return result
@@ -132,6 +161,7 @@ def save_needle_ranks(result: dict, out_dir, config: dict | None = None, seed: i
               "worst rank": (result["lengths"], [w + 1 for w in worst]),
               f"top-{k} cut": (result["lengths"], [k] * len(result["lengths"]))}
     json_path = write_results(out_dir / f"{name}.json", result, config, seed)
-    png_path = line_plots([Panel("needle chunk's rank among all chunks (1 = best)", "context length (tokens)",
+    png_path = line_plots([Panel(f"{result['task']}: needle chunk's rank among all chunks (1 = best)",
+                                 "context length (tokens)",
                                  "rank + 1", series, length_axis=True, logy=True)], out_dir / f"{name}.png")
     return json_path, png_path

@@ -6,7 +6,7 @@ import matplotlib.image
 import pytest
 
 import ramba.cli.main as cli
-from ramba.cli.demo import SHIPPED_MODEL
+from ramba.cli.demo import SHIPPED_MODEL, SUITE
 from ramba.model.single_file import TRAIN_CONFIG_KEY, read_model_file_metadata
 
 
@@ -33,9 +33,12 @@ def test_export_a_run_then_use_the_file(run_dir, tmp_path, capsys):
                    "--extra-tokens", "0", "--out", str(tmp_path / "ev"), "--no-progress"])
     assert rc == 0 and (tmp_path / "ev" / "passkey.json").is_file()
     assert cli.main(["demo", "--model", str(out), "--lengths", "300", "--depths", "0", "--passkey", "4242",
-                     "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+                     "--suite-lengths", "700", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "trained on contexts of 512 tokens" in printed and "your pass key 4242" in printed
+    assert "RULER-style suite" in printed and "variable_tracking |" in printed
+    suite = json.loads((tmp_path / "demo" / "demo_tasks.json").read_text())["haystacks"]["template"]
+    assert list(suite["tasks"]) == SUITE.split(",") and suite["lengths"] == [700]
 
 
 def test_bad_export_and_demo_arguments(model_dir, tmp_path, capsys):
@@ -48,14 +51,30 @@ def test_bad_export_and_demo_arguments(model_dir, tmp_path, capsys):
     assert "not a readable safetensors file" in capsys.readouterr().err
 
 
-def test_the_shipped_model_finds_the_pass_key(tmp_path, capsys):
+# The shipped model's mean score per task over the suite's 2K and 8K cells (template haystack, depths 0, 0.5
+# and 1, one sample each, fast mode, CPU): the model of 2026-11-24 (passkey stages only) scores the values
+# measured 2026-12-01; raise them with a model trained on the RULER-style recipe (docs/training.md).
+SUITE_THRESHOLD = {
+    "niah_single": 0.0,
+    "niah_multikey": 0.0,
+    "niah_multivalue": 0.0,
+    "niah_multiquery": 0.0,
+    "variable_tracking": 0.0,
+}
+
+
+def test_the_shipped_model_finds_the_pass_key_and_runs_the_suite(tmp_path, capsys):
     """The checkpoint in the package, on the CPU, at and beyond its 4K training length."""
     assert SHIPPED_MODEL.stat().st_size < 16 * 2**20
-    assert cli.main(["demo", "--lengths", "2k,8k", "--depths", "0,1", "--passkey", "90210",
-                     "--out", str(tmp_path), "--no-progress"]) == 0
+    assert cli.main(["demo", "--lengths", "2k,8k", "--depths", "0,1", "--passkey", "90210", "--suite-lengths",
+                     "2k,8k", "--suite-depths", "0,0.5,1", "--out", str(tmp_path), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    data = json.loads((tmp_path / "demo_passkey.json").read_text())
+    data = json.loads((tmp_path / "demo_passkey.json").read_text())["haystacks"]["template"]
     assert data["accuracy"] == [[1.0, 1.0], [1.0, 1.0]]
+    suite = json.loads((tmp_path / "demo_tasks.json").read_text())["haystacks"]["template"]["tasks"]
+    means = {task: suite[task]["mean"] for task in SUITE_THRESHOLD}
+    assert all(means[t] >= SUITE_THRESHOLD[t] for t in means), means
+    assert matplotlib.image.imread(tmp_path / "demo_tasks.png").ndim == 3
     assert "trained on contexts of 4,096 tokens" in printed
     assert "model: 90210." in printed and "found the pass key" in printed
     assert matplotlib.image.imread(tmp_path / "demo_passkey.png").ndim == 3

@@ -6,7 +6,7 @@ import matplotlib.image
 import ramba.cli.main as cli
 from eval_helpers import tiny_model
 from ramba.data import ByteTokenizer, make_task
-from ramba.eval.retrieval import needle_ranks
+from ramba.eval.retrieval import answer_token_needles, needle_ranks
 
 
 def test_ranks_agree_with_the_real_selection():
@@ -40,3 +40,38 @@ def test_eval_ranks_cli(model_dir, tmp_path, capsys):
     assert data["lengths"] == [400, 900] and len(data["cells"]) == 2 and all(c["rows"] for c in data["cells"])
     assert matplotlib.image.imread(out / "ranks.png").ndim == 3
     assert "median rank" in capsys.readouterr().out
+
+
+def test_ranks_follow_the_needle_of_the_answer_being_written():
+    tok = ByteTokenizer()
+    sample = make_task("niah_multivalue", tok, num_values=2, distractors=1).generate(900, 0.3, seed=2)
+    wanted = answer_token_needles(sample, tok)
+    first, second = sample.answer_needles
+    assert first != second and sample.target in (first, second)
+    # " v1, v2." then eos, one byte a token
+    expected = [sample.target] + [first] * 7 + [sample.target] * 2 + [second] * 7 + [sample.target] * 2
+    assert wanted == expected
+    model = tiny_model(seed=5, topk=3)
+    layer = next(m for k, m in zip(model.model.layer_kinds, model.model.layers) if k == "retrieval")
+    picked = []
+    handle = layer.register_forward_hook(lambda m, a, out: picked.append(out.indices[0, -1, 0].tolist()))
+    try:
+        rows = needle_ranks(model, sample, segment_len=64, mode="exact", tokenizer=tok)
+    finally:
+        handle.remove()
+    assert [r["needle"] for r in rows] == wanted[1 : len(rows) + 1]
+    for row, chosen in zip(rows, picked[-len(rows):]):
+        start, end = sample.needles[row["needle"]]
+        assert row["selected"] == [bool(set(range(start // 16, (end - 1) // 16 + 1)) & set(chosen))]
+
+
+def test_eval_ranks_cli_for_variable_tracking(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli.main(["eval", "ranks", "--model", str(model_dir), "--task", "variable_tracking:num_hops=1",
+                   "--lengths", "500", "--depths", "0.1", "--segment-len", "128", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    data = json.loads((out / "ranks.json").read_text())
+    cell = data["cells"][0]
+    assert data["task"] == "variable_tracking:num_hops=1" and cell["answer_needles"] and cell["rows"]
+    assert {r["needle"] for r in cell["rows"]} <= set(cell["answer_needles"])  # the chain's own needles only
+    assert "variable_tracking:num_hops=1: rank" in capsys.readouterr().out
