@@ -66,3 +66,21 @@ def test_heatmap_and_line_plots_open(tmp_path):
               Panel("b", "x", "y", {"two": ([1, 2], [float("nan"), 2.0])})]
     img = matplotlib.image.imread(line_plots(panels, tmp_path / "l.png", title="both"))
     assert img.ndim == 3 and img.shape[1] > img.shape[0]
+
+
+def test_task_heatmaps_per_haystack_and_table(tmp_path):
+    from ramba.eval.plots import depth_grid, heatmaps, task_grid
+    from ramba.eval.results import format_table
+
+    tasks, lengths = ["niah_single", "variable_tracking"], [4096, 65536, 1 << 20]
+    scores = np.array([[1.0, 0.5, np.nan], [0.0, 0.25, 1.0]])
+    grid = task_grid(scores, tasks, lengths, "template")
+    assert grid.yticks == tasks and grid.xticks == ["4K", "64K", "1M"] and grid.scores.shape == (3, 2)
+    png = heatmaps([grid, task_grid(scores, tasks, lengths, "held out"), depth_grid(scores, lengths[:2], [0, .5, 1])],
+                   tmp_path / "t.png", title="suite")
+    img = matplotlib.image.imread(png)
+    assert img.ndim == 3 and img.shape[1] > 3 * img.shape[0] // 2  # three panels side by side
+    with pytest.raises(ValueError, match="tasks x lengths"):
+        task_grid(scores.T, tasks, lengths)
+    lines = format_table(scores, tasks, ["4K", "64K", "1M"], corner="task").splitlines()
+    assert lines[2].split() == ["niah_single", "|", "1.000", "0.500", "-", "|", "0.750"]
