@@ -74,18 +74,27 @@ class CellResult:
 
 
 def parse_task_spec(spec: str) -> tuple[str, dict]:
-    """`"variable_tracking:num_hops=2:num_chains=1"` -> `("variable_tracking", {"num_hops": 2, "num_chains": 1})`."""
+    """`"variable_tracking:num_hops=2:value_format=word:vary=true"` -> `("variable_tracking", {"num_hops": 2,
+    "value_format": "word", "vary": True})`: integers, floats, true/false, else strings."""
     name, *items = spec.strip().split(":")
     params: dict = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key or not value:
             raise EvalError(f"tasks: cannot read {item!r} in {spec!r}; expected name:key=value:key=value")
-        try:
-            params[key] = int(value)
-        except ValueError:
-            raise EvalError(f"tasks: {spec!r}: the value of {key} must be an integer, got {value!r}") from None
+        params[key] = _spec_value(value)
     return name, params
+
+
+def _spec_value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def build_task(spec: str, tokenizer, haystack=None) -> Task:

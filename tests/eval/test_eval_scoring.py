@@ -13,8 +13,8 @@ from eval_helpers import tiny_model
 from ramba.data import ByteTokenizer, make_task
 from ramba.eval.passkey import evaluate_passkey, passkey_table
 from ramba.eval.results import EvalError
-from ramba.eval.tasks import (GenerationSettings, continue_prompts, evaluate_task, evaluate_tasks, load_haystacks,
-                              over_haystacks, parse_task_spec, tasks_tables)
+from ramba.eval.tasks import (GenerationSettings, build_task, continue_prompts, evaluate_task, evaluate_tasks,
+                              load_haystacks, over_haystacks, parse_task_spec, tasks_tables)
 
 TOK = ByteTokenizer()
 
@@ -174,3 +174,13 @@ def test_continuation_matches_greedy_full_forward():
     eos = expected[0][2]
     cut = continue_prompts(model, prompts.numpy(), 5, GenerationSettings(segment_len=20), eos_id=eos)
     assert cut[0] == expected[0][: expected[0].index(eos)]
+
+
+def test_task_specs_take_every_option_type():
+    assert parse_task_spec("passkey:key_format=uuid:vary=true:edge_depths=0.5:distractors=2") == (
+        "passkey", {"key_format": "uuid", "vary": True, "edge_depths": 0.5, "distractors": 2})
+    task = build_task("niah_multikey:key_format=number:value_format=word:phrasing=3", TOK)
+    s = task.generate(900, 0.5, seed=0)
+    assert s.metadata == {"key_format": "number", "value_format": "word", "digits": 7, "phrasing": 3}
+    with pytest.raises(EvalError, match="key_format: expected one of"):
+        build_task("niah_single:key_format=hex", TOK)
