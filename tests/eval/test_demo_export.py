@@ -52,14 +52,14 @@ def test_bad_export_and_demo_arguments(model_dir, tmp_path, capsys):
 
 
 # The shipped model's least mean score per task over the suite's 2K and 8K cells (template haystack, depths 0,
-# 0.5 and 1, one sample each, fast mode, CPU). Set from the model the RULER-style recipe (docs/training.md)
-# ships; 0.0 until then (issue 22 measured the passkey-only model of 2026-11-24 at 100, 67, 25, 0 and 0% at 4K
-# on a documentation haystack, in this order).
+# 0.5 and 1, one sample each, fast mode, CPU). The passkey-only model of 2026-11-24 scored 1.000, 0.667, 0.000,
+# 0.333 and 0.000 (in this order; measured 2026-12-01 on the 2-core CPU box); the thresholds sit one cell
+# below. Raise them with the model the RULER-style recipe (docs/training.md) ships.
 SUITE_THRESHOLD = {
-    "niah_single": 0.0,
-    "niah_multikey": 0.0,
+    "niah_single": 0.8,
+    "niah_multikey": 0.5,
     "niah_multivalue": 0.0,
-    "niah_multiquery": 0.0,
+    "niah_multiquery": 0.25,
     "variable_tracking": 0.0,
 }
 
