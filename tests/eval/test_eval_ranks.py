@@ -54,7 +54,8 @@ def test_ranks_follow_the_needle_of_the_answer_being_written():
     model = tiny_model(seed=5, topk=3)
     layer = next(m for k, m in zip(model.model.layer_kinds, model.model.layers) if k == "retrieval")
     picked = []
-    handle = layer.register_forward_hook(lambda m, a, out: picked.append(out.indices[0, -1, 0].tolist()))
+    handle = layer.register_forward_hook(  # as in test_ranks_agree_with_the_real_selection
+        lambda m, a, out: picked.append(m.select(a[0], a[1].store.landmarks, a[1].positions).indices[0, -1, 0].tolist()))
     try:
         rows = needle_ranks(model, sample, segment_len=64, mode="exact", tokenizer=tok)
     finally:
