@@ -124,19 +124,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nyour pass key {key} is hidden at depth {depth:.2f} of {format_length(longest)} tokens "
           f"(token {sample.needles[0][0]:,}).")
     print(f"...{tok.decode(sample.input_ids[sample.prompt_len - 60 : sample.prompt_len])!r}")
-    print("model:", end="", flush=True)
     ids = torch.as_tensor(sample.input_ids[None, : sample.prompt_len])
 
     stream = StreamDecoder(tok)
+    label = ["model:"]  # printed with the first token, after the prefill's progress bar has gone
 
     def show(token: torch.Tensor) -> None:
         if int(token[0]) != tok.eos_id:
-            print(stream.push(int(token[0])), end="", flush=True)
+            print(label.pop() if label else "", stream.push(int(token[0])), sep="", end="", flush=True)
 
     start = time.perf_counter()
     new = generate(model, ids, len(sample.answer_ids) + 4, segment_len=args.segment_len, mode="fast",
                    eos_token_id=tok.eos_id, on_token=show)
-    print(stream.flush(), end="")
+    print(*label, stream.flush(), sep="", end="")
     answer = tok.decode([t for t in new[0].tolist() if t != tok.eos_id])
     found = task.score(sample, answer) == 1.0
     print(f"\n{'found' if found else 'missed'} the pass key in {time.perf_counter() - start:.0f} s "

@@ -51,16 +51,16 @@ def test_bad_export_and_demo_arguments(model_dir, tmp_path, capsys):
     assert "not a readable safetensors file" in capsys.readouterr().err
 
 
-# The shipped model's least mean score per task over the suite's 2K and 8K cells (template haystack, depths 0,
-# 0.5 and 1, one sample each, fast mode, CPU). The passkey-only model of 2026-11-24 scored 1.000, 0.667, 0.000,
-# 0.333 and 0.000 (in this order; measured 2026-12-01 on the 2-core CPU box); the thresholds sit one cell
-# below. Raise them with the model the RULER-style recipe (docs/training.md) ships.
+# The shipped model's mean score per task over the suite's 2K and 8K cells (template haystack, depths 0, 0.5 and 1,
+# one sample each, fast mode, CPU). tiny-ruler scored 1.000, 1.000, 0.958, 0.958 and 0.933 (in this order;
+# 2026-12-01, the 2-core CPU box); the passkey-only model it replaced 1.000, 0.667, 0.000, 0.333 and 0.000. The
+# thresholds are issue 22's 80% goal for long contexts.
 SUITE_THRESHOLD = {
     "niah_single": 0.8,
-    "niah_multikey": 0.5,
-    "niah_multivalue": 0.0,
-    "niah_multiquery": 0.25,
-    "variable_tracking": 0.0,
+    "niah_multikey": 0.8,
+    "niah_multivalue": 0.8,
+    "niah_multiquery": 0.8,
+    "variable_tracking": 0.8,
 }
 
 
