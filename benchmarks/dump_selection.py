@@ -10,6 +10,7 @@ description to ``benchmarks/results/selection_tiny_passkey.pt`` (1 MB at 64K tok
 The committed file was dumped from the model shipped before 2026-12-01, tiny-passkey (in git history),
 which the GPU results of that day used; --out another path to dump the present model's selection.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,15 @@ def main() -> None:
     finally:
         hsa_layer.hsa = real_hsa
     cfg = model.config
-    torch.save({"indices": seen[0], "chunk_size": cfg.chunk_size, "topk": cfg.topk,
-                "source": f"{MODEL.name} on the first {args.tokens} bytes of python-doc (*.txt, sorted paths)"}, args.out)
+    torch.save(
+        {
+            "indices": seen[0],
+            "chunk_size": cfg.chunk_size,
+            "topk": cfg.topk,
+            "source": f"{MODEL.name} on the first {args.tokens} bytes of python-doc (*.txt, sorted paths)",
+        },
+        args.out,
+    )
     print(f"wrote {args.out}: indices {tuple(seen[0].shape)}")
 
 

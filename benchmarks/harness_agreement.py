@@ -8,6 +8,7 @@ Usage:
     python benchmarks/harness_agreement.py --model tiny-passkey --tasks passkey,niah_single --lengths 2k,4k \\
         --depths 0,0.5,1 --samples 1 -o benchmarks/results/harness_agreement.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,13 +41,41 @@ def main() -> int:
     args = p.parse_args()
     specs = args.tasks.split(",")
     work = Path(tempfile.mkdtemp(prefix="harness_agreement_"))
-    grid = ["--model", args.model, "--tasks", args.tasks, "--lengths", args.lengths, "--depths", args.depths,
-            "--samples", str(args.samples), "--no-progress"]
+    grid = [
+        "--model",
+        args.model,
+        "--tasks",
+        args.tasks,
+        "--lengths",
+        args.lengths,
+        "--depths",
+        args.depths,
+        "--samples",
+        str(args.samples),
+        "--no-progress",
+    ]
     ramba_s = _run([sys.executable, "-m", "ramba", "eval", "tasks", *grid, "--out", str(work / "ramba")])
     _run([sys.executable, "-m", "ramba", "eval", "tasks", *grid, "--export-harness", str(work / "tasks")])
-    harness_s = _run([sys.executable, "-m", "ramba.eval.harness", "--model", "ramba", "--model_args",
-                      f"pretrained={args.model}", "--device", "cpu", "--include_path", str(work / "tasks"),
-                      "--tasks", "ramba_tasks", "--log_samples", "--output_path", str(work / "lm_eval")])
+    harness_s = _run(
+        [
+            sys.executable,
+            "-m",
+            "ramba.eval.harness",
+            "--model",
+            "ramba",
+            "--model_args",
+            f"pretrained={args.model}",
+            "--device",
+            "cpu",
+            "--include_path",
+            str(work / "tasks"),
+            "--tasks",
+            "ramba_tasks",
+            "--log_samples",
+            "--output_path",
+            str(work / "lm_eval"),
+        ]
+    )
 
     ours = read_results(work / "ramba" / "tasks.json")
     harness = {}  # (spec, length, depth, seed) -> (prediction, score)
@@ -72,17 +101,34 @@ def main() -> int:
                     same += prediction == s["prediction"] and score == s["score"]
             n = len(ramba_scores)
             mismatches += n - same
-            rows.append({"task": spec, "length": length, "samples": n, "ramba": sum(ramba_scores) / n,
-                         "harness": harness_means[harness_task_name(spec, length)], "identical_samples": same})
-    body = {"model": args.model, "tasks": specs, "lengths": args.lengths, "depths": args.depths,
-            "samples_per_cell": args.samples, "rows": rows, "mismatched_samples": mismatches,
-            "seconds": {"ramba_eval_tasks": ramba_s, "lm_eval": harness_s}}
+            rows.append(
+                {
+                    "task": spec,
+                    "length": length,
+                    "samples": n,
+                    "ramba": sum(ramba_scores) / n,
+                    "harness": harness_means[harness_task_name(spec, length)],
+                    "identical_samples": same,
+                }
+            )
+    body = {
+        "model": args.model,
+        "tasks": specs,
+        "lengths": args.lengths,
+        "depths": args.depths,
+        "samples_per_cell": args.samples,
+        "rows": rows,
+        "mismatched_samples": mismatches,
+        "seconds": {"ramba_eval_tasks": ramba_s, "lm_eval": harness_s},
+    }
     path = write_results(args.output, body, {"work_dir": str(work)})
     print("| task | length | samples | `ramba eval tasks` | lm-eval | identical predictions |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['task']} | {format_length(r['length'])} | {r['samples']} | {r['ramba']:.3f} | {r['harness']:.3f} "
-              f"| {r['identical_samples']}/{r['samples']} |")
+        print(
+            f"| {r['task']} | {format_length(r['length'])} | {r['samples']} | {r['ramba']:.3f} | {r['harness']:.3f} "
+            f"| {r['identical_samples']}/{r['samples']} |"
+        )
     print(f"wrote {path}")
     return 1 if mismatches else 0
 

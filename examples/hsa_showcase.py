@@ -1,7 +1,8 @@
 """Run HSA on random data on whatever device there is and compare it with the reference.
 
-    python examples/hsa_showcase.py [--tokens 2048] [--backend torch|triton]
+python examples/hsa_showcase.py [--tokens 2048] [--backend torch|triton]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,9 @@ def main() -> None:
     print(f"device {device}, dtype {dtype}, B={B} T={T} HQ={HQ} H={H} D={D} S={S} K={K}")
     print(f"hsa backend={backend}: output {tuple(out.shape)} in {elapsed * 1e3:.1f} ms (first call, includes warm-up)")
     print(f"relative error against the float64 reference: {err:.2e}")
-    print("tokens in the first chunk see no chunk: output there is", "zero" if out[0, :S].abs().max() == 0 else "NONZERO")
+    print(
+        "tokens in the first chunk see no chunk: output there is", "zero" if out[0, :S].abs().max() == 0 else "NONZERO"
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 ``from ramba import RambaConfig, RambaForCausalLM`` loads the model lazily, so ``import ramba.ops``
 stays light (no ``transformers`` import).
 """
+
 __version__ = "0.1.0"
 __all__ = ["RambaConfig", "RambaModel", "RambaForCausalLM", "RambaCache", "__version__"]
 

@@ -5,10 +5,19 @@ fix. The command line prints it as ``ramba <command>: error: <message>`` and exi
 (``-v`` shows the traceback). Each class also derives from the built-in exception a caller would
 expect (``ValueError`` for a bad value, ``OSError`` for a bad path), so ``except ValueError`` keeps working.
 """
+
 from __future__ import annotations
 
-__all__ = ["RambaUserError", "ConfigError", "DataError", "CheckpointError", "ModelLoadError", "OutputPathError",
-           "EvalError", "InputError"]
+__all__ = [
+    "RambaUserError",
+    "ConfigError",
+    "DataError",
+    "CheckpointError",
+    "ModelLoadError",
+    "OutputPathError",
+    "EvalError",
+    "InputError",
+]
 
 
 class RambaUserError(Exception):

@@ -10,6 +10,7 @@
   does not clobber an existing output without ``overwrite``, and there is room for it when its size is known.
 - :func:`write_manifest` / :func:`verify_manifest`: the size and sha256 of every file of a folder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,9 +27,22 @@ from pathlib import Path
 
 from ramba.errors import CheckpointError, OutputPathError
 
-__all__ = ["atomic_write", "write_text_atomic", "atomic_dir", "new_temp_dir", "commit_dir", "remove_stale_temps",
-           "check_output", "check_free_space", "describe_os_error", "sha256_file", "write_manifest",
-           "verify_manifest", "pid_alive", "WRITE_ERRNOS"]
+__all__ = [
+    "atomic_write",
+    "write_text_atomic",
+    "atomic_dir",
+    "new_temp_dir",
+    "commit_dir",
+    "remove_stale_temps",
+    "check_output",
+    "check_free_space",
+    "describe_os_error",
+    "sha256_file",
+    "write_manifest",
+    "verify_manifest",
+    "pid_alive",
+    "WRITE_ERRNOS",
+]
 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -56,14 +70,16 @@ def _fsync_dir(folder: Path) -> None:
 
 def describe_os_error(e: OSError, path: str | os.PathLike) -> str:
     """One line for a failed write: the problem and the fix."""
-    fixes = {errno.ENOSPC: "no space left on device; free some space or choose another path",
-             errno.EDQUOT: "disk quota exceeded; free some space or choose another path",
-             errno.EACCES: "permission denied; choose a folder you can write to",
-             errno.EPERM: "permission denied; choose a folder you can write to",
-             errno.EROFS: "the file system is read-only; choose another path",
-             errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
-             errno.EISDIR: "it is a folder; give a file name",
-             errno.EEXIST: "it exists, or a part of the path is a file, not a folder; choose another path"}
+    fixes = {
+        errno.ENOSPC: "no space left on device; free some space or choose another path",
+        errno.EDQUOT: "disk quota exceeded; free some space or choose another path",
+        errno.EACCES: "permission denied; choose a folder you can write to",
+        errno.EPERM: "permission denied; choose a folder you can write to",
+        errno.EROFS: "the file system is read-only; choose another path",
+        errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+        errno.EISDIR: "it is a folder; give a file name",
+        errno.EEXIST: "it exists, or a part of the path is a file, not a folder; choose another path",
+    }
     return f"{path}: {fixes.get(e.errno, e.strerror or str(e))}"
 
 
@@ -168,8 +184,11 @@ def remove_stale_temps(folder: str | os.PathLike, name: str = "*") -> list[Path]
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 removed.append(p)
     if removed:
-        logger.warning("removed %d temporary file(s) left by an interrupted run: %s", len(removed),
-                       ", ".join(p.name for p in removed))
+        logger.warning(
+            "removed %d temporary file(s) left by an interrupted run: %s",
+            len(removed),
+            ", ".join(p.name for p in removed),
+        )
     return removed
 
 
@@ -177,12 +196,21 @@ def check_free_space(folder: str | os.PathLike, size: int, what: str) -> None:
     """Raises OutputPathError when the file system of ``folder`` has less than ``size`` bytes free."""
     free = shutil.disk_usage(folder).free
     if free < size:
-        raise OutputPathError(f"{what}: needs about {size / 2**20:.1f} MiB but only {free / 2**20:.1f} MiB are free "
-                              f"on the disk of {folder}; free some space or choose another path")
+        raise OutputPathError(
+            f"{what}: needs about {size / 2**20:.1f} MiB but only {free / 2**20:.1f} MiB are free "
+            f"on the disk of {folder}; free some space or choose another path"
+        )
 
 
-def check_output(path: str | os.PathLike, *, overwrite: bool = False, folder: bool = False,
-                 exist_ok: bool = False, size: int | None = None, what: str = "output") -> Path:
+def check_output(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    folder: bool = False,
+    exist_ok: bool = False,
+    size: int | None = None,
+    what: str = "output",
+) -> Path:
     """Checks, before any work, that ``path`` can be written: it does not exist (or ``overwrite``, or, for a
     folder, ``exist_ok``), it is a file (``folder=False``) or folder as expected, the nearest existing folder
     above it is a writable folder, and it has ``size`` bytes free when given. Creates nothing.
@@ -190,23 +218,27 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False, folder: bo
     path = Path(path)
     if path.exists():
         if path.is_dir() != folder:
-            raise OutputPathError(f"{what}: {path} is a {'folder' if path.is_dir() else 'file'}; "
-                                  f"give {'a folder' if folder else 'a file name'}")
+            raise OutputPathError(
+                f"{what}: {path} is a {'folder' if path.is_dir() else 'file'}; "
+                f"give {'a folder' if folder else 'a file name'}"
+            )
         if not (overwrite or (folder and exist_ok)):
             raise OutputPathError(f"{what}: {path} exists; pass --overwrite to replace it or choose another path")
     parent = path.parent if not (folder and path.is_dir()) else path
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise OutputPathError(f"{what}: {parent} is a file, not a folder, so {path} cannot be created; "
-                              "choose another path")
+        raise OutputPathError(
+            f"{what}: {parent} is a file, not a folder, so {path} cannot be created; choose another path"
+        )
     try:
         fd, probe = tempfile.mkstemp(prefix=_temp_prefix(path), dir=parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise OutputPathError(f"{what}: cannot write in {parent} ({describe_os_error(e, parent).split(': ', 1)[1]})") \
-            from None
+        raise OutputPathError(
+            f"{what}: cannot write in {parent} ({describe_os_error(e, parent).split(': ', 1)[1]})"
+        ) from None
     if size is not None:
         check_free_space(parent, size, what)
     return path
@@ -222,8 +254,11 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def write_manifest(folder: Path, **fields) -> dict:
     """Writes ``folder/manifest.json``: ``fields`` plus the size and sha256 of every other file under ``folder``."""
-    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     manifest = {**fields, "files": files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -240,19 +275,22 @@ def verify_manifest(folder: str | os.PathLike, prefix: str = "") -> dict:
         files = manifest["files"]
         entries = [(rel, want["size"], want["sha256"]) for rel, want in files.items() if rel.startswith(prefix)]
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {folder}: manifest.json is missing; the checkpoint is incomplete or "
-                              "corrupt, use an older one") from None
+        raise CheckpointError(
+            f"checkpoint {folder}: manifest.json is missing; the checkpoint is incomplete or corrupt, use an older one"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"checkpoint {folder}: manifest.json is corrupt ({e}); use an older checkpoint") \
-            from None
+        raise CheckpointError(f"checkpoint {folder}: manifest.json is corrupt ({e}); use an older checkpoint") from None
     for rel, size, digest in entries:
         f = folder / rel
         if not f.is_file():
             raise CheckpointError(f"checkpoint {folder}: {rel} is missing; use an older checkpoint")
         if f.stat().st_size != size:
-            raise CheckpointError(f"checkpoint {folder}: {rel} is {f.stat().st_size} bytes, expected {size} "
-                                  "(truncated or corrupt); use an older checkpoint")
+            raise CheckpointError(
+                f"checkpoint {folder}: {rel} is {f.stat().st_size} bytes, expected {size} "
+                "(truncated or corrupt); use an older checkpoint"
+            )
         if sha256_file(f) != digest:
-            raise CheckpointError(f"checkpoint {folder}: {rel} does not match its checksum (corrupt); "
-                                  "use an older checkpoint")
+            raise CheckpointError(
+                f"checkpoint {folder}: {rel} does not match its checksum (corrupt); use an older checkpoint"
+            )
     return manifest

@@ -4,6 +4,7 @@
 is read as YAML (``3e-4`` and ``1e-3`` are floats, ``true``/``null``/``[1, 2]`` what they look like, anything
 else a string). Unknown keys are refused by whatever consumes the result (TrainConfig, RambaConfig).
 """
+
 from __future__ import annotations
 
 import re

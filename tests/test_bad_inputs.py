@@ -1,6 +1,7 @@
 """The catalogue of bad inputs (docs/design.md §8): every one raises its documented error type with the words a
 user needs, and no output file is created or changed. Python API cases first, then the command line (exit
 status 2, one `ramba <command>: error: ...` line, no traceback)."""
+
 import os
 import subprocess
 from pathlib import Path
@@ -127,8 +128,13 @@ def _tensors(B=1, T=32, HQ=2, H=1, D=16, S=16, K=2):
 
 
 def _ssd_inputs():
-    return (torch.randn(1, 8, 2, 4), torch.rand(1, 8, 2), -torch.rand(2), torch.randn(1, 8, 1, 3),
-            torch.randn(1, 8, 1, 3))
+    return (
+        torch.randn(1, 8, 2, 4),
+        torch.rand(1, 8, 2),
+        -torch.rand(2),
+        torch.randn(1, 8, 1, 3),
+        torch.randn(1, 8, 1, 3),
+    )
 
 
 def _nsa_inputs():
@@ -141,77 +147,160 @@ SOURCE = [{"path": "{data}"}]
 # (case id, function of (workspace, output folder), error type, words the message must hold)
 API = [
     ("config-unknown-field", lambda w, o: RambaConfig(chunk_sise=128), ConfigError, "did you mean 'chunk_size'"),
-    ("config-unknown-preset-field", lambda w, o: RambaConfig.preset("tiny", d_modle=3), ConfigError,
-     "did you mean 'd_model'"),
+    (
+        "config-unknown-preset-field",
+        lambda w, o: RambaConfig.preset("tiny", d_modle=3),
+        ConfigError,
+        "did you mean 'd_model'",
+    ),
     ("config-unknown-preset", lambda w, o: RambaConfig.preset("huge"), ConfigError, "unknown preset"),
     ("config-chunk-size", lambda w, o: RambaConfig(chunk_size=20), ValueError, "multiple of 16"),
     ("config-architecture", lambda w, o: RambaConfig(architecture="rnn"), ValueError, "architecture"),
     ("config-heads", lambda w, o: RambaConfig(n_heads=3, n_kv_heads=2), ValueError, "multiple of n_kv_heads"),
     ("config-width", lambda w, o: RambaConfig(d_model=0), ValueError, "positive int"),
-    ("train-lr-nan", lambda w, o: config_from_dict({"optim": {"lr": float("nan")}, "data": {"sources": SOURCE}}),
-     ConfigError, "optim.lr': expected a finite number"),
+    (
+        "train-lr-nan",
+        lambda w, o: config_from_dict({"optim": {"lr": float("nan")}, "data": {"sources": SOURCE}}),
+        ConfigError,
+        "optim.lr': expected a finite number",
+    ),
     ("train-unknown-key", lambda w, o: config_from_dict({"optimm": {}}), ConfigError, "unknown config key 'optimm'"),
     ("train-wrong-type", lambda w, o: config_from_dict({"max_steps": "ten"}), ConfigTypeError, "expected int"),
     ("train-set-no-equals", lambda w, o: load_config(None, ["optim.lr"]), ConfigError, "key=value"),
-    ("train-set-bad-index", lambda w, o: load_config(None, ["data.sources=[{task: passkey}]",
-                                                                            "data.sources.5.weight=1"]), ConfigError, "index"),
+    (
+        "train-set-bad-index",
+        lambda w, o: load_config(None, ["data.sources=[{task: passkey}]", "data.sources.5.weight=1"]),
+        ConfigError,
+        "index",
+    ),
     ("train-no-sources", lambda w, o: config_from_dict({"data": {"sources": []}}), ConfigError, "at least one"),
     ("hsa-numpy", lambda w, o: hsa(np.zeros((1, 32, 2, 16)), *_tensors()[1:]), TypeError, "torch.Tensor"),
     ("hsa-triton-on-cpu", lambda w, o: hsa(*_tensors(), backend="triton"), ValueError, "needs CUDA tensors"),
     ("hsa-unknown-backend", lambda w, o: hsa(*_tensors(), backend="cuda"), ValueError, "backend must be one of"),
     ("ssd-old-backend-name", lambda w, o: ssd(*_ssd_inputs(), backend="naive"), ValueError, "backend must be one of"),
     ("ssd-mamba-on-cpu", lambda w, o: ssd(*_ssd_inputs(), backend="mamba_ssm"), ValueError, "needs CUDA tensors"),
-    ("nsa-unknown-backend", lambda w, o: nsa(*_nsa_inputs(), topk=2, block_size=16, backend="flash"), ValueError,
-     "backend must be one of"),
-    ("forward-id-out-of-range", lambda w, o: small_model()(input_ids=torch.tensor([[1, 64]])), InputError,
-     "outside [0, vocab_size=64)"),
-    ("prefill-id-out-of-range", lambda w, o: prefill(small_model(), torch.tensor([[1, 99]]), 16), InputError,
-     "vocab_size=64"),
-    ("generate-top-k-0", lambda w, o: generate(small_model(), torch.tensor([[1, 2]]), 2, do_sample=True, top_k=0),
-     InputError, "top_k"),
-    ("generate-temperature-0", lambda w, o: generate(small_model(), torch.tensor([[1]]), 2, do_sample=True,
-                                                     temperature=0.0), InputError, "temperature"),
+    (
+        "nsa-unknown-backend",
+        lambda w, o: nsa(*_nsa_inputs(), topk=2, block_size=16, backend="flash"),
+        ValueError,
+        "backend must be one of",
+    ),
+    (
+        "forward-id-out-of-range",
+        lambda w, o: small_model()(input_ids=torch.tensor([[1, 64]])),
+        InputError,
+        "outside [0, vocab_size=64)",
+    ),
+    (
+        "prefill-id-out-of-range",
+        lambda w, o: prefill(small_model(), torch.tensor([[1, 99]]), 16),
+        InputError,
+        "vocab_size=64",
+    ),
+    (
+        "generate-top-k-0",
+        lambda w, o: generate(small_model(), torch.tensor([[1, 2]]), 2, do_sample=True, top_k=0),
+        InputError,
+        "top_k",
+    ),
+    (
+        "generate-temperature-0",
+        lambda w, o: generate(small_model(), torch.tensor([[1]]), 2, do_sample=True, temperature=0.0),
+        InputError,
+        "temperature",
+    ),
     ("load-missing", lambda w, o: load_model(w["root"] / "nope"), ModelLoadError, "no such folder or file"),
     ("load-no-config", lambda w, o: load_model(w["root"] / "noconfig"), ModelLoadError, "no config.json"),
     ("load-no-weights", lambda w, o: load_model(w["root"] / "noweights"), ModelLoadError, "no *.safetensors"),
-    ("load-run-without-checkpoint", lambda w, o: load_model(w["root"] / "emptyrun"), ModelLoadError,
-     "no complete checkpoint"),
+    (
+        "load-run-without-checkpoint",
+        lambda w, o: load_model(w["root"] / "emptyrun"),
+        ModelLoadError,
+        "no complete checkpoint",
+    ),
     ("load-nan-file", lambda w, o: load_model(w["nan_file"]), ModelLoadError, "non-finite"),
     ("load-nan-folder", lambda w, o: load_model(w["nan_model"]), ModelLoadError, "model.norm_f.weight"),
     ("load-flipped-file", lambda w, o: load_model(w["flipped_file"]), ModelLoadError, "checksum"),
     ("load-truncated-file", lambda w, o: load_model(w["cut_file"]), ModelLoadError, "truncated"),
-    ("load-flipped-checkpoint", lambda w, o: load_model(w["bad_ckpt"]), CheckpointError,
-     "model/model.safetensors does not match its checksum"),
-    ("from-pretrained-flipped-checkpoint",
-     lambda w, o: RambaForCausalLM.from_pretrained(w["bad_ckpt"] / "model"), CheckpointError, "checksum"),
+    (
+        "load-flipped-checkpoint",
+        lambda w, o: load_model(w["bad_ckpt"]),
+        CheckpointError,
+        "model/model.safetensors does not match its checksum",
+    ),
+    (
+        "from-pretrained-flipped-checkpoint",
+        lambda w, o: RambaForCausalLM.from_pretrained(w["bad_ckpt"] / "model"),
+        CheckpointError,
+        "checksum",
+    ),
     ("device-missing", lambda w, o: resolve_device("cuda:99"), InputError, "device cuda:99"),
     ("device-unreadable", lambda w, o: resolve_device("tpu9"), InputError, "cannot read 'tpu9'"),
     ("dtype-unknown", lambda w, o: resolve_dtype("fp8", torch.device("cpu")), InputError, "fp32, bf16 or fp16"),
     ("token-file-missing", lambda w, o: TokenFile(w["root"] / "nope"), FileNotFoundError, "ramba prepare"),
     ("token-file-not-one", lambda w, o: TokenFile(w["model"]), DataError, "not a token file"),
     ("token-file-truncated", lambda w, o: TokenFile(w["root"] / "cut_data"), DataError, "truncated"),
-    ("prepare-existing", lambda w, o: prepare([w["root"] / "text.txt"], w["data"], ByteTokenizer(), progress=False),
-     OutputPathError, "exists; pass --overwrite"),
-    ("prepare-empty-corpus", lambda w, o: prepare([w["root"] / "empty_corpus"], o / "d", ByteTokenizer(),
-                                                  progress=False), DataError, "empty corpus"),
-    ("prepare-bad-jsonl", lambda w, o: prepare([w["root"] / "bad.jsonl"], o / "d", ByteTokenizer(), progress=False),
-     DataError, "bad.jsonl:1: not valid JSON"),
-    ("prepare-under-a-file", lambda w, o: prepare([w["root"] / "text.txt"], w["root"] / "a_file" / "d",
-                                                  ByteTokenizer(), progress=False), OutputPathError,
-     "is a file, not a folder"),
-    ("prepare-read-only", lambda w, o: prepare([w["root"] / "text.txt"], w["ro"] / "d", ByteTokenizer(),
-                                               progress=False), OutputPathError, "cannot write in"),
-    ("save-model-read-only", lambda w, o: save_model_file(small_model(), w["ro"] / "m.safetensors"), OutputPathError,
-     "read-only"),
-    ("results-under-a-file", lambda w, o: write_results(w["root"] / "a_file" / "r.json", {}), OutputPathError,
-     "not a folder"),
+    (
+        "prepare-existing",
+        lambda w, o: prepare([w["root"] / "text.txt"], w["data"], ByteTokenizer(), progress=False),
+        OutputPathError,
+        "exists; pass --overwrite",
+    ),
+    (
+        "prepare-empty-corpus",
+        lambda w, o: prepare([w["root"] / "empty_corpus"], o / "d", ByteTokenizer(), progress=False),
+        DataError,
+        "empty corpus",
+    ),
+    (
+        "prepare-bad-jsonl",
+        lambda w, o: prepare([w["root"] / "bad.jsonl"], o / "d", ByteTokenizer(), progress=False),
+        DataError,
+        "bad.jsonl:1: not valid JSON",
+    ),
+    (
+        "prepare-under-a-file",
+        lambda w, o: prepare([w["root"] / "text.txt"], w["root"] / "a_file" / "d", ByteTokenizer(), progress=False),
+        OutputPathError,
+        "is a file, not a folder",
+    ),
+    (
+        "prepare-read-only",
+        lambda w, o: prepare([w["root"] / "text.txt"], w["ro"] / "d", ByteTokenizer(), progress=False),
+        OutputPathError,
+        "cannot write in",
+    ),
+    (
+        "save-model-read-only",
+        lambda w, o: save_model_file(small_model(), w["ro"] / "m.safetensors"),
+        OutputPathError,
+        "read-only",
+    ),
+    (
+        "results-under-a-file",
+        lambda w, o: write_results(w["root"] / "a_file" / "r.json", {}),
+        OutputPathError,
+        "not a folder",
+    ),
     ("output-too-big", lambda w, o: check_output(o / "big.bin", size=1 << 62), OutputPathError, "MiB are free"),
-    ("run-folder-locked", lambda w, o: RunLock(w["root"] / "locked").acquire(), CheckpointError,
-     "in use by another run (host"),
-    ("checkpoint-missing-manifest", lambda w, o: verify_checkpoint(w["root"] / "run"), CheckpointError,
-     "manifest.json is missing"),
-    ("checkpoint-flipped", lambda w, o: load_checkpoint(w["bad_ckpt"], small_model(**BYTE)), CheckpointError,
-     "does not match its checksum"),
+    (
+        "run-folder-locked",
+        lambda w, o: RunLock(w["root"] / "locked").acquire(),
+        CheckpointError,
+        "in use by another run (host",
+    ),
+    (
+        "checkpoint-missing-manifest",
+        lambda w, o: verify_checkpoint(w["root"] / "run"),
+        CheckpointError,
+        "manifest.json is missing",
+    ),
+    (
+        "checkpoint-flipped",
+        lambda w, o: load_checkpoint(w["bad_ckpt"], small_model(**BYTE)),
+        CheckpointError,
+        "does not match its checksum",
+    ),
     ("lengths-unreadable", lambda w, o: parse_lengths("4x"), EvalError, "cannot read '4x'"),
     ("depths-out-of-range", lambda w, o: parse_depths("2"), EvalError, "[0, 1]"),
 ]
@@ -235,12 +324,37 @@ def test_api_bad_input(ws, held_lock, tmp_path, case, call, error, words):
     assert _snapshot(ws["root"], tmp_path) == before
 
 
-TRAIN = ["train", "--set", "data.sources=[{{path: {data}}}]", "--set", "out_dir={out}/run", "--set", "max_steps=1",
-         "--set", "log.tensorboard=false", "--set", "log.progress=false", "--set", "data.seq_len=64",
-         "--set", "micro_batch=1"]
+TRAIN = [
+    "train",
+    "--set",
+    "data.sources=[{{path: {data}}}]",
+    "--set",
+    "out_dir={out}/run",
+    "--set",
+    "max_steps=1",
+    "--set",
+    "log.tensorboard=false",
+    "--set",
+    "log.progress=false",
+    "--set",
+    "data.seq_len=64",
+    "--set",
+    "micro_batch=1",
+]
 GEN = ["generate", "--model", "{model}", "--prompt", "hi", "--max-new-tokens", "2"]
-PASSKEY = ["eval", "passkey", "--model", "{model}", "--lengths", "300", "--samples", "1", "--depths", "0",
-           "--no-progress"]
+PASSKEY = [
+    "eval",
+    "passkey",
+    "--model",
+    "{model}",
+    "--lengths",
+    "300",
+    "--samples",
+    "1",
+    "--depths",
+    "0",
+    "--no-progress",
+]
 
 CLI = [
     ("train-lr-nan", TRAIN + ["--set", "optim.lr=.nan"], "optim.lr': expected a finite number"),
@@ -258,8 +372,7 @@ CLI = [
     ("generate-top-k-0", GEN + ["--sample", "--top-k", "0"], "--top-k"),
     ("generate-temperature-0", GEN + ["--sample", "--temperature", "0"], "--temperature"),
     ("generate-binary-prompt", ["generate", "--model", "{model}", "--prompt-file", "{binary}"], "not UTF-8 text"),
-    ("generate-missing-prompt", ["generate", "--model", "{model}", "--prompt-file", "{root}/nope.txt"],
-     "No such file"),
+    ("generate-missing-prompt", ["generate", "--model", "{model}", "--prompt-file", "{root}/nope.txt"], "No such file"),
     ("generate-device-missing", GEN + ["--device", "cuda:99"], "device cuda:99"),
     ("generate-nan-model", ["generate", "--model", "{nan_file}", "--prompt", "hi"], "non-finite"),
     ("generate-flipped-checkpoint", ["generate", "--model", "{bad_ckpt}", "--prompt", "hi"], "checksum"),
@@ -275,17 +388,26 @@ CLI = [
     ("eval-out-read-only", PASSKEY + ["--out", "{ro}"], "cannot write in"),
     ("eval-results-exist", PASSKEY + ["--out", "{root}", "--name", "old"], "exists; pass --overwrite"),
     ("eval-device-missing", PASSKEY + ["--out", "{out}", "--device", "cuda:99"], "device cuda:99"),
-    ("eval-ppl-missing-data", ["eval", "ppl", "--model", "{model}", "--lengths", "64", "--data", "{root}/nope",
-                               "--out", "{out}"], "ramba prepare"),
+    (
+        "eval-ppl-missing-data",
+        ["eval", "ppl", "--model", "{model}", "--lengths", "64", "--data", "{root}/nope", "--out", "{out}"],
+        "ramba prepare",
+    ),
     ("prepare-existing", ["prepare", "{root}/text.txt", "-o", "{data}"], "exists; pass --overwrite"),
     ("prepare-under-a-file", ["prepare", "{root}/text.txt", "-o", "{root}/a_file/d"], "is a file, not a folder"),
     ("prepare-read-only", ["prepare", "{root}/text.txt", "-o", "{ro}/d"], "cannot write in"),
     ("prepare-missing-input", ["prepare", "{root}/nope.txt", "-o", "{out}/d"], "no such file or folder"),
-    ("prepare-missing-tokenizer", ["prepare", "{root}/text.txt", "-o", "{out}/d", "--tokenizer", "{root}/nope.json"],
-     "tokenizer"),
+    (
+        "prepare-missing-tokenizer",
+        ["prepare", "{root}/text.txt", "-o", "{out}/d", "--tokenizer", "{root}/nope.json"],
+        "tokenizer",
+    ),
     ("demo-out-is-a-file", ["demo", "--model", "{file}", "--out", "{root}/a_file"], "is a file"),
-    ("bench-train-unknown-field", ["bench", "train", "--presets", "tiny", "--set", "chunk_sise=128", "--out",
-                                   "{out}"], "did you mean 'chunk_size'"),
+    (
+        "bench-train-unknown-field",
+        ["bench", "train", "--presets", "tiny", "--set", "chunk_sise=128", "--out", "{out}"],
+        "did you mean 'chunk_size'",
+    ),
 ]
 
 

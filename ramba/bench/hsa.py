@@ -21,6 +21,7 @@ Selection patterns (chunk c is complete, so selectable, for token t iff (c + 1) 
 Slots a token cannot fill get index 0 and weight 0. The K slots are ordered by chunk id descending;
 weights are a softmax of Gaussian scores over the filled slots. q, k, v are Gaussian.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,14 @@ PATTERNS = ("uniform", "recency", "trained")
 SELECTION = os.path.join("benchmarks", "results", "selection_tiny_passkey.pt")
 # the other supported shapes, recency pattern, B×T = 4×8K: (HQ, H, D, S, K, sm_n, dtype)
 SWEEP = [
-    (16, 1, 64, 64, 8, 1.0, "float16"), (8, 2, 128, 64, 4, 0.0, "bfloat16"), (4, 4, 32, 128, 16, 1.0, "bfloat16"),
-    (2, 1, 64, 32, 32, 0.0, "bfloat16"), (12, 4, 64, 64, 8, 0.0, "bfloat16"), (16, 16, 64, 64, 1, 0.0, "bfloat16"),
-    (16, 2, 64, 64, 8, 1.0, "float32"), (1, 1, 128, 128, 8, 0.0, "bfloat16"),
+    (16, 1, 64, 64, 8, 1.0, "float16"),
+    (8, 2, 128, 64, 4, 0.0, "bfloat16"),
+    (4, 4, 32, 128, 16, 1.0, "bfloat16"),
+    (2, 1, 64, 32, 32, 0.0, "bfloat16"),
+    (12, 4, 64, 64, 8, 0.0, "bfloat16"),
+    (16, 16, 64, 64, 1, 0.0, "bfloat16"),
+    (16, 2, 64, 64, 8, 1.0, "float32"),
+    (1, 1, 128, 128, 8, 0.0, "bfloat16"),
 ]
 
 
@@ -55,8 +61,9 @@ def _weights(filled: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.softmax(torch.where(filled, z, -math.inf), dim=-1).nan_to_num(0.0)
 
 
-def draw_indices(B: int, T: int, device, gen: torch.Generator, pattern: str = "recency", h: int = H, k: int = K,
-                 s: int = S):
+def draw_indices(
+    B: int, T: int, device, gen: torch.Generator, pattern: str = "recency", h: int = H, k: int = K, s: int = S
+):
     """Causally valid indices and weights ``[B, T, h, k]`` of a random pattern (see the module docstring)."""
     C = T // s
     idx = torch.zeros(B, T, h, k, dtype=torch.int32, device=device)
@@ -74,8 +81,8 @@ def draw_indices(B: int, T: int, device, gen: torch.Generator, pattern: str = "r
         kk = min(k, C)
         top = score.topk(kk, dim=-1)
         sel = torch.where(top.values > -math.inf, top.indices, -1).sort(dim=-1, descending=True).values
-        idx[:, t0:t0 + t.numel(), :, :kk] = sel.clamp_min(0).int()
-        w[:, t0:t0 + t.numel(), :, :kk] = _weights(sel >= 0, gen)
+        idx[:, t0 : t0 + t.numel(), :, :kk] = sel.clamp_min(0).int()
+        w[:, t0 : t0 + t.numel(), :, :kk] = _weights(sel >= 0, gen)
     return idx, w
 
 
@@ -135,8 +142,12 @@ def machine_info() -> dict:
     props = torch.cuda.get_device_properties(0)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "machine": {"gpu": props.name, "sms": props.multi_processor_count, "host": platform.node(),
-                    "python": platform.python_version()},
+        "machine": {
+            "gpu": props.name,
+            "sms": props.multi_processor_count,
+            "host": platform.node(),
+            "python": platform.python_version(),
+        },
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "fla": fla_version},
     }
 
@@ -161,11 +172,15 @@ def main_table(out_dir: str, baseline) -> None:
     except Exception:
         parallel_nsa = None
     dev = torch.device("cuda")
-    result = {**machine_info(), "config": {"HQ": HQ, "H": H, "D": D, "S": S, "K": K, "dtype": "bfloat16"},
-              "patterns": __doc__.split("Selection patterns")[1].strip(), "runs": []}
+    result = {
+        **machine_info(),
+        "config": {"HQ": HQ, "H": H, "D": D, "S": S, "K": K, "dtype": "bfloat16"},
+        "patterns": __doc__.split("Selection patterns")[1].strip(),
+        "runs": [],
+    }
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)
-    scale = D ** -0.5
+    scale = D**-0.5
     for B, T in SHAPES:
         q = torch.randn(B, T, HQ, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -191,8 +206,15 @@ def main_table(out_dir: str, baseline) -> None:
             if parallel_nsa is not None:
                 g_slc = torch.ones(B, T, HQ, device=dev, dtype=torch.bfloat16)
                 bidx = idx.long()
-                time_fwd_bwd(row, "fla_nsa", lambda: parallel_nsa(q, k, v, g_slc=g_slc, block_indices=bidx,
-                                                                 block_counts=K, block_size=S, scale=scale), do, [q, k, v])
+                time_fwd_bwd(
+                    row,
+                    "fla_nsa",
+                    lambda: parallel_nsa(
+                        q, k, v, g_slc=g_slc, block_indices=bidx, block_counts=K, block_size=S, scale=scale
+                    ),
+                    do,
+                    [q, k, v],
+                )
             if pattern == PATTERNS[0]:  # dense causal attention: the same for every pattern
                 qt = q.detach().transpose(1, 2).requires_grad_(True)
                 kt = k.detach().transpose(1, 2).expand(B, HQ, T, D).contiguous().requires_grad_(True)
@@ -233,7 +255,7 @@ def sweep(out_dir: str, baseline) -> None:
         w.requires_grad_(True)
         time_fwd_bwd(row, "hsa", lambda: hsa(q, k, v, w, idx, s, sm_n=sm_n, backend="triton"), do, [q, k, v, w])
         if baseline is not None:
-            time_fwd_bwd(row, "baseline", lambda: baseline(q, k, v, w, idx, s, d ** -0.5, sm_n), do, [q, k, v, w])
+            time_fwd_bwd(row, "baseline", lambda: baseline(q, k, v, w, idx, s, d**-0.5, sm_n), do, [q, k, v, w])
         result["runs"].append(row)
         print(json.dumps(row), flush=True)
         write_json(result, os.path.join(out_dir, "bench_hsa_sweep.json"))
@@ -267,8 +289,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if not torch.cuda.is_available():
         raise EvalError("bench kernels: the HSA kernel benchmark needs a CUDA GPU (none found)")
     if not args.sweep and not os.path.isfile(SELECTION):
-        raise EvalError(f"bench kernels: no {SELECTION} (the trained pattern's selection) under {os.getcwd()}; run from "
-                        "the source checkout's root or write it with benchmarks/dump_selection.py")
+        raise EvalError(
+            f"bench kernels: no {SELECTION} (the trained pattern's selection) under {os.getcwd()}; run from "
+            "the source checkout's root or write it with benchmarks/dump_selection.py"
+        )
     out_dir = args.out or args.out_dir or os.path.join("benchmarks", "results")
     os.makedirs(out_dir, exist_ok=True)
     baseline = load_baseline(args.baseline) if args.baseline else None

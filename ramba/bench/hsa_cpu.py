@@ -12,6 +12,7 @@ slots ordered by chunk id descending, unfilled slots get index 0 and weight 0; w
 softmax of Gaussian scores over the filled slots. Each (shape, backend) runs in its own process
 so its peak RSS is measured alone; times are medians of --reps runs after one warm-up, in ms.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,7 +94,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("out", help="the JSON file to write")
     ap.add_argument("--reps", type=int, default=3, help="timed runs per case (default 3)")
     ap.add_argument("--case", nargs=2, metavar=("SHAPE", "BACKEND"), help=argparse.SUPPRESS)
-    ap.add_argument("--shapes", default="train,long", help=f"comma-separated, of {', '.join(SHAPES)} (default train,long)")
+    ap.add_argument(
+        "--shapes", default="train,long", help=f"comma-separated, of {', '.join(SHAPES)} (default train,long)"
+    )
     args = ap.parse_args(argv)
     if args.case:
         print("RESULT" + json.dumps(run_case(*args.case, args.reps)))
@@ -103,18 +106,26 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         for backend in BACKENDS:
             proc = subprocess.run(
                 [sys.executable, "-m", __spec__.name, args.out, "--reps", str(args.reps), "--case", shape, backend],
-                capture_output=True, text=True,
+                capture_output=True,
+                text=True,
             )
             lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")]
-            row = json.loads(lines[0][6:]) if lines else {"shape": shape, "backend": backend,
-                                                           "error": proc.stderr[-2000:]}
+            row = (
+                json.loads(lines[0][6:])
+                if lines
+                else {"shape": shape, "backend": backend, "error": proc.stderr[-2000:]}
+            )
             runs.append(row)
             print(json.dumps(row))
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
-                    "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "python": platform.python_version()},
+        "machine": {
+            "host": platform.node(),
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
         "torch": torch.__version__,
         "dtype": "float32",
         "indices": __doc__.split("Indices:")[1].split("Each (shape")[0].strip(),

@@ -21,6 +21,7 @@ A short warm-up call per architecture comes first (kernel compilation). A config
 
 Writes <out>/<name>.json (machine, date, versions, settings, every number) and <out>/<name>.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,29 +48,61 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="a trained model folder (default: random weights from --preset)")
     src.add_argument("--preset", default="370m", help="RambaConfig preset for random weights (default 370m)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a RambaConfig field of the preset (repeatable)")
-    p.add_argument("--architectures", default="ramba,mamba2,transformer",
-                   help="with --preset: comma-separated architectures (default ramba,mamba2,transformer)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a RambaConfig field of the preset (repeatable)",
+    )
+    p.add_argument(
+        "--architectures",
+        default="ramba,mamba2,transformer",
+        help="with --preset: comma-separated architectures (default ramba,mamba2,transformer)",
+    )
     p.add_argument("--lengths", default="4k,64k,1m,16m", help="prompt lengths (default 4k,64k,1m,16m)")
     p.add_argument("--batch", type=int, default=1, help="prompts per call (default 1)")
     p.add_argument("--decode-tokens", type=int, default=32, help="new tokens per call (default 32)")
     p.add_argument("--segment-len", type=int, default=2048, help="prefill segment length (default 2048)")
     p.add_argument("--mode", choices=["exact", "fast"], default="exact", help="prefill mode (default exact)")
-    p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True,
-                   help="chunk memory in CPU pinned memory (default on; --no-offload keeps it on the GPU)")
-    p.add_argument("--offload-dir", default=None, metavar="PATH",
-                   help="disk tier: chunk pages beyond --host-budget in a memory-mapped file under PATH")
-    p.add_argument("--host-budget", default=None, metavar="SIZE",
-                   help="with --offload-dir: host bytes for pages, e.g. 8g")
-    p.add_argument("--landmarks", choices=["host", "device"], default="host",
-                   help="offloaded landmarks in pinned host memory (default) or on the GPU")
-    p.add_argument("--ssd-backend", default=None, choices=["fla", "mamba_ssm", "torch"],
-                   help="the Mamba-2 layers' SSD backend (default: ramba.ops.ssd.default_backend)")
-    p.add_argument("--compile-glue", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the Mamba-2 element-wise work (default: only when training on CUDA)")
+    p.add_argument(
+        "--offload",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="chunk memory in CPU pinned memory (default on; --no-offload keeps it on the GPU)",
+    )
+    p.add_argument(
+        "--offload-dir",
+        default=None,
+        metavar="PATH",
+        help="disk tier: chunk pages beyond --host-budget in a memory-mapped file under PATH",
+    )
+    p.add_argument(
+        "--host-budget", default=None, metavar="SIZE", help="with --offload-dir: host bytes for pages, e.g. 8g"
+    )
+    p.add_argument(
+        "--landmarks",
+        choices=["host", "device"],
+        default="host",
+        help="offloaded landmarks in pinned host memory (default) or on the GPU",
+    )
+    p.add_argument(
+        "--ssd-backend",
+        default=None,
+        choices=["fla", "mamba_ssm", "torch"],
+        help="the Mamba-2 layers' SSD backend (default: ramba.ops.ssd.default_backend)",
+    )
+    p.add_argument(
+        "--compile-glue",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the Mamba-2 element-wise work (default: only when training on CUDA)",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
     p.add_argument("--name", default="bench_inference", help="file name stem (default bench_inference)")
@@ -110,11 +143,17 @@ def measure(model, length: int, args, device: torch.device) -> dict:
         times.append(synchronized_time(device))
     prefill_s = times[0] - start
     held = cache.memory.nbytes() if cache.memory is not None else {}
-    row = {"prefill_s": prefill_s, "prefill_tokens_per_s": args.batch * length / prefill_s,
-           "decode_ms_per_token": 1e3 * (times[-1] - times[0]) / (len(times) - 1),
-           "rss_after_prefill_gib": rss_after_prefill / GIB, "peak_rss_gib": peak_rss_bytes() / GIB,
-           "store_pinned_gib": held.get("pinned", 0) / GIB, "store_disk_gib": held.get("disk", 0) / GIB,
-           "store_device_gib": held.get("device", 0) / GIB, "plan": plan.to_dict()}
+    row = {
+        "prefill_s": prefill_s,
+        "prefill_tokens_per_s": args.batch * length / prefill_s,
+        "decode_ms_per_token": 1e3 * (times[-1] - times[0]) / (len(times) - 1),
+        "rss_after_prefill_gib": rss_after_prefill / GIB,
+        "peak_rss_gib": peak_rss_bytes() / GIB,
+        "store_pinned_gib": held.get("pinned", 0) / GIB,
+        "store_disk_gib": held.get("disk", 0) / GIB,
+        "store_device_gib": held.get("device", 0) / GIB,
+        "plan": plan.to_dict(),
+    }
     if device.type == "cuda":
         row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / GIB
     del cache
@@ -161,8 +200,13 @@ def run(args: argparse.Namespace) -> dict:
             else:
                 try:
                     row.update(measure(model, length, args, device))
-                    logger.info("%s %s: prefill %.0f tokens/s, decode %.2f ms/token", label, format_length(length),
-                                row["prefill_tokens_per_s"], row["decode_ms_per_token"])
+                    logger.info(
+                        "%s %s: prefill %.0f tokens/s, decode %.2f ms/token",
+                        label,
+                        format_length(length),
+                        row["prefill_tokens_per_s"],
+                        row["decode_ms_per_token"],
+                    )
                 except Exception as exc:  # record the failure (e.g. out of memory) and skip longer lengths
                     row["error"] = failed = f"{type(exc).__name__}: {exc}"[:500]
                     failed = f"failed at {format_length(length)}: {failed}"
@@ -171,21 +215,30 @@ def run(args: argparse.Namespace) -> dict:
             rows.append(row)
         del model
         free_memory(device)
-    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "rows": rows,
-            "settings": dict(vars(args)), "configs": configs}
+    return {
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "rows": rows,
+        "settings": dict(vars(args)),
+        "configs": configs,
+    }
 
 
 def table(result: dict) -> str:
-    lines = [f"{'model':>12} {'length':>7} {'prefill tok/s':>14} {'decode ms/tok':>14} {'peak GPU GiB':>13} "
-             f"{'RSS GiB':>8} {'pinned GiB':>10} {'disk GiB':>8}"]
+    lines = [
+        f"{'model':>12} {'length':>7} {'prefill tok/s':>14} {'decode ms/tok':>14} {'peak GPU GiB':>13} "
+        f"{'RSS GiB':>8} {'pinned GiB':>10} {'disk GiB':>8}"
+    ]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"{r['model']:>12} {format_length(r['length']):>7}  {r['error'][:90]}")
             continue
         gpu = f"{r['peak_gpu_gib']:13.3f}" if "peak_gpu_gib" in r else f"{'-':>13}"
-        lines.append(f"{r['model']:>12} {format_length(r['length']):>7} {r['prefill_tokens_per_s']:14.0f} "
-                     f"{r['decode_ms_per_token']:14.2f} {gpu} {r['rss_after_prefill_gib']:8.2f} "
-                     f"{r['store_pinned_gib']:10.2f} {r['store_disk_gib']:8.2f}")
+        lines.append(
+            f"{r['model']:>12} {format_length(r['length']):>7} {r['prefill_tokens_per_s']:14.0f} "
+            f"{r['decode_ms_per_token']:14.2f} {gpu} {r['rss_after_prefill_gib']:8.2f} "
+            f"{r['store_pinned_gib']:10.2f} {r['store_disk_gib']:8.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -194,12 +247,16 @@ def save(result: dict, out: str, name: str, seed: int) -> tuple[Path, Path]:
     labels = list(dict.fromkeys(r["model"] for r in rows))
 
     def series(key):
-        return {m: ([r["length"] for r in rows if r["model"] == m], [r.get(key) for r in rows if r["model"] == m])
-                for m in labels}
+        return {
+            m: ([r["length"] for r in rows if r["model"] == m], [r.get(key) for r in rows if r["model"] == m])
+            for m in labels
+        }
 
     x = "context length (tokens)"
-    panels = [Panel("prefill", x, "tokens/s", series("prefill_tokens_per_s"), length_axis=True, logy=True),
-              Panel("decode", x, "ms / token", series("decode_ms_per_token"), length_axis=True)]
+    panels = [
+        Panel("prefill", x, "tokens/s", series("prefill_tokens_per_s"), length_axis=True, logy=True),
+        Panel("decode", x, "ms / token", series("decode_ms_per_token"), length_axis=True),
+    ]
     if result["device"].startswith("cuda"):
         panels.append(Panel("peak GPU memory", x, "GiB", series("peak_gpu_gib"), length_axis=True))
     panels.append(Panel("host memory (RSS after prefill)", x, "GiB", series("rss_after_prefill_gib"), length_axis=True))

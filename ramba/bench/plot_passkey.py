@@ -8,6 +8,7 @@ Usage:
     python -m ramba.bench.plot_passkey -o benchmarks/results/passkey_ramba.png --title "RAMba tiny" \\
         benchmarks/results/passkey-ramba-to-1m.json benchmarks/results/passkey-ramba-to-64m.json
 """
+
 from __future__ import annotations
 
 import argparse

@@ -21,6 +21,7 @@ Writes <out>/<name>.json (machine, date, versions, settings, every number, the R
 ratios and the issue's goals: RAMba >= 0.8x Mamba-2 tokens/s at 4K, faster than the Transformer at
 16K) and <out>/<name>.png after every model (a run cut short keeps what it measured), and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,31 +45,56 @@ from ramba.layers.mamba2 import set_compile_glue
 from ramba.train.cuda_graph import GraphedLoss
 
 logger = logging.getLogger("bench_train")
-ARCH_LABELS = {"ramba": "RAMba", "mamba2": "Mamba-2", "transformer": "Transformer (SDPA)", "mamba2-swa": "Mamba-2 + SWA",
-               "mamba2-nsa": "Mamba-2 + NSA"}
+ARCH_LABELS = {
+    "ramba": "RAMba",
+    "mamba2": "Mamba-2",
+    "transformer": "Transformer (SDPA)",
+    "mamba2-swa": "Mamba-2 + SWA",
+    "mamba2-nsa": "Mamba-2 + NSA",
+}
 GOALS = [("mamba2", 4096, 0.8, ">="), ("transformer", 16384, 1.0, ">")]
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="370m", help="comma-separated RambaConfig presets (default 370m)")
-    p.add_argument("--architectures", default="ramba,mamba2,transformer", help="comma-separated (default ramba,mamba2,transformer)")
+    p.add_argument(
+        "--architectures", default="ramba,mamba2,transformer", help="comma-separated (default ramba,mamba2,transformer)"
+    )
     p.add_argument("--lengths", default="4096,16384", help="context lengths, e.g. 4k,16k (default 4096,16384)")
     p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per step (default 32768)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a RambaConfig field of every preset (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a RambaConfig field of every preset (repeatable)",
+    )
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward")
-    p.add_argument("--checkpoint-fallback", action="store_true",
-                   help="a model out of memory at one sequence is measured again with gradient checkpointing")
-    p.add_argument("--compile-glue", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the Mamba-2 layers' element-wise work around the scan, or not (default: on "
-                        "with CUDA; see the training option compile_glue)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="capture forward + backward in a CUDA graph (ramba.train.cuda_graph.GraphedLoss; the training "
-                        "option cuda_graph) and replay it every step; the optimizer step stays eager")
-    p.add_argument("--profile", metavar="DIR", help="profile the timed steps; one table per model into DIR (slows them)")
+    p.add_argument(
+        "--checkpoint-fallback",
+        action="store_true",
+        help="a model out of memory at one sequence is measured again with gradient checkpointing",
+    )
+    p.add_argument(
+        "--compile-glue",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the Mamba-2 layers' element-wise work around the scan, or not (default: on "
+        "with CUDA; see the training option compile_glue)",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture forward + backward in a CUDA graph (ramba.train.cuda_graph.GraphedLoss; the training "
+        "option cuda_graph) and replay it every step; the optimizer step stays eager",
+    )
+    p.add_argument(
+        "--profile", metavar="DIR", help="profile the timed steps; one table per model into DIR (slows them)"
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
@@ -76,9 +102,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: int, device: torch.device,
-            grad_checkpointing: bool, seed: int, profile_path: Path | None = None, compile_glue: bool | None = None,
-            cuda_graph: bool = False) -> dict:
+def measure(
+    config: RambaConfig,
+    length: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    grad_checkpointing: bool,
+    seed: int,
+    profile_path: Path | None = None,
+    compile_glue: bool | None = None,
+    cuda_graph: bool = False,
+) -> dict:
     """Times `steps` training steps on `[batch, length]` random tokens; returns tokens/s and memory.
     With `profile_path`, the timed steps run under torch.profiler (slower) and its table of kernels by
     self device time goes to that file."""
@@ -91,8 +127,11 @@ def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: in
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
     # autocast's cast cache would live in the CUDA graph's memory: off when capturing
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cuda_graph) if device.type == "cuda"
-                else nullcontext())
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cuda_graph)
+        if device.type == "cuda"
+        else nullcontext()
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.reset_accumulated_memory_stats(device)
@@ -122,9 +161,16 @@ def measure(config: RambaConfig, length: int, batch: int, steps: int, warmup: in
                 step()
                 step_seconds.append(synchronized_time(device) - start)
         median = statistics.median(step_seconds)
-        row = {"params": n_params, "batch": batch, "tokens_per_step": batch * length, "seconds": sum(step_seconds),
-               "step_ms": 1e3 * median, "step_ms_all": [1e3 * t for t in step_seconds],
-               "tokens_per_s": batch * length / median, "tokens_per_s_mean": batch * length * steps / sum(step_seconds)}
+        row = {
+            "params": n_params,
+            "batch": batch,
+            "tokens_per_step": batch * length,
+            "seconds": sum(step_seconds),
+            "step_ms": 1e3 * median,
+            "step_ms_all": [1e3 * t for t in step_seconds],
+            "tokens_per_s": batch * length / median,
+            "tokens_per_s_mean": batch * length * steps / sum(step_seconds),
+        }
         if device.type == "cuda":
             row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             # the caching allocator freeing everything to retry a failed cudaMalloc: slow, synchronising
@@ -159,8 +205,9 @@ def profiled(device: torch.device, path: Path | None):
     path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=80))
 
 
-def measure_fitting(config: RambaConfig, length: int, batch: int, args: argparse.Namespace,
-                    device: torch.device) -> dict:
+def measure_fitting(
+    config: RambaConfig, length: int, batch: int, args: argparse.Namespace, device: torch.device
+) -> dict:
     """`measure` at `batch` sequences, halving the batch while it runs out of memory, then (with
     `--checkpoint-fallback`) at one sequence with gradient checkpointing; the row records both. A failure
     at the last resort (or any other error) is returned as `{"error": ...}` so the run goes on."""
@@ -168,9 +215,22 @@ def measure_fitting(config: RambaConfig, length: int, batch: int, args: argparse
     while True:
         error = None
         try:
-            profile = None if args.profile is None else Path(args.profile) / f"{config.architecture}-{length}.profile.txt"
-            row = measure(config, length, batch, args.steps, args.warmup, device, checkpointing, args.seed,
-                          profile, args.compile_glue, args.cuda_graph)
+            profile = (
+                None if args.profile is None else Path(args.profile) / f"{config.architecture}-{length}.profile.txt"
+            )
+            row = measure(
+                config,
+                length,
+                batch,
+                args.steps,
+                args.warmup,
+                device,
+                checkpointing,
+                args.seed,
+                profile,
+                args.compile_glue,
+                args.cuda_graph,
+            )
             return {**row, "grad_checkpointing": checkpointing}
         except torch.OutOfMemoryError as exc:
             error = f"OutOfMemoryError at batch {batch}: {exc}"[:500]
@@ -200,24 +260,37 @@ def run(args: argparse.Namespace, on_row: Callable[[dict], None] | None = None) 
     configs = {(p, a): RambaConfig.preset(p, architecture=a, **overrides) for p in presets for a in archs}
 
     def summary(rows: list[dict]) -> dict:
-        return {"device": str(device), "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-                "step": "CUDA graph" if args.cuda_graph else "eager",
-                "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-                "rows": rows, "ratios": ratios(rows), "goals": goals(rows), "settings": dict(vars(args)),
-                "configs": {f"{p}/{a}": c.to_dict() for (p, a), c in configs.items()}}
+        return {
+            "device": str(device),
+            "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+            "step": "CUDA graph" if args.cuda_graph else "eager",
+            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+            "rows": rows,
+            "ratios": ratios(rows),
+            "goals": goals(rows),
+            "settings": dict(vars(args)),
+            "configs": {f"{p}/{a}": c.to_dict() for (p, a), c in configs.items()},
+        }
 
     rows = []
     for preset in presets:
         for length in lengths:
             for arch in archs:
                 row = {"preset": preset, "architecture": arch, "length": length}
-                row.update(measure_fitting(configs[preset, arch], length, max(1, args.batch_tokens // length), args,
-                                           device))
+                row.update(
+                    measure_fitting(configs[preset, arch], length, max(1, args.batch_tokens // length), args, device)
+                )
                 if "error" in row:
                     logger.warning("%s %s %s failed: %s", preset, arch, length, row["error"])
                 else:
-                    logger.info("%s %s %s: %.0f tokens/s (batch %d)", preset, arch, format_length(length),
-                                row["tokens_per_s"], row["batch"])
+                    logger.info(
+                        "%s %s %s: %.0f tokens/s (batch %d)",
+                        preset,
+                        arch,
+                        format_length(length),
+                        row["tokens_per_s"],
+                        row["batch"],
+                    )
                 rows.append(row)
                 if on_row is not None:
                     on_row(summary(rows))
@@ -239,8 +312,14 @@ def ratios(rows: list[dict]) -> list[dict]:
         for r in rows:
             if (r["preset"], r["length"]) == (preset, length) and r["architecture"] != "ramba":
                 base = r.get("tokens_per_s")
-                out.append({"preset": preset, "length": length, "baseline": r["architecture"],
-                            "ramba_over_baseline": ours / base if ours and base else None})
+                out.append(
+                    {
+                        "preset": preset,
+                        "length": length,
+                        "baseline": r["architecture"],
+                        "ramba_over_baseline": ours / base if ours and base else None,
+                    }
+                )
     return out
 
 
@@ -252,8 +331,16 @@ def goals(rows: list[dict]) -> list[dict]:
             ours, theirs = _tps(rows, preset, "ramba", length), _tps(rows, preset, base, length)
             if ours and theirs:
                 ratio = ours / theirs
-                out.append({"preset": preset, "length": length, "baseline": base, "ratio": ratio, "target": f"{op} {target}",
-                            "met": ratio >= target if op == ">=" else ratio > target})
+                out.append(
+                    {
+                        "preset": preset,
+                        "length": length,
+                        "baseline": base,
+                        "ratio": ratio,
+                        "target": f"{op} {target}",
+                        "met": ratio >= target if op == ">=" else ratio > target,
+                    }
+                )
     return out
 
 
@@ -261,14 +348,20 @@ def table(result: dict) -> str:
     lines = [f"{'preset':>8} {'arch':>12} {'length':>7} {'batch':>5} {'tokens/s':>11} {'step ms':>9} {'peak GiB':>9}"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"{r['preset']:>8} {r['architecture']:>12} {format_length(r['length']):>7}  failed: {r['error'][:80]}")
+            lines.append(
+                f"{r['preset']:>8} {r['architecture']:>12} {format_length(r['length']):>7}  failed: {r['error'][:80]}"
+            )
             continue
         mem = f"{r['peak_gpu_gib']:9.2f}" if "peak_gpu_gib" in r else f"{'-':>9}"
-        lines.append(f"{r['preset']:>8} {r['architecture']:>12} {format_length(r['length']):>7} {r['batch']:>5} "
-                     f"{r['tokens_per_s']:11.0f} {r['step_ms']:9.1f} {mem}")
+        lines.append(
+            f"{r['preset']:>8} {r['architecture']:>12} {format_length(r['length']):>7} {r['batch']:>5} "
+            f"{r['tokens_per_s']:11.0f} {r['step_ms']:9.1f} {mem}"
+        )
     for g in result["goals"]:
-        lines.append(f"goal {g['preset']}: RAMba/{g['baseline']} at {format_length(g['length'])} = {g['ratio']:.2f} "
-                     f"(target {g['target']}): {'met' if g['met'] else 'NOT met'}")
+        lines.append(
+            f"goal {g['preset']}: RAMba/{g['baseline']} at {format_length(g['length'])} = {g['ratio']:.2f} "
+            f"(target {g['target']}): {'met' if g['met'] else 'NOT met'}"
+        )
     return "\n".join(lines)
 
 
@@ -280,9 +373,15 @@ def save(result: dict, out: str, name: str, seed: int) -> tuple[Path, Path]:
         for arch in dict.fromkeys(r["architecture"] for r in rows):
             pts = [r for r in rows if r["preset"] == preset and r["architecture"] == arch]
             series[ARCH_LABELS.get(arch, arch)] = ([r["length"] for r in pts], [r.get("tokens_per_s") for r in pts])
-        panels.append(Panel(f"training tokens/s, {preset}", "context length (tokens)", "tokens/s", series, length_axis=True))
+        panels.append(
+            Panel(f"training tokens/s, {preset}", "context length (tokens)", "tokens/s", series, length_axis=True)
+        )
     json_path = write_results(Path(out) / f"{name}.json", result, result["settings"], seed)
-    png_path = line_plots(panels, Path(out) / f"{name}.png", title=f"training throughput ({result['device']}, {result['precision']}, {result['step']} step)")
+    png_path = line_plots(
+        panels,
+        Path(out) / f"{name}.png",
+        title=f"training throughput ({result['device']}, {result['precision']}, {result['step']} step)",
+    )
     return json_path, png_path
 
 

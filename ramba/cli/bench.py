@@ -7,18 +7,26 @@ Each compares RAMba with its baselines in the same run and writes JSON + PNG:
 - `inference`: ramba.bench.inference (prefill tokens/s, decode ms/token, GPU and host memory).
 Arguments after the benchmark's name go to it; `ramba bench train -h` lists them.
 """
+
 from __future__ import annotations
 
 import argparse
 import importlib
 
-MODULES = {"kernels": "ramba.bench.hsa", "hsa-cpu": "ramba.bench.hsa_cpu", "train": "ramba.bench.train",
-           "inference": "ramba.bench.inference"}
+MODULES = {
+    "kernels": "ramba.bench.hsa",
+    "hsa-cpu": "ramba.bench.hsa_cpu",
+    "train": "ramba.bench.train",
+    "inference": "ramba.bench.inference",
+}
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks against the baselines (kernels, hsa-cpu, train, inference)",
-                              description=__doc__.split("\n\n")[0] + " See docs/evaluation.md.")
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmarks against the baselines (kernels, hsa-cpu, train, inference)",
+        description=__doc__.split("\n\n")[0] + " See docs/evaluation.md.",
+    )
     p.add_argument("which", choices=sorted(MODULES), help="the benchmark")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     p.set_defaults(func=run)

@@ -1,4 +1,5 @@
 """`ramba eval passkey|tasks|ppl`: long-context evaluations writing JSON + PNG results and a printed table."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,13 +27,20 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     from ramba.model.loading import MODEL_FORMS
 
     p.add_argument("--model", required=True, help=f"the model: {MODEL_FORMS}")
-    p.add_argument("--tokenizer", default=None,
-                   help="'byte' or a tokenizer path (default: tokenizer.json beside the model, else the run's, else byte)")
-    p.add_argument("--lengths", type=_arg(parse_lengths), required=True, help="context lengths, e.g. 4k,64k,1m,16m (k = 1024)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="'byte' or a tokenizer path (default: tokenizer.json beside the model, else the run's, else byte)",
+    )
+    p.add_argument(
+        "--lengths", type=_arg(parse_lengths), required=True, help="context lengths, e.g. 4k,64k,1m,16m (k = 1024)"
+    )
     p.add_argument("--out", default=out, help=f"output folder for the JSON and PNG (default {out})")
     p.add_argument("--name", default=None, help="file name stem of the outputs (default: the command name)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the samples (sample i of every cell uses seed + i)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace <out>/<name>.json and .png if they exist")
@@ -52,35 +60,57 @@ def check_outputs(out: str, name: str, overwrite: bool) -> None:
 def _generation(p: argparse.ArgumentParser, depths: str) -> None:
     from ramba.eval.results import parse_depths
 
-    p.add_argument("--depths", type=_arg(parse_depths), default=depths, help=f"needle depths in [0, 1] (default {depths})")
+    p.add_argument(
+        "--depths", type=_arg(parse_depths), default=depths, help=f"needle depths in [0, 1] (default {depths})"
+    )
     p.add_argument("--samples", type=int, default=5, help="samples per (length, depth) cell (default 5)")
-    p.add_argument("--mode", choices=["exact", "fast"], default="exact",
-                   help="prefill mode: exact (HSA on every prompt token) or fast (HSA only in the last segment)")
+    p.add_argument(
+        "--mode",
+        choices=["exact", "fast"],
+        default="exact",
+        help="prefill mode: exact (HSA on every prompt token) or fast (HSA only in the last segment)",
+    )
     from ramba.cli import offload
 
     offload.add_arguments(p)
     p.add_argument("--segment-len", type=int, default=2048, help="prefill segment length in tokens (default 2048)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts generated together (default 1)")
-    p.add_argument("--extra-tokens", type=int, default=8,
-                   help="new tokens allowed beyond the reference answer's length (default 8)")
-    p.add_argument("--long-samples", type=int, default=None,
-                   help="samples per cell at lengths above 1M (default: --samples; the protocol: --samples 2 "
-                        "--long-samples 1)")
-    p.add_argument("--haystack", default="template",
-                   help="comma-separated haystacks, each evaluated on its own: token files (made by `ramba prepare`) "
-                        "or 'template' (a repeated sentence); default template. The protocol: template,"
-                        "data/python-doc,data/debian-manuals (docs/evaluation.md)")
-    p.add_argument("--held-out", default=",".join(HELD_OUT),
-                   help=f"comma-separated names of the haystacks used in neither training nor tuning, marked so in "
-                        f"the results (default {','.join(HELD_OUT)})")
+    p.add_argument(
+        "--extra-tokens",
+        type=int,
+        default=8,
+        help="new tokens allowed beyond the reference answer's length (default 8)",
+    )
+    p.add_argument(
+        "--long-samples",
+        type=int,
+        default=None,
+        help="samples per cell at lengths above 1M (default: --samples; the protocol: --samples 2 --long-samples 1)",
+    )
+    p.add_argument(
+        "--haystack",
+        default="template",
+        help="comma-separated haystacks, each evaluated on its own: token files (made by `ramba prepare`) "
+        "or 'template' (a repeated sentence); default template. The protocol: template,"
+        "data/python-doc,data/debian-manuals (docs/evaluation.md)",
+    )
+    p.add_argument(
+        "--held-out",
+        default=",".join(HELD_OUT),
+        help=f"comma-separated names of the haystacks used in neither training nor tuning, marked so in "
+        f"the results (default {','.join(HELD_OUT)})",
+    )
 
 
 def add_parser(subparsers) -> None:
     from ramba.eval.results import parse_depths
 
-    p = subparsers.add_parser("eval", help="evaluate a model: passkey, synthetic tasks, perplexity",
-                              description="Long-context evaluations. Every command writes <out>/<name>.json "
-                                          "(with machine, date, versions, config, seed) and <out>/<name>.png. See docs/evaluation.md.")
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a model: passkey, synthetic tasks, perplexity",
+        description="Long-context evaluations. Every command writes <out>/<name>.json "
+        "(with machine, date, versions, config, seed) and <out>/<name>.png. See docs/evaluation.md.",
+    )
     sub = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
 
     pk = sub.add_parser("passkey", help="passkey retrieval accuracy over lengths x depths (heatmap)")
@@ -92,12 +122,19 @@ def add_parser(subparsers) -> None:
     tk = sub.add_parser("tasks", help="needle-in-a-haystack / variable-tracking accuracy by length")
     _common(tk, "eval_results")
     _generation(tk, "0,0.25,0.5,0.75,1")
-    tk.add_argument("--tasks", default=ALL_TASKS,
-                    help=f"comma-separated tasks, each NAME or NAME:key=value:... (e.g. variable_tracking:num_hops=2); "
-                         f"default {ALL_TASKS}")
-    tk.add_argument("--export-harness", metavar="DIR", default=None,
-                    help="instead of evaluating, write these samples as lm-evaluation-harness tasks (JSONL + YAML per "
-                         "task and length) into DIR; run them with `ramba-lm-eval --model ramba --include_path DIR ...`")
+    tk.add_argument(
+        "--tasks",
+        default=ALL_TASKS,
+        help=f"comma-separated tasks, each NAME or NAME:key=value:... (e.g. variable_tracking:num_hops=2); "
+        f"default {ALL_TASKS}",
+    )
+    tk.add_argument(
+        "--export-harness",
+        metavar="DIR",
+        default=None,
+        help="instead of evaluating, write these samples as lm-evaluation-harness tasks (JSONL + YAML per "
+        "task and length) into DIR; run them with `ramba-lm-eval --model ramba --include_path DIR ...`",
+    )
     tk.set_defaults(func=run_tasks)
 
     rk = sub.add_parser("ranks", help="where the asked needle's chunk ranks among all chunks while the model answers")
@@ -106,9 +143,14 @@ def add_parser(subparsers) -> None:
     rk.add_argument("--samples", type=int, default=1, help="samples per (length, depth) cell (default 1)")
     rk.add_argument("--mode", choices=["exact", "fast"], default="fast", help="prefill mode (default fast)")
     rk.add_argument("--segment-len", type=int, default=2048, help="prefill segment length in tokens (default 2048)")
-    rk.add_argument("--haystack", default=None, help="token file whose text fills the haystack (default: a repeated template)")
-    rk.add_argument("--task", default="passkey",
-                    help="the task, NAME or NAME:key=value:... as --tasks of `ramba eval tasks` (default passkey)")
+    rk.add_argument(
+        "--haystack", default=None, help="token file whose text fills the haystack (default: a repeated template)"
+    )
+    rk.add_argument(
+        "--task",
+        default="passkey",
+        help="the task, NAME or NAME:key=value:... as --tasks of `ramba eval tasks` (default passkey)",
+    )
     rk.set_defaults(func=run_ranks)
 
     pp = sub.add_parser("ppl", help="perplexity by context length and by position")
@@ -137,8 +179,13 @@ def _settings(args):
     from ramba.cli import offload
     from ramba.eval.tasks import GenerationSettings
 
-    return GenerationSettings(segment_len=args.segment_len, mode=args.mode, offload=offload.offload(args),
-                              batch_size=args.batch_size, extra_tokens=args.extra_tokens)
+    return GenerationSettings(
+        segment_len=args.segment_len,
+        mode=args.mode,
+        offload=offload.offload(args),
+        batch_size=args.batch_size,
+        extra_tokens=args.extra_tokens,
+    )
 
 
 def _check_memory(model, args) -> dict:
@@ -183,15 +230,36 @@ def run_passkey(args: argparse.Namespace) -> int:
 
     model, tok = _load(args)
     plan = _check_memory(model, args)
-    result = _over_haystacks(args, tok, lambda hay: evaluate_passkey(
-        model, tok, args.lengths, args.depths, args.samples, _settings(args), args.seed, hay, args.digits,
-        progress=not args.no_progress, long_samples=args.long_samples))
+    result = _over_haystacks(
+        args,
+        tok,
+        lambda hay: evaluate_passkey(
+            model,
+            tok,
+            args.lengths,
+            args.depths,
+            args.samples,
+            _settings(args),
+            args.seed,
+            hay,
+            args.digits,
+            progress=not args.no_progress,
+            long_samples=args.long_samples,
+        ),
+    )
     print(f"passkey accuracy ({args.samples} samples per cell, mode {args.mode}{', offload' if args.offload else ''}):")
     print(passkey_table(result))
     means = [r["mean"] for r in result["haystacks"].values()]
     print(f"mean accuracy: {sum(means) / len(means):.3f}")
-    _done(save_passkey(result, args.out, _config(args, model, tokenizer=tok.name, memory_plan=plan), args.seed,
-                       args.name or "passkey"))
+    _done(
+        save_passkey(
+            result,
+            args.out,
+            _config(args, model, tokenizer=tok.name, memory_plan=plan),
+            args.seed,
+            args.name or "passkey",
+        )
+    )
     return 0
 
 
@@ -204,29 +272,61 @@ def run_tasks(args: argparse.Namespace) -> int:
     specs = [s.strip() for s in args.tasks.split(",") if s.strip()]
     if args.export_harness:
         return _export_harness(args, tok, specs)
-    result = _over_haystacks(args, tok, lambda hay: evaluate_tasks(
-        model, tok, specs, args.lengths, args.depths, args.samples, _settings(args), args.seed, hay,
-        progress=not args.no_progress, long_samples=args.long_samples))
+    result = _over_haystacks(
+        args,
+        tok,
+        lambda hay: evaluate_tasks(
+            model,
+            tok,
+            specs,
+            args.lengths,
+            args.depths,
+            args.samples,
+            _settings(args),
+            args.seed,
+            hay,
+            progress=not args.no_progress,
+            long_samples=args.long_samples,
+        ),
+    )
     for hay, h in result["haystacks"].items():
         for spec, r in h["tasks"].items():
             print(f"{spec} on {hay} (mean {r['mean']:.3f}):")
             print(format_grid(r["scores"], args.lengths, args.depths))
     print(tasks_tables(result))
-    _done(save_tasks(result, args.out, _config(args, model, tokenizer=tok.name, memory_plan=plan), args.seed,
-                     args.name or "tasks"))
+    _done(
+        save_tasks(
+            result,
+            args.out,
+            _config(args, model, tokenizer=tok.name, memory_plan=plan),
+            args.seed,
+            args.name or "tasks",
+        )
+    )
     return 0
 
 
 def _export_harness(args: argparse.Namespace, tok, specs: list[str]) -> int:
     from ramba.eval.harness_tasks import export_harness_tasks
 
-    names = export_harness_tasks(args.export_harness, tok, specs, args.lengths, args.depths, args.samples, args.seed,
-                                 _haystack(args, tok), args.extra_tokens)
+    names = export_harness_tasks(
+        args.export_harness,
+        tok,
+        specs,
+        args.lengths,
+        args.depths,
+        args.samples,
+        args.seed,
+        _haystack(args, tok),
+        args.extra_tokens,
+    )
     print(f"wrote {len(names)} lm-evaluation-harness tasks to {args.export_harness}: {', '.join(names)}")
     model_args = f"pretrained={args.model},mode={args.mode},segment_len={args.segment_len}"
     model_args += (f",tokenizer={args.tokenizer}" if args.tokenizer else "") + (",offload=True" if args.offload else "")
-    print(f"run them with: ramba-lm-eval --model ramba --model_args {model_args} --include_path {args.export_harness} "
-          "--tasks ramba_tasks")
+    print(
+        f"run them with: ramba-lm-eval --model ramba --model_args {model_args} --include_path {args.export_harness} "
+        "--tasks ramba_tasks"
+    )
     return 0
 
 
@@ -234,12 +334,27 @@ def run_ranks(args: argparse.Namespace) -> int:
     from ramba.eval.retrieval import evaluate_needle_ranks, ranks_table, save_needle_ranks
 
     model, tok = _load(args)
-    result = evaluate_needle_ranks(model, tok, args.lengths, args.depths, args.samples, args.segment_len, args.mode,
-                                   args.seed, _haystack(args, tok), progress=not args.no_progress, task=args.task)
-    print(f"{args.task}: rank of the answer's needle chunk at each answer token (0 = best; selected below "
-          f"top-{result['topk']}):")
+    result = evaluate_needle_ranks(
+        model,
+        tok,
+        args.lengths,
+        args.depths,
+        args.samples,
+        args.segment_len,
+        args.mode,
+        args.seed,
+        _haystack(args, tok),
+        progress=not args.no_progress,
+        task=args.task,
+    )
+    print(
+        f"{args.task}: rank of the answer's needle chunk at each answer token (0 = best; selected below "
+        f"top-{result['topk']}):"
+    )
     print(ranks_table(result))
-    _done(save_needle_ranks(result, args.out, _config(args, model, tokenizer=tok.name), args.seed, args.name or "ranks"))
+    _done(
+        save_needle_ranks(result, args.out, _config(args, model, tokenizer=tok.name), args.seed, args.name or "ranks")
+    )
     return 0
 
 
@@ -250,8 +365,18 @@ def run_ppl(args: argparse.Namespace) -> int:
     model, tok = _load(args)
     data = TokenFile(args.data)
     data.check_tokenizer(tok)
-    result = evaluate_ppl(model, data, args.lengths, args.windows, args.buckets, args.bucket_scale,
-                          args.batch_size, args.segment_len, args.offload, progress=not args.no_progress)
+    result = evaluate_ppl(
+        model,
+        data,
+        args.lengths,
+        args.windows,
+        args.buckets,
+        args.bucket_scale,
+        args.batch_size,
+        args.segment_len,
+        args.offload,
+        progress=not args.no_progress,
+    )
     print(ppl_table(result))
     _done(save_ppl(result, args.out, _config(args, model, tokenizer=tok.name), args.seed, args.name or "ppl"))
     return 0

@@ -1,4 +1,5 @@
 """`ramba generate --model DIR --prompt-file F`: continue a prompt, streaming the new text to the terminal."""
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,12 @@ class StreamDecoder:
 def add_parser(subparsers) -> None:
     from ramba.model.loading import MODEL_FORMS
 
-    p = subparsers.add_parser("generate", help="continue a prompt, streaming tokens to the terminal",
-                              description="Generate a continuation of a prompt with a RAMba model; long prompts are "
-                                          "prefilled in segments (memory bounded). See docs/evaluation.md.")
+    p = subparsers.add_parser(
+        "generate",
+        help="continue a prompt, streaming tokens to the terminal",
+        description="Generate a continuation of a prompt with a RAMba model; long prompts are "
+        "prefilled in segments (memory bounded). See docs/evaluation.md.",
+    )
     p.add_argument("--model", required=True, help=f"the model: {MODEL_FORMS}")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-file", help="file holding the prompt text ('-' reads stdin)")
@@ -60,7 +64,9 @@ def add_parser(subparsers) -> None:
     offload.add_arguments(p)
     p.add_argument("--segment-len", type=int, default=2048, help="prefill segment length (default 2048)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (for --sample)")
     p.add_argument("--no-verify", action="store_true", help="skip the checks of the weights (checksums, NaN/inf)")
     p.set_defaults(func=run)
@@ -77,8 +83,10 @@ def _read_prompt(args) -> str:
         with open(args.prompt_file, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as e:
-        raise InputError(f"--prompt-file {args.prompt_file}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); "
-                         "give a text file") from None
+        raise InputError(
+            f"--prompt-file {args.prompt_file}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); "
+            "give a text file"
+        ) from None
     except IsADirectoryError:
         raise InputError(f"--prompt-file {args.prompt_file}: is a folder; give a text file") from None
 
@@ -127,13 +135,26 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     with torch.no_grad():
-        generate(model, input_ids, args.max_new_tokens, segment_len=args.segment_len, mode=args.mode,
-                 offload=offload.offload(args), do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
-                 eos_token_id=eos, on_token=on_token)
+        generate(
+            model,
+            input_ids,
+            args.max_new_tokens,
+            segment_len=args.segment_len,
+            mode=args.mode,
+            offload=offload.offload(args),
+            do_sample=args.sample,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            eos_token_id=eos,
+            on_token=on_token,
+        )
     sys.stdout.write(stream.flush() + "\n")
     sys.stdout.flush()
     if times:
         decode = (times[-1] - times[0]) / (len(times) - 1) * 1e3 if len(times) > 1 else float("nan")
-        print(f"[{len(ids)} prompt tokens, prefill {times[0] - start:.2f} s; {len(times)} new tokens, "
-              f"{decode:.1f} ms/token]", file=sys.stderr)
+        print(
+            f"[{len(ids)} prompt tokens, prefill {times[0] - start:.2f} s; {len(times)} new tokens, "
+            f"{decode:.1f} ms/token]",
+            file=sys.stderr,
+        )
     return 0

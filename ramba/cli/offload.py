@@ -1,5 +1,6 @@
 """Chunk-memory placement options shared by `ramba eval` and `ramba generate`, and the memory check they run
 before any work (see ramba.inference.planner)."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,11 +8,19 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", action="store_true", help="keep the chunk memory in CPU pinned memory")
-    p.add_argument("--offload-dir", default=None, metavar="PATH",
-                   help="disk tier: chunk-memory pages beyond --host-budget in a memory-mapped file under PATH "
-                        "(implies --offload)")
-    p.add_argument("--host-budget", default=None, metavar="SIZE",
-                   help="with --offload-dir: host memory for chunk pages, e.g. 8g (default: half the available memory)")
+    p.add_argument(
+        "--offload-dir",
+        default=None,
+        metavar="PATH",
+        help="disk tier: chunk-memory pages beyond --host-budget in a memory-mapped file under PATH "
+        "(implies --offload)",
+    )
+    p.add_argument(
+        "--host-budget",
+        default=None,
+        metavar="SIZE",
+        help="with --offload-dir: host memory for chunk pages, e.g. 8g (default: half the available memory)",
+    )
 
 
 def offload(args: argparse.Namespace):

@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     if "stopped_at_step" in metrics:
         if main_rank:
-            print(f"stopped by a signal at step {metrics['stopped_at_step']} of {cfg.max_steps}: continue with --resume")
+            print(
+                f"stopped by a signal at step {metrics['stopped_at_step']} of {cfg.max_steps}: continue with --resume"
+            )
         return 1
     return 0

@@ -228,9 +228,19 @@ class Task:
     phrasings: tuple = ()
     formats: tuple = ("key_format", "value_format")  # the format options the task uses
 
-    def __init__(self, tokenizer, haystack=None, distractors: int = 0, key_format: str = "number",
-                 value_format: str = "number", digits: int = 5, phrasing: int = 0, vary: bool = False,
-                 edge_depths: float = 0.0, edge_tokens: int = 512):
+    def __init__(
+        self,
+        tokenizer,
+        haystack=None,
+        distractors: int = 0,
+        key_format: str = "number",
+        value_format: str = "number",
+        digits: int = 5,
+        phrasing: int = 0,
+        vary: bool = False,
+        edge_depths: float = 0.0,
+        edge_tokens: int = 512,
+    ):
         self.tokenizer = tokenizer
         self.haystack = haystack if haystack is not None else TemplateHaystack(tokenizer)
         if not isinstance(distractors, int) or distractors < 0:
@@ -241,8 +251,9 @@ class Task:
             raise ValueError(f"digits: expected an int >= 1, got {digits!r}")
         _check_choice("phrasing", phrasing, range(len(self.phrasings)))
         if not 0.0 <= edge_depths <= 1.0 or edge_tokens < 1:
-            raise ValueError(f"edge_depths, edge_tokens: need a probability in [0, 1] and >= 1, got "
-                             f"{edge_depths}, {edge_tokens}")
+            raise ValueError(
+                f"edge_depths, edge_tokens: need a probability in [0, 1] and >= 1, got {edge_depths}, {edge_tokens}"
+            )
         self.distractors, self.key_format, self.value_format = distractors, key_format, value_format
         self.digits, self.phrasing, self.vary = digits, phrasing, bool(vary)
         self.edge_depths, self.edge_tokens = edge_depths, edge_tokens
@@ -252,8 +263,11 @@ class Task:
         `vary` drawn from `rng`."""
         if not self.vary:
             return {**{f: getattr(self, f) for f in self.formats}, "digits": self.digits, "phrasing": self.phrasing}
-        return {**{f: rng.choice(FORMATS) for f in self.formats}, "digits": rng.randint(*_VARY_DIGITS),
-                "phrasing": rng.randrange(len(self.phrasings))}
+        return {
+            **{f: rng.choice(FORMATS) for f in self.formats},
+            "digits": rng.randint(*_VARY_DIGITS),
+            "phrasing": rng.randrange(len(self.phrasings)),
+        }
 
     def _edge_depth(self, length: int, rng: random.Random) -> float:
         u, near = rng.random(), min(1.0, self.edge_tokens / length)
@@ -345,8 +359,21 @@ class Task:
 # Near misses of "The pass key is N.": names and numbers that a retrieval trained on the plain task scores
 # like the pass key (a byte-level model found "the net mask ``255.255.255.0``" in python-doc as close).
 DISTRACTOR_NAMES = (
-    "pass code", "pass word", "past key", "mass key", "pass kit", "bass key", "glass key", "class key",
-    "master key", "net mask", "mask", "key pass", "passport number", "access key", "gas meter",
+    "pass code",
+    "pass word",
+    "past key",
+    "mass key",
+    "pass kit",
+    "bass key",
+    "glass key",
+    "class key",
+    "master key",
+    "net mask",
+    "mask",
+    "key pass",
+    "passport number",
+    "access key",
+    "gas meter",
 )
 
 
@@ -361,17 +388,24 @@ class PasskeyTask(Task):
     # (needle, question); the answer is " KEY."
     phrasings = (
         ("The pass key is {key}. Remember it. {key} is the pass key.", "What is the pass key? The pass key is"),
-        ("Remember this pass key: {key}. The pass key is {key}.",
-         "Question: which pass key was given in the text? Answer: the pass key is"),
-        ("Here is the pass key you will need later: {key}.", "Tell me the pass key from the text above. The pass key is"),
+        (
+            "Remember this pass key: {key}. The pass key is {key}.",
+            "Question: which pass key was given in the text? Answer: the pass key is",
+        ),
+        (
+            "Here is the pass key you will need later: {key}.",
+            "Tell me the pass key from the text above. The pass key is",
+        ),
         ("Pass key = {key}.", "Recall the pass key. Pass key ="),
     )
 
-    def __init__(self, tokenizer, haystack=None, digits: int = 5, key: str | None = None, distractors: int = 0,
-                 **options):
+    def __init__(
+        self, tokenizer, haystack=None, digits: int = 5, key: str | None = None, distractors: int = 0, **options
+    ):
         super().__init__(tokenizer, haystack, distractors, digits=digits, **options)
-        if key is not None and not (isinstance(key, str) and key.isascii()
-                                    and re.fullmatch(_PATTERNS[self.key_format], key)):
+        if key is not None and not (
+            isinstance(key, str) and key.isascii() and re.fullmatch(_PATTERNS[self.key_format], key)
+        ):
             kind = "a string of digits" if self.key_format == "number" else f"a {self.key_format} (key_format)"
             raise ValueError(f"key: expected {kind}, got {key!r}")
         self.key = key
@@ -415,24 +449,42 @@ class NeedleTask(Task):
 
     # (needle, question for one value, question for several); {noun}: number, word or UUID
     phrasings = (
-        ("One of the special magic {noun}s for {key} is: {value}.",
-         "What is the special magic {noun} for {who} mentioned in the provided text? "
-         "The special magic {noun} for {who} mentioned in the provided text is",
-         "What are all the special magic {noun}s for {who} mentioned in the provided text? "
-         "The special magic {noun}s for {who} mentioned in the provided text are"),
-        ("The secret {noun} of {key} is {value}.",
-         "Which secret {noun} belongs to {who}? The secret {noun} of {who} is",
-         "Which secret {noun}s belong to {who}? The secret {noun}s of {who} are"),
-        ("Note: {key} is linked to the {noun} {value}.",
-         "Which {noun} is linked to {who}? Answer:",
-         "List every {noun} linked to {who}, in order. Answer:"),
-        ("Record for {key}: {value}.",
-         "Look up {who} in the records above. The {noun} recorded for {who} is",
-         "Look up {who} in the records above. The {noun}s recorded for {who} are"),
+        (
+            "One of the special magic {noun}s for {key} is: {value}.",
+            "What is the special magic {noun} for {who} mentioned in the provided text? "
+            "The special magic {noun} for {who} mentioned in the provided text is",
+            "What are all the special magic {noun}s for {who} mentioned in the provided text? "
+            "The special magic {noun}s for {who} mentioned in the provided text are",
+        ),
+        (
+            "The secret {noun} of {key} is {value}.",
+            "Which secret {noun} belongs to {who}? The secret {noun} of {who} is",
+            "Which secret {noun}s belong to {who}? The secret {noun}s of {who} are",
+        ),
+        (
+            "Note: {key} is linked to the {noun} {value}.",
+            "Which {noun} is linked to {who}? Answer:",
+            "List every {noun} linked to {who}, in order. Answer:",
+        ),
+        (
+            "Record for {key}: {value}.",
+            "Look up {who} in the records above. The {noun} recorded for {who} is",
+            "Look up {who} in the records above. The {noun}s recorded for {who} are",
+        ),
     )
 
-    def __init__(self, tokenizer, haystack=None, num_keys=1, num_values=1, num_queries=1, name="niah",
-                 key_format="word", digits=7, **options):
+    def __init__(
+        self,
+        tokenizer,
+        haystack=None,
+        num_keys=1,
+        num_values=1,
+        num_queries=1,
+        name="niah",
+        key_format="word",
+        digits=7,
+        **options,
+    ):
         super().__init__(tokenizer, haystack, key_format=key_format, digits=digits, **options)
         if not (num_keys >= 1 and num_values >= 1 and 1 <= num_queries <= num_keys):
             raise ValueError(
@@ -477,8 +529,9 @@ class NeedleTask(Task):
         names = [keys[k] for k in queried]
         who = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
         question = (ask_one if len(answers) == 1 else ask_many).format(noun=noun, who=who)
-        return self._assemble(length, rng, needles, depths, 0, question, " " + ", ".join(answers) + ".", answers,
-                              answer_needles, opt)
+        return self._assemble(
+            length, rng, needles, depths, 0, question, " " + ", ".join(answers) + ".", answers, answer_needles, opt
+        )
 
 
 class VariableTrackingTask(Task):
@@ -492,11 +545,15 @@ class VariableTrackingTask(Task):
     formats = ("value_format",)
     # (assignment, question); the answer lists the chain's variables
     phrasings = (
-        ("VAR {cur} = {prev}.",
-         "Question: Find all variables that are assigned the value {value} in the text above. "
-         "Answer: The variables assigned the value {value} are:"),
-        ("Set {cur} to {prev}.",
-         "Question: Which variables hold the value {value} after the steps above? Answer: The variables are:"),
+        (
+            "VAR {cur} = {prev}.",
+            "Question: Find all variables that are assigned the value {value} in the text above. "
+            "Answer: The variables assigned the value {value} are:",
+        ),
+        (
+            "Set {cur} to {prev}.",
+            "Question: Which variables hold the value {value} after the steps above? Answer: The variables are:",
+        ),
         ("let {cur} := {prev};", "Which variables end up equal to {value}? They are:"),
     )
 
@@ -527,8 +584,18 @@ class VariableTrackingTask(Task):
                 needles.append(assign.format(cur=cur, prev=prev))
                 depths.append(d)
         answers = names[:hops]
-        return self._assemble(length, rng, needles, depths, 0, question.format(value=values[0]),
-                              " " + " ".join(answers) + ".", answers, list(range(hops)), opt)
+        return self._assemble(
+            length,
+            rng,
+            needles,
+            depths,
+            0,
+            question.format(value=values[0]),
+            " " + " ".join(answers) + ".",
+            answers,
+            list(range(hops)),
+            opt,
+        )
 
 
 TASKS: dict[str, Callable[..., Task]] = {

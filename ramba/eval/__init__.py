@@ -1,6 +1,7 @@
 """Evaluation: passkey retrieval over lengths x depths, synthetic long-context tasks, perplexity by
 context length, the needle chunk's retrieval rank, results files with their provenance, and plots.
 See docs/evaluation.md."""
+
 from ramba.eval.passkey import evaluate_passkey, save_passkey
 from ramba.eval.ppl import evaluate_ppl, save_ppl
 from ramba.eval.results import EvalError, environment, write_results

@@ -16,6 +16,7 @@ beyond GPU memory: nothing is truncated to a maximum length.
 - `generate_until(context, gen_kwargs)`: `ramba.inference.generate` (greedy unless `do_sample`), cut at
   eos and at the first `until` string; prompts of one token length are batched up to `batch_size`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,9 +55,20 @@ class RambaLM(TemplateLM):
             (default: when the tokenizer has one, as ramba's training and task samples do).
     """
 
-    def __init__(self, pretrained: str, tokenizer: str | None = None, device: str | None = None, dtype: str = "auto",
-                 segment_len: int = 2048, mode: str = "exact", offload: bool = False, batch_size: int | str = 1,
-                 max_batch_size: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | None = None):
+    def __init__(
+        self,
+        pretrained: str,
+        tokenizer: str | None = None,
+        device: str | None = None,
+        dtype: str = "auto",
+        segment_len: int = 2048,
+        mode: str = "exact",
+        offload: bool = False,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        max_gen_toks: int = 256,
+        add_bos_token: bool | None = None,
+    ):
         super().__init__()
         if mode not in PREFILL_MODES:
             raise ValueError(f"ramba: mode must be one of {', '.join(PREFILL_MODES)}, got {mode!r}")
@@ -105,8 +117,9 @@ class RambaLM(TemplateLM):
         cache = None
         if len(context) > 1:  # prefill all but the last context token; it feeds the first prediction below
             _, cache = prefill(self.model, ids[:, : len(context) - 1], self.segment_len, self.mode, self.offload)
-        nll, greedy = token_nll(self.model, ids[:, len(context) - 1 :], self.segment_len, self.offload, cache=cache,
-                                greedy=True)
+        nll, greedy = token_nll(
+            self.model, ids[:, len(context) - 1 :], self.segment_len, self.offload, cache=cache, greedy=True
+        )
         return -float(nll.double().sum()), bool(greedy.all())
 
     def _bar(self, total: int, desc: str, disable: bool):
@@ -137,13 +150,18 @@ class RambaLM(TemplateLM):
     def _generation_settings(self, gen_kwargs: dict) -> dict:
         unknown = sorted(set(gen_kwargs) - set(_GENERATION_KWARGS))
         if unknown:
-            raise ValueError(f"ramba: unsupported generation_kwargs {unknown}; supported: {', '.join(_GENERATION_KWARGS)}")
+            raise ValueError(
+                f"ramba: unsupported generation_kwargs {unknown}; supported: {', '.join(_GENERATION_KWARGS)}"
+            )
         until = gen_kwargs.get("until") or []
         temperature = float(gen_kwargs.get("temperature", 1.0))
-        return {"until": [until] if isinstance(until, str) else list(until),
-                "max_new_tokens": int(gen_kwargs.get("max_gen_toks", self.max_gen_toks)),
-                "do_sample": bool(gen_kwargs.get("do_sample", False)) and temperature > 0,
-                "temperature": temperature, "top_k": gen_kwargs.get("top_k")}
+        return {
+            "until": [until] if isinstance(until, str) else list(until),
+            "max_new_tokens": int(gen_kwargs.get("max_gen_toks", self.max_gen_toks)),
+            "do_sample": bool(gen_kwargs.get("do_sample", False)) and temperature > 0,
+            "temperature": temperature,
+            "top_k": gen_kwargs.get("top_k"),
+        }
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         prompts = [self.tok_encode(r.args[0]) or [self.prefix_token_id] for r in requests]
@@ -159,9 +177,18 @@ class RambaLM(TemplateLM):
                     part = members[start : start + self.batch_size]
                     s = settings[part[0]]
                     ids = torch.tensor([prompts[i] for i in part], dtype=torch.long)
-                    new = generate(self.model, ids, s["max_new_tokens"], segment_len=self.segment_len, mode=self.mode,
-                                   offload=self.offload, do_sample=s["do_sample"], temperature=s["temperature"],
-                                   top_k=s["top_k"], eos_token_id=eos)
+                    new = generate(
+                        self.model,
+                        ids,
+                        s["max_new_tokens"],
+                        segment_len=self.segment_len,
+                        mode=self.mode,
+                        offload=self.offload,
+                        do_sample=s["do_sample"],
+                        temperature=s["temperature"],
+                        top_k=s["top_k"],
+                        eos_token_id=eos,
+                    )
                     for i, row in zip(part, new.tolist()):
                         text = self.tok_decode(row[: row.index(eos)] if eos in row else row)
                         for stop in s["until"]:

@@ -12,6 +12,7 @@ bos, which the `ramba` harness model adds), so it reaches the model unchanged wh
 gives the ids back; the export checks that for every sample and warns where it does not (a BPE
 tokenizer may merge across the task's pieces, a token-file haystack may hold special tokens).
 """
+
 from __future__ import annotations
 
 import json
@@ -51,33 +52,50 @@ def _doc(spec: str, sample: TaskSample, seed: int, tokenizer) -> tuple[dict, boo
     prompt_ids = sample.input_ids[start : sample.prompt_len].tolist()
     prompt = tokenizer.decode(prompt_ids)
     fields = {k: v for k, v in asdict(sample).items() if k != "input_ids"}
-    doc = {"task": spec, "length": int(sample.input_ids.size), "depth": float(sample.depth), "seed": seed,
-           "prompt": prompt, "answer": sample.answer,
-           "sample": json.dumps(fields, default=lambda x: x.item() if isinstance(x, np.generic) else str(x))}
+    doc = {
+        "task": spec,
+        "length": int(sample.input_ids.size),
+        "depth": float(sample.depth),
+        "seed": seed,
+        "prompt": prompt,
+        "answer": sample.answer,
+        "sample": json.dumps(fields, default=lambda x: x.item() if isinstance(x, np.generic) else str(x)),
+    }
     return doc, tokenizer.encode(prompt) == prompt_ids
 
 
 def _task_yaml(name: str, tags: list[str], data_file: Path, max_gen_toks: int) -> str:
     # JSON strings are YAML; `until: []` stops only at eos, as `ramba eval tasks` does.
-    return "\n".join([
-        f"task: {name}",
-        f"tag: {json.dumps(tags)}",
-        "dataset_path: json",
-        f"dataset_kwargs: {{data_files: {{test: {json.dumps(str(data_file.resolve()))}}}}}",
-        "test_split: test",
-        "output_type: generate_until",
-        "doc_to_text: prompt",
-        "doc_to_target: answer",
-        f"generation_kwargs: {{until: [], max_gen_toks: {max_gen_toks}, do_sample: false}}",
-        "process_results: !function ramba.eval.harness_tasks.process_results",
-        "metric_list: [{metric: score, aggregation: mean, higher_is_better: true}]",
-        "metadata: {version: 1.0}",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"task: {name}",
+            f"tag: {json.dumps(tags)}",
+            "dataset_path: json",
+            f"dataset_kwargs: {{data_files: {{test: {json.dumps(str(data_file.resolve()))}}}}}",
+            "test_split: test",
+            "output_type: generate_until",
+            "doc_to_text: prompt",
+            "doc_to_target: answer",
+            f"generation_kwargs: {{until: [], max_gen_toks: {max_gen_toks}, do_sample: false}}",
+            "process_results: !function ramba.eval.harness_tasks.process_results",
+            "metric_list: [{metric: score, aggregation: mean, higher_is_better: true}]",
+            "metadata: {version: 1.0}",
+            "",
+        ]
+    )
 
 
-def export_harness_tasks(out_dir, tokenizer, specs: Sequence[str], lengths: Sequence[int], depths: Sequence[float],
-                         samples: int, seed: int = 0, haystack=None, extra_tokens: int = 8) -> list[str]:
+def export_harness_tasks(
+    out_dir,
+    tokenizer,
+    specs: Sequence[str],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    samples: int,
+    seed: int = 0,
+    haystack=None,
+    extra_tokens: int = 8,
+) -> list[str]:
     """Writes a JSONL file and a task YAML per (task spec, length) into `out_dir`; returns the task names.
 
     Every task is tagged `ramba_tasks` and `ramba_<task>` (all its lengths), so `--tasks ramba_tasks`
@@ -103,10 +121,17 @@ def export_harness_tasks(out_dir, tokenizer, specs: Sequence[str], lengths: Sequ
                         mismatched += not round_trips
                         n += 1
             if mismatched:
-                logger.warning("%s: %d of %d prompts do not encode back to the ids ramba evaluates (tokenizer %s); "
-                               "the harness scores of those samples may differ from `ramba eval tasks`",
-                               name, mismatched, n, tokenizer.name)
-            (out_dir / f"{name}.yaml").write_text(_task_yaml(name, [TAG, _task_tag(spec)], data_file, longest + extra_tokens))
+                logger.warning(
+                    "%s: %d of %d prompts do not encode back to the ids ramba evaluates (tokenizer %s); "
+                    "the harness scores of those samples may differ from `ramba eval tasks`",
+                    name,
+                    mismatched,
+                    n,
+                    tokenizer.name,
+                )
+            (out_dir / f"{name}.yaml").write_text(
+                _task_yaml(name, [TAG, _task_tag(spec)], data_file, longest + extra_tokens)
+            )
             names.append(name)
     return names
 

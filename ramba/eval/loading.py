@@ -4,6 +4,7 @@ The model comes from :mod:`ramba.model.loading` (model folder, checkpoint, train
 model or shipped model name, verified unless ``verify=False``); this module adds the tokenizer that goes
 with it.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,15 @@ from pathlib import Path
 from ramba.errors import EvalError
 from ramba.model.loading import load_model, resolve_device, resolve_dtype, resolve_model, resolve_model_dir
 
-__all__ = ["resolve_model", "resolve_model_dir", "run_config", "load_model", "load_model_tokenizer", "resolve_device",
-           "resolve_dtype"]
+__all__ = [
+    "resolve_model",
+    "resolve_model_dir",
+    "run_config",
+    "load_model",
+    "load_model_tokenizer",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 
 def run_config(model_dir: Path) -> dict | None:
@@ -38,8 +46,9 @@ def _run_tokenizer(model_dir: Path) -> str | None:
     return None if tok is None else str(tok)
 
 
-def load_model_tokenizer(spec: str | os.PathLike, tokenizer: str | None = None, device=None, dtype=None,
-                         verify: bool = True):
+def load_model_tokenizer(
+    spec: str | os.PathLike, tokenizer: str | None = None, device=None, dtype=None, verify: bool = True
+):
     """`(model, tokenizer)`. The tokenizer is `tokenizer` when given, else the one named in a single-file
     model's metadata, else a `tokenizer.json` beside the weights, else the training run's configured
     tokenizer, else the built-in byte tokenizer."""
@@ -57,6 +66,8 @@ def load_model_tokenizer(spec: str | os.PathLike, tokenizer: str | None = None, 
     tok = load_tokenizer(tokenizer)
     model = load_model(source, device, dtype, verify=verify)
     if tok.vocab_size > model.config.vocab_size:
-        raise EvalError(f"tokenizer {tok.name!r} has {tok.vocab_size} ids but the model's vocab_size is "
-                        f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+        raise EvalError(
+            f"tokenizer {tok.name!r} has {tok.vocab_size} ids but the model's vocab_size is "
+            f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)"
+        )
     return model, tok

@@ -1,5 +1,6 @@
 """Measuring helpers shared by the benchmark scripts: wall clock synchronised with the GPU, host
 memory, config overrides from the command line."""
+
 from __future__ import annotations
 
 import gc

@@ -6,6 +6,7 @@
 - `heatmaps`: several such panels side by side (`depth_grid`, or `task_grid`: task x length);
 - `line_plots`: one or more panels of lines, e.g. perplexity by length, tokens/s by length.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,9 +57,17 @@ def depth_grid(scores: np.ndarray, lengths: Sequence[int], depths: Sequence[floa
     """`scores [lengths, depths]` as a panel: x the context length, y the depth from 0% (top) to 100%."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (len(lengths), len(depths)):
-        raise ValueError(f"scores: expected shape [{len(lengths)}, {len(depths)}] (lengths x depths), got {scores.shape}")
-    return Grid(scores, [format_length(n) for n in lengths], [f"{100 * d:g}%" for d in depths],
-                "context length (tokens)", "depth", title)
+        raise ValueError(
+            f"scores: expected shape [{len(lengths)}, {len(depths)}] (lengths x depths), got {scores.shape}"
+        )
+    return Grid(
+        scores,
+        [format_length(n) for n in lengths],
+        [f"{100 * d:g}%" for d in depths],
+        "context length (tokens)",
+        "depth",
+        title,
+    )
 
 
 def task_grid(scores: np.ndarray, tasks: Sequence[str], lengths: Sequence[int], title: str = "") -> Grid:
@@ -76,7 +85,8 @@ def heatmaps(grids: Sequence[Grid], path: str | os.PathLike, title: str = "", la
     if not grids:
         raise ValueError("grids: need at least one Grid")
     cmap = LinearSegmentedColormap.from_list(
-        "score", ["#d7191c", "#fdae61", "#ffffbf", "#a6d96a", "#1a9641"]).with_extremes(bad="#dddddd")
+        "score", ["#d7191c", "#fdae61", "#ffffbf", "#a6d96a", "#1a9641"]
+    ).with_extremes(bad="#dddddd")
     label_room = max(len(t) for g in grids for t in g.yticks) * 0.07
     width = sum(max(4.0, 1.0 + label_room + 0.7 * len(g.xticks)) for g in grids)
     fig = _figure(width, max(3.0, 1.2 + 0.45 * max(len(g.yticks) for g in grids)))

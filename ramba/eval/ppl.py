@@ -6,6 +6,7 @@ scored given all tokens before it in the window: `nll[p] = -log P(x[p] | x[:p])`
 `ppl = exp(mean nll)`, over the whole window and per position bucket (log-spaced by default:
 [0, L/2^(n-1)), ..., [L/2, L)), so one sees whether far context still lowers the loss.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,9 @@ def window_starts(n_tokens: int, length: int, windows: int) -> list[int]:
 
 
 @torch.no_grad()
-def token_nll(model, ids: torch.Tensor, segment_len: int = 2048, offload: bool = False, cache=None,
-              greedy: bool = False):
+def token_nll(
+    model, ids: torch.Tensor, segment_len: int = 2048, offload: bool = False, cache=None, greedy: bool = False
+):
     """`ids [B, T]` -> `nll [B, T - 1]` float32: `nll[:, p - 1] = -log P(ids[:, p] | ids[:, :p])`.
 
     The window runs through the model in segments of `segment_len` tokens with the inference cache
@@ -85,9 +87,18 @@ def token_nll(model, ids: torch.Tensor, segment_len: int = 2048, offload: bool =
     return (nll, is_argmax) if greedy else nll
 
 
-def evaluate_ppl(model, token_file: TokenFile | str, lengths: Sequence[int], windows: int = 4, buckets: int = 8,
-                 scale: str = "log", batch_size: int = 1, segment_len: int = 2048, offload: bool = False,
-                 progress: bool = False) -> dict:
+def evaluate_ppl(
+    model,
+    token_file: TokenFile | str,
+    lengths: Sequence[int],
+    windows: int = 4,
+    buckets: int = 8,
+    scale: str = "log",
+    batch_size: int = 1,
+    segment_len: int = 2048,
+    offload: bool = False,
+    progress: bool = False,
+) -> dict:
     """Perplexity per length and per position bucket; see the module docstring.
 
     Returns `{"lengths", "windows", "by_length": [{"length", "tokens", "nll", "ppl", "buckets": [...]}]}`,
@@ -97,8 +108,10 @@ def evaluate_ppl(model, token_file: TokenFile | str, lengths: Sequence[int], win
 
     tf = token_file if isinstance(token_file, TokenFile) else TokenFile(token_file)
     if tf.vocab_size > model.config.vocab_size:
-        raise EvalError(f"data: the token file's vocabulary ({tf.vocab_size}) is larger than the model's "
-                        f"({model.config.vocab_size}); it was prepared with another tokenizer")
+        raise EvalError(
+            f"data: the token file's vocabulary ({tf.vocab_size}) is larger than the model's "
+            f"({model.config.vocab_size}); it was prepared with another tokenizer"
+        )
     if windows < 1 or batch_size < 1:
         raise EvalError(f"windows, batch_size: expected positive ints, got {windows}, {batch_size}")
     device = next(model.parameters()).device
@@ -114,7 +127,9 @@ def evaluate_ppl(model, token_file: TokenFile | str, lengths: Sequence[int], win
             for b0 in range(0, len(starts), batch_size):
                 rows = [np.asarray(tf.tokens[s : s + length], dtype=np.int64) for s in starts[b0 : b0 + batch_size]]
                 ids = torch.from_numpy(np.stack(rows)).to(device)
-                nll = token_nll(model, ids, segment_len, offload).double().cpu().numpy()  # position p predicted at column p - 1
+                nll = (
+                    token_nll(model, ids, segment_len, offload).double().cpu().numpy()
+                )  # position p predicted at column p - 1
                 for i in range(len(edges) - 1):
                     lo, hi = max(edges[i], 1) - 1, edges[i + 1] - 1
                     if hi > lo:
@@ -122,22 +137,35 @@ def evaluate_ppl(model, token_file: TokenFile | str, lengths: Sequence[int], win
                         counts[i] += nll[:, lo:hi].size
                 bar.update(len(rows))
             total_nll = float(sums.sum() / counts.sum())
-            by_length.append({
-                "length": int(length),
-                "tokens": int(counts.sum()),
-                "nll": total_nll,
-                "ppl": math.exp(total_nll),
-                "buckets": [
-                    {"start": int(edges[i]), "end": int(edges[i + 1]), "tokens": int(counts[i]),
-                     "nll": float(sums[i] / counts[i]) if counts[i] else None,
-                     "ppl": math.exp(sums[i] / counts[i]) if counts[i] else None}
-                    for i in range(len(edges) - 1)
-                ],
-            })
+            by_length.append(
+                {
+                    "length": int(length),
+                    "tokens": int(counts.sum()),
+                    "nll": total_nll,
+                    "ppl": math.exp(total_nll),
+                    "buckets": [
+                        {
+                            "start": int(edges[i]),
+                            "end": int(edges[i + 1]),
+                            "tokens": int(counts[i]),
+                            "nll": float(sums[i] / counts[i]) if counts[i] else None,
+                            "ppl": math.exp(sums[i] / counts[i]) if counts[i] else None,
+                        }
+                        for i in range(len(edges) - 1)
+                    ],
+                }
+            )
     finally:
         bar.close()
-    return {"data": str(tf.path), "lengths": list(lengths), "windows": windows, "bucket_scale": scale,
-            "segment_len": segment_len, "offload": offload, "by_length": by_length}
+    return {
+        "data": str(tf.path),
+        "lengths": list(lengths),
+        "windows": windows,
+        "bucket_scale": scale,
+        "segment_len": segment_len,
+        "offload": offload,
+        "by_length": by_length,
+    }
 
 
 def ppl_table(result: dict) -> str:
@@ -145,23 +173,39 @@ def ppl_table(result: dict) -> str:
     lines = [f"{'length':>8} | {'tokens':>10} | {'ppl':>9} | {'ppl last bucket':>15}", "-" * 52]
     for r in result["by_length"]:
         last = r["buckets"][-1]
-        lines.append(f"{format_length(r['length']):>8} | {r['tokens']:>10} | {r['ppl']:>9.3f} | "
-                     f"{last['ppl'] if last['ppl'] is not None else float('nan'):>15.3f}")
+        lines.append(
+            f"{format_length(r['length']):>8} | {r['tokens']:>10} | {r['ppl']:>9.3f} | "
+            f"{last['ppl'] if last['ppl'] is not None else float('nan'):>15.3f}"
+        )
     return "\n".join(lines)
 
 
-def save_ppl(result: dict, out_dir, config: dict | None = None, seed: int | None = None,
-             name: str = "ppl") -> tuple[Path, Path]:
+def save_ppl(
+    result: dict, out_dir, config: dict | None = None, seed: int | None = None, name: str = "ppl"
+) -> tuple[Path, Path]:
     """Writes `<name>.json` and `<name>.png` (ppl by length; ppl by position, a line per length)."""
     from ramba.eval.plots import Panel, line_plots
 
     out_dir = Path(out_dir)
     rows = result["by_length"]
-    by_len = Panel("perplexity by context length", "context length (tokens)", "perplexity",
-                   {"whole window": ([r["length"] for r in rows], [r["ppl"] for r in rows])}, length_axis=True)
-    by_pos = Panel("perplexity by position", "position (bucket end)", "perplexity",
-                   {f"L={format_length(r['length'])}": ([b["end"] for b in r["buckets"]], [b["ppl"] for b in r["buckets"]])
-                    for r in rows}, length_axis=True, logy=True)
+    by_len = Panel(
+        "perplexity by context length",
+        "context length (tokens)",
+        "perplexity",
+        {"whole window": ([r["length"] for r in rows], [r["ppl"] for r in rows])},
+        length_axis=True,
+    )
+    by_pos = Panel(
+        "perplexity by position",
+        "position (bucket end)",
+        "perplexity",
+        {
+            f"L={format_length(r['length'])}": ([b["end"] for b in r["buckets"]], [b["ppl"] for b in r["buckets"]])
+            for r in rows
+        },
+        length_axis=True,
+        logy=True,
+    )
     json_path = write_results(out_dir / f"{name}.json", result, config, seed)
     png_path = line_plots([by_len, by_pos], out_dir / f"{name}.png")
     return json_path, png_path

@@ -4,6 +4,7 @@
 memory, GPUs), the UTC date, the versions of python / torch / triton / transformers / numpy / ramba,
 the git commit of the checkout when there is one, the command line, the config and the seed.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -14,16 +15,25 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from ramba.errors import EvalError
 from ramba.files import atomic_write
 
-__all__ = ["EvalError", "environment", "write_results", "read_results", "parse_lengths", "parse_depths", "format_length",
-           "format_table", "format_grid"]
+__all__ = [
+    "EvalError",
+    "environment",
+    "write_results",
+    "read_results",
+    "parse_lengths",
+    "parse_depths",
+    "format_length",
+    "format_table",
+    "format_grid",
+]
 
 _SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -40,7 +50,9 @@ def parse_lengths(text: str) -> list[int]:
         try:
             value = float(number) * mult
         except ValueError:
-            raise EvalError(f"lengths: cannot read {item!r}; use integers with an optional k/m/g suffix, e.g. 4k,64k,1m") from None
+            raise EvalError(
+                f"lengths: cannot read {item!r}; use integers with an optional k/m/g suffix, e.g. 4k,64k,1m"
+            ) from None
         if value != int(value) or value < 1:
             raise EvalError(f"lengths: {item!r} is not a positive whole number of tokens")
         out.append(int(value))
@@ -105,7 +117,9 @@ def environment() -> dict:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            gpus.append({"name": p.name, "memory_gib": round(p.total_memory / 2**30, 2), "sms": p.multi_processor_count})
+            gpus.append(
+                {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 2), "sms": p.multi_processor_count}
+            )
     mem = _memory_bytes()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

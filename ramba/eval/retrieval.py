@@ -11,6 +11,7 @@ top; selected when below K), its score, and the K-th best score (what the needle
 that grow with the context length show distractors crowding the needle out, as the long-context
 failures of a model trained on short ones do.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -52,11 +53,15 @@ def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str =
     `answer_token_needles`; without `tokenizer`, always the asked needle `sample.target`)."""
     from ramba.inference import prefill
 
-    layers = [(i, m) for i, (kind, m) in enumerate(zip(model.model.layer_kinds, model.model.layers)) if kind == "retrieval"]
+    layers = [
+        (i, m) for i, (kind, m) in enumerate(zip(model.model.layer_kinds, model.model.layers)) if kind == "retrieval"
+    ]
     if not layers:
         raise EvalError("model: it has no retrieval layer (architecture 'ramba' has one per group)")
     S, K = model.config.chunk_size, model.config.topk
-    wanted = answer_token_needles(sample, tokenizer) if tokenizer is not None else [sample.target] * len(sample.answer_ids)
+    wanted = (
+        answer_token_needles(sample, tokenizer) if tokenizer is not None else [sample.target] * len(sample.answer_ids)
+    )
     captured: dict[int, torch.Tensor] = {}
 
     def capture(index):
@@ -64,6 +69,7 @@ def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str =
             hidden, ctx = args  # the layer protocol's inputs (docs/design.md §3); prefill made a cache
             scores = chunk_scores(module.queries(hidden[:, -1:]), ctx.store.landmarks)  # [B, 1, R, C]
             captured[index] = scores[0, 0].T.cpu()  # [C, R]
+
         return hook
 
     handles = [m.register_forward_hook(capture(i)) for i, m in layers]
@@ -85,18 +91,37 @@ def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str =
                     best = scores[needle_chunks].max(dim=0).values  # [R]
                     rank = (scores > best).sum(dim=0)  # chunks scoring strictly higher (ties in the needle's favour)
                     kth = scores.topk(min(K, scores.shape[0]), dim=0).values[-1]
-                    rows.append({"token": t - sample.prompt_len, "layer": index, "needle": needle, "rank": rank.tolist(),
-                                 "score": best.tolist(), "kth_score": kth.tolist(),
-                                 "selected": (rank < K).tolist(), "chunks": int(scores.shape[0])})
+                    rows.append(
+                        {
+                            "token": t - sample.prompt_len,
+                            "layer": index,
+                            "needle": needle,
+                            "rank": rank.tolist(),
+                            "score": best.tolist(),
+                            "kth_score": kth.tolist(),
+                            "selected": (rank < K).tolist(),
+                            "chunks": int(scores.shape[0]),
+                        }
+                    )
     finally:
         for h in handles:
             h.remove()
     return rows
 
 
-def evaluate_needle_ranks(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], samples: int,
-                          segment_len: int = 2048, mode: str = "fast", seed: int = 0, haystack=None,
-                          progress: bool = False, task: str = "passkey") -> dict:
+def evaluate_needle_ranks(
+    model,
+    tokenizer,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    samples: int,
+    segment_len: int = 2048,
+    mode: str = "fast",
+    seed: int = 0,
+    haystack=None,
+    progress: bool = False,
+    task: str = "passkey",
+) -> dict:
     """`needle_ranks` for samples of `task` (a spec as `ramba eval tasks` takes, e.g. "niah_multikey" or
     "variable_tracking:num_hops=2") over lengths x depths: `{"task", "lengths", "depths", "samples", "cells":
     [{"length", "depth", "seed", "needles", "answer_needles", "rows"}], "median_rank" [lengths]}` (median over
@@ -115,14 +140,27 @@ def evaluate_needle_ranks(model, tokenizer, lengths: Sequence[int], depths: Sequ
                     except ValueError as e:
                         raise EvalError(str(e)) from None
                     rows = needle_ranks(model, sample, segment_len, mode, tokenizer)
-                    cells.append({"length": int(length), "depth": float(depth), "seed": seed + i,
-                                  "needles": [list(n) for n in sample.needles], "answer_needles": sample.answer_needles,
-                                  "rows": rows})
+                    cells.append(
+                        {
+                            "length": int(length),
+                            "depth": float(depth),
+                            "seed": seed + i,
+                            "needles": [list(n) for n in sample.needles],
+                            "answer_needles": sample.answer_needles,
+                            "rows": rows,
+                        }
+                    )
                     bar.update(1)
     finally:
         bar.close()
-    result = {"task": spec, "lengths": [int(n) for n in lengths], "depths": [float(d) for d in depths], "samples": samples,
-              "topk": model.config.topk, "cells": cells}
+    result = {
+        "task": spec,
+        "lengths": [int(n) for n in lengths],
+        "depths": [float(d) for d in depths],
+        "samples": samples,
+        "topk": model.config.topk,
+        "cells": cells,
+    }
     result["median_rank"] = [float(np.median(_ranks(result, n) or [np.nan])) for n in result["lengths"]]
     return result
 
@@ -147,21 +185,36 @@ def ranks_table(result: dict) -> str:
             continue
         chosen = np.mean([r < result["topk"] for r in ranks])
         margin = np.median([s - k for row in rows for s, k in zip(row["score"], row["kth_score"])])
-        lines.append(f"{format_length(n):>8} | {np.median(ranks):>11.0f} | {max(ranks):>10d} | {chosen:>8.0%} | {margin:>6.2f}")
+        lines.append(
+            f"{format_length(n):>8} | {np.median(ranks):>11.0f} | {max(ranks):>10d} | {chosen:>8.0%} | {margin:>6.2f}"
+        )
     return "\n".join(lines)
 
 
-def save_needle_ranks(result: dict, out_dir, config: dict | None = None, seed: int | None = None,
-                      name: str = "ranks") -> tuple[Path, Path]:
+def save_needle_ranks(
+    result: dict, out_dir, config: dict | None = None, seed: int | None = None, name: str = "ranks"
+) -> tuple[Path, Path]:
     """Writes `<name>.json` and `<name>.png` (median and worst rank of the needle by context length)."""
     out_dir = Path(out_dir)
     worst = [max(_ranks(result, n) or [np.nan]) for n in result["lengths"]]
     k = result["topk"]
-    series = {"median rank": (result["lengths"], [m + 1 for m in result["median_rank"]]),
-              "worst rank": (result["lengths"], [w + 1 for w in worst]),
-              f"top-{k} cut": (result["lengths"], [k] * len(result["lengths"]))}
+    series = {
+        "median rank": (result["lengths"], [m + 1 for m in result["median_rank"]]),
+        "worst rank": (result["lengths"], [w + 1 for w in worst]),
+        f"top-{k} cut": (result["lengths"], [k] * len(result["lengths"])),
+    }
     json_path = write_results(out_dir / f"{name}.json", result, config, seed)
-    png_path = line_plots([Panel(f"{result['task']}: needle chunk's rank among all chunks (1 = best)",
-                                 "context length (tokens)",
-                                 "rank + 1", series, length_axis=True, logy=True)], out_dir / f"{name}.png")
+    png_path = line_plots(
+        [
+            Panel(
+                f"{result['task']}: needle chunk's rank among all chunks (1 = best)",
+                "context length (tokens)",
+                "rank + 1",
+                series,
+                length_axis=True,
+                logy=True,
+            )
+        ],
+        out_dir / f"{name}.png",
+    )
     return json_path, png_path

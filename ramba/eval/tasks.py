@@ -11,14 +11,14 @@ read without running again.
 The protocol runs over several haystacks (`load_haystacks`, `over_haystacks`): results name each one and
 say which are held out (used in neither training nor tuning; docs/evaluation.md).
 """
+
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Collection
 
 import numpy as np
 import torch
@@ -26,9 +26,26 @@ import torch
 from ramba.data.tasks import Task, TaskSample, TokenFileHaystack, make_task
 from ramba.eval.results import EvalError, format_length, format_table, write_results
 
-__all__ = ["GenerationSettings", "CellResult", "parse_task_spec", "build_task", "continue_prompts",
-           "cell_samples", "evaluate_task", "score_matrix", "summarize", "evaluate_tasks", "save_tasks", "tasks_tables",
-           "load_haystacks", "over_haystacks", "sample_record", "task_length_matrix", "LONG_CONTEXT", "HELD_OUT"]
+__all__ = [
+    "GenerationSettings",
+    "CellResult",
+    "parse_task_spec",
+    "build_task",
+    "continue_prompts",
+    "cell_samples",
+    "evaluate_task",
+    "score_matrix",
+    "summarize",
+    "evaluate_tasks",
+    "save_tasks",
+    "tasks_tables",
+    "load_haystacks",
+    "over_haystacks",
+    "sample_record",
+    "task_length_matrix",
+    "LONG_CONTEXT",
+    "HELD_OUT",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +70,10 @@ class GenerationSettings:
         if self.mode not in ("exact", "fast"):
             raise EvalError(f"mode: expected 'exact' or 'fast', got {self.mode!r}")
         if self.segment_len < 1 or self.batch_size < 1 or self.extra_tokens < 0:
-            raise EvalError(f"segment_len, batch_size, extra_tokens: expected >= 1, >= 1, >= 0, got "
-                            f"{self.segment_len}, {self.batch_size}, {self.extra_tokens}")
+            raise EvalError(
+                f"segment_len, batch_size, extra_tokens: expected >= 1, >= 1, >= 0, got "
+                f"{self.segment_len}, {self.batch_size}, {self.extra_tokens}"
+            )
 
 
 @dataclass
@@ -110,16 +129,25 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def continue_prompts(model, prompts: np.ndarray, max_new_tokens: int, settings: GenerationSettings,
-                     eos_id: int | None) -> list[list[int]]:
+def continue_prompts(
+    model, prompts: np.ndarray, max_new_tokens: int, settings: GenerationSettings, eos_id: int | None
+) -> list[list[int]]:
     """Greedy continuations of `prompts [B, T]` (one length per batch): per row up to `max_new_tokens`
     ids, cut before the first eos."""
     from ramba.inference import generate
 
     ids = torch.as_tensor(np.ascontiguousarray(prompts), dtype=torch.long)  # prefill moves one segment at a time
     with torch.no_grad():
-        out = generate(model, ids, max_new_tokens, segment_len=settings.segment_len, mode=settings.mode,
-                       offload=settings.offload, do_sample=False, eos_token_id=eos_id)
+        out = generate(
+            model,
+            ids,
+            max_new_tokens,
+            segment_len=settings.segment_len,
+            mode=settings.mode,
+            offload=settings.offload,
+            do_sample=False,
+            eos_token_id=eos_id,
+        )
     rows = []
     for row in out.tolist():
         rows.append(row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row)
@@ -130,10 +158,18 @@ def sample_record(sample: TaskSample, prediction: str, score: float, seed: int) 
     """What a results file keeps of one sample: the expected and the predicted answer, and where the needles
     are (`needle_position`: the asked needle's first token; `answer_positions`: per expected answer, the first
     token of the needle holding it; `needles`: every needle's `[start, end)`, distractors included)."""
-    return {"seed": seed, "answer": sample.answer, "expected": sample.answers, "prediction": prediction,
-            "score": float(score), "depth": sample.depth, "needle_position": sample.needles[sample.target][0],
-            "answer_positions": [sample.needles[i][0] for i in sample.answer_needles],
-            "needles": [list(n) for n in sample.needles], "options": sample.metadata}
+    return {
+        "seed": seed,
+        "answer": sample.answer,
+        "expected": sample.answers,
+        "prediction": prediction,
+        "score": float(score),
+        "depth": sample.depth,
+        "needle_position": sample.needles[sample.target][0],
+        "answer_positions": [sample.needles[i][0] for i in sample.answer_needles],
+        "needles": [list(n) for n in sample.needles],
+        "options": sample.metadata,
+    }
 
 
 def cell_samples(task: Task, length: int, depth: float, n: int, seed: int) -> list[TaskSample]:
@@ -231,13 +267,28 @@ def summarize(cells: Sequence[CellResult], lengths: Sequence[int], depths: Seque
     }
 
 
-def evaluate_tasks(model, tokenizer, specs: Sequence[str], lengths: Sequence[int], depths: Sequence[float], samples: int,
-                   settings: GenerationSettings | None = None, seed: int = 0, haystack=None,
-                   progress: bool = False, long_samples: int | None = None) -> dict:
+def evaluate_tasks(
+    model,
+    tokenizer,
+    specs: Sequence[str],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    samples: int,
+    settings: GenerationSettings | None = None,
+    seed: int = 0,
+    haystack=None,
+    progress: bool = False,
+    long_samples: int | None = None,
+) -> dict:
     """Scores every task of `specs` (see `parse_task_spec`) on the length x depth grid of one haystack."""
     tasks = {spec: build_task(spec, tokenizer, haystack) for spec in specs}
-    out = {"lengths": list(lengths), "depths": list(depths), "samples": samples, "long_samples": long_samples,
-           "tasks": {}}
+    out = {
+        "lengths": list(lengths),
+        "depths": list(depths),
+        "samples": samples,
+        "long_samples": long_samples,
+        "tasks": {},
+    }
     for spec, task in tasks.items():
         cells = evaluate_task(model, task, lengths, depths, samples, settings, seed, progress, long_samples)
         out["tasks"][spec] = summarize(cells, lengths, depths)
@@ -263,8 +314,9 @@ def load_haystacks(spec: str | None, tokenizer) -> dict[str, object]:
     return out
 
 
-def over_haystacks(evaluate: Callable[[object], dict], haystacks: dict[str, object],
-                   held_out: Collection[str] = HELD_OUT) -> dict:
+def over_haystacks(
+    evaluate: Callable[[object], dict], haystacks: dict[str, object], held_out: Collection[str] = HELD_OUT
+) -> dict:
     """`{"held_out": [names], "haystacks": {name: {"source", "held_out", **evaluate(haystack)}}}`: one evaluation
     per haystack of `load_haystacks`; `held_out` names the haystacks used in neither training nor tuning."""
     result: dict = {"held_out": [n for n in haystacks if n in held_out], "haystacks": {}}
@@ -298,8 +350,14 @@ def save_tasks(result: dict, out_dir, config: dict | None = None, seed: int | No
     from ramba.eval.plots import heatmaps, task_grid
 
     out_dir = Path(out_dir)
-    grids = [task_grid(task_length_matrix(r), list(r["tasks"]), r["lengths"],
-                       f"{hay}{' (held out)' if r['held_out'] else ''}: mean over {len(r['depths'])} depths")
-             for hay, r in result["haystacks"].items()]
+    grids = [
+        task_grid(
+            task_length_matrix(r),
+            list(r["tasks"]),
+            r["lengths"],
+            f"{hay}{' (held out)' if r['held_out'] else ''}: mean over {len(r['depths'])} depths",
+        )
+        for hay, r in result["haystacks"].items()
+    ]
     json_path = write_results(out_dir / f"{name}.json", result, config, seed)
     return json_path, heatmaps(grids, out_dir / f"{name}.png", title="task accuracy by context length")

@@ -1,4 +1,5 @@
 """Segmented prefill and token-by-token generation over contexts of millions of tokens (docs/design.md §5)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -76,8 +77,10 @@ def prefill(
     vocab = model.config.vocab_size
     lo, hi = (int(input_ids.min()), int(input_ids.max())) if B else (0, 0)
     if lo < 0 or hi >= vocab:
-        raise InputError(f"prefill: input_ids must lie in [0, vocab_size={vocab}), got values in [{lo}, {hi}]; "
-                         "encode the prompt with the tokenizer the model was trained with")
+        raise InputError(
+            f"prefill: input_ids must lie in [0, vocab_size={vocab}), got values in [{lo}, {hi}]; "
+            "encode the prompt with the tokenizer the model was trained with"
+        )
     weight = model.get_input_embeddings().weight
     if cache is None:
         plan_prefill(model, B, T, segment_len, offload)
@@ -89,8 +92,13 @@ def prefill(
     bar = _prefill_bar(T, segment_len)
     try:
         for start, end in zip([0] + ends[:-1], ends):
-            out = model(input_ids=input_ids[:, start:end].to(weight.device), past_key_values=cache, use_cache=True,
-                        logits_to_keep=1, skip_hsa=mode == "fast" and end < T)
+            out = model(
+                input_ids=input_ids[:, start:end].to(weight.device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                skip_hsa=mode == "fast" and end < T,
+            )
             logits = out.logits[:, -1].float()
             if bar is not None:
                 bar.update(end - bar.n)

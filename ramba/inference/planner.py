@@ -10,6 +10,7 @@ What is counted: the chunk memory exactly as :class:`~ramba.model.chunk_store.Ch
 activations, estimated as ``ACTIVATION_FACTOR`` times the widest per-token tensor (a Mamba-2 input projection
 or an attention projection) per token: an estimate, calibrated on one measurement (below), not a bound.
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,12 +76,17 @@ class MemoryPlan:
         return out
 
     def summary(self) -> str:
-        parts = [f"{self.device} {_gib(self.device_bytes)}", f"pinned {_gib(self.pinned_bytes)}",
-                 f"host {_gib(self.host_bytes)}"]
+        parts = [
+            f"{self.device} {_gib(self.device_bytes)}",
+            f"pinned {_gib(self.pinned_bytes)}",
+            f"host {_gib(self.host_bytes)}",
+        ]
         if self.disk_bytes or self.offload == "disk":
             parts.append(f"disk {_gib(self.disk_bytes)}")
-        return (f"memory plan for {self.tokens:,} tokens x {self.batch} (segment {self.segment_len:,}, offload "
-                f"{self.offload}, {self.chunks:,} chunks): " + ", ".join(parts))
+        return (
+            f"memory plan for {self.tokens:,} tokens x {self.batch} (segment {self.segment_len:,}, offload "
+            f"{self.offload}, {self.chunks:,} chunks): " + ", ".join(parts)
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,13 +107,19 @@ def _widest_token_tensor(config) -> int:
 def _needs(config, batch: int, tokens: int, segment_len: int, offload: Offload, dtype: torch.dtype) -> dict:
     """Bytes by holder: ``{(kind, what): bytes}`` with kind device / pinned / host / disk."""
     plan, elem = config.layer_plan(), dtype.itemsize
-    needs = {("device", "activations"): batch * min(segment_len, tokens) * ACTIVATION_FACTOR
-             * _widest_token_tensor(config) * elem,
-             ("host", "prompt ids"): batch * tokens * 8}
+    needs = {
+        ("device", "activations"): batch
+        * min(segment_len, tokens)
+        * ACTIVATION_FACTOR
+        * _widest_token_tensor(config)
+        * elem,
+        ("host", "prompt ids"): batch * tokens * 8,
+    }
     attention_layers = plan.count("attention")
     if attention_layers:
-        needs[("device", "attention key/values")] = attention_layers * 2 * batch * tokens * config.n_kv_heads \
-            * config.head_dim * elem
+        needs[("device", "attention key/values")] = (
+            attention_layers * 2 * batch * tokens * config.n_kv_heads * config.head_dim * elem
+        )
     if "chunk_encoder" in plan:
         chunks = tokens // config.chunk_size
         chunk_bytes = batch * 2 * config.chunk_size * config.n_kv_heads * config.head_dim * elem
@@ -127,8 +139,15 @@ def _needs(config, batch: int, tokens: int, segment_len: int, offload: Offload, 
     return needs
 
 
-def plan_memory(model, batch: int, tokens: int, segment_len: int, offload: bool | str | Offload = False,
-                device: torch.device | None = None, dtype: torch.dtype | None = None) -> MemoryPlan:
+def plan_memory(
+    model,
+    batch: int,
+    tokens: int,
+    segment_len: int,
+    offload: bool | str | Offload = False,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> MemoryPlan:
     """The :class:`MemoryPlan` of prefilling ``[batch, tokens]`` in segments of ``segment_len`` with ``offload``
     (see :class:`~ramba.model.chunk_store.Offload`), on ``model``'s device and dtype unless given. A disk-tier
     folder that does not exist raises :class:`~ramba.model.chunk_store.OffloadError`."""
@@ -147,9 +166,22 @@ def plan_memory(model, batch: int, tokens: int, segment_len: int, offload: bool 
             raise unwritable_folder(spec.path, "not a folder")
         disk_available = shutil.disk_usage(spec.path).free
     chunks = tokens // model.config.chunk_size if "chunk_encoder" in model.config.layer_plan() else 0
-    return MemoryPlan(tokens, batch, segment_len, spec.tier, "cpu" if device_available is None else str(device),
-                      chunks, total["device"], total["pinned"], total["host"], total["disk"], device_available,
-                      available_host_bytes(), disk_available, {f"{k}: {w}": v for (k, w), v in needs.items() if v})
+    return MemoryPlan(
+        tokens,
+        batch,
+        segment_len,
+        spec.tier,
+        "cpu" if device_available is None else str(device),
+        chunks,
+        total["device"],
+        total["pinned"],
+        total["host"],
+        total["disk"],
+        device_available,
+        available_host_bytes(),
+        disk_available,
+        {f"{k}: {w}": v for (k, w), v in needs.items() if v},
+    )
 
 
 def _alternatives(model, plan: MemoryPlan, spec: Offload):
@@ -160,8 +192,10 @@ def _alternatives(model, plan: MemoryPlan, spec: Offload):
         others = plan.pinned_bytes + plan.host_bytes - plan.parts.get("pinned: chunk pages", 0)
         others += plan.device_bytes if plan.device_available is None else 0
         budget = max(0, plan.host_available - others) * 3 // 4
-        yield (f"the disk tier: offload='disk:PATH' (CLI --offload-dir PATH), a host budget of about {_gib(budget)}",
-               Offload("disk", os.getcwd(), budget))
+        yield (
+            f"the disk tier: offload='disk:PATH' (CLI --offload-dir PATH), a host budget of about {_gib(budget)}",
+            Offload("disk", os.getcwd(), budget),
+        )
 
 
 def check_plan(model, plan: MemoryPlan, offload: bool | str | Offload = False) -> MemoryPlan:
@@ -170,8 +204,10 @@ def check_plan(model, plan: MemoryPlan, offload: bool | str | Offload = False) -
     if not short:
         return plan
     what, needed, available = short[0]
-    message = (f"a prefill of {plan.tokens:,} tokens (batch {plan.batch}, segment {plan.segment_len:,}, offload "
-               f"{plan.offload}) needs {_gib(needed)} of {what}, {_gib(available)} available")
+    message = (
+        f"a prefill of {plan.tokens:,} tokens (batch {plan.batch}, segment {plan.segment_len:,}, offload "
+        f"{plan.offload}) needs {_gib(needed)} of {what}, {_gib(available)} available"
+    )
     spec = Offload.parse(offload).resolved()
     fix = None
     for option, other in _alternatives(model, plan, spec):

@@ -3,6 +3,7 @@
 Every model layer is a :class:`RambaLayer` registered under its kind (docs/design.md §3). Each module of this
 package is imported here, so a layer kind in a new module registers itself without any other edit.
 """
+
 import importlib
 import pkgutil
 
@@ -24,8 +25,26 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "Attention", "AttentionBlock", "KVCache", "NativeSparseAttention", "NativeSparseAttentionBlock",
-    "SlidingWindowBlock", "LAYER_CLASSES", "ChunkMemory", "ChunkSelection", "LayerContext", "RambaLayer",
-    "build_layer", "ChunkEncoder", "ChunkEncoderState", "HSALayer", "RetrievalLayer", "Mamba2Block", "Mamba2Mixer",
-    "Mamba2State", "SwiGLU", "GatedRMSNorm", "RMSNorm",
+    "Attention",
+    "AttentionBlock",
+    "KVCache",
+    "NativeSparseAttention",
+    "NativeSparseAttentionBlock",
+    "SlidingWindowBlock",
+    "LAYER_CLASSES",
+    "ChunkMemory",
+    "ChunkSelection",
+    "LayerContext",
+    "RambaLayer",
+    "build_layer",
+    "ChunkEncoder",
+    "ChunkEncoderState",
+    "HSALayer",
+    "RetrievalLayer",
+    "Mamba2Block",
+    "Mamba2Mixer",
+    "Mamba2State",
+    "SwiGLU",
+    "GatedRMSNorm",
+    "RMSNorm",
 ]

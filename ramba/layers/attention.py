@@ -1,5 +1,6 @@
 """Softmax attention layers: causal / sliding-window self-attention, native sparse attention (the NSA
 baseline) and the transformer block."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -76,7 +77,9 @@ class Attention(nn.Module):
             ).transpose(1, 2)
         return self.o_proj(o.reshape(*q.shape[:2], self.n_heads * self.head_dim))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         """``x [B, T, d]`` -> ``[B, T, d]``; positions ``[T]`` default ``arange(T)``; ``cache`` holds the
         past positions' keys and values and is extended in place."""
         if positions is None:
@@ -95,16 +98,29 @@ class NativeSparseAttention(Attention):
     Full forwards only: there is no cache for decoding.
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, block_size: int, topk: int,
-                 window: int, rope_theta: float = 10000.0):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        topk: int,
+        window: int,
+        rope_theta: float = 10000.0,
+    ):
         super().__init__(d_model, n_heads, n_kv_heads, head_dim, window=window, causal=True, rope_theta=rope_theta)
         self.block_size, self.topk = block_size, topk
         self.g_proj = nn.Linear(d_model, 3 * n_heads, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         """``x [B, T, d]`` -> ``[B, T, d]``; ``positions [T]`` must be ``0 .. T-1`` (the default)."""
         if cache is not None:
-            raise ValueError("NativeSparseAttention: the NSA baseline has no cache; run full forwards (use_cache=False)")
+            raise ValueError(
+                "NativeSparseAttention: the NSA baseline has no cache; run full forwards (use_cache=False)"
+            )
         B, T, _ = x.shape
         q, k, v = self.project(x, torch.arange(T, device=x.device) if positions is None else positions)
         g_cmp, g_slc, g_swa = torch.sigmoid(self.g_proj(x)).view(B, T, self.n_heads, 3).unbind(-1)
@@ -124,8 +140,9 @@ class AttentionBlock(RambaLayer):
     kind = "attention"
     sliding = False  # from_config: a window of config.window positions
 
-    def __init__(self, d_model: int, attention: Attention, mlp_hidden: int, eps: float = 1e-5,
-                 layer_idx: int | None = None):
+    def __init__(
+        self, d_model: int, attention: Attention, mlp_hidden: int, eps: float = 1e-5, layer_idx: int | None = None
+    ):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(d_model, eps=eps)
@@ -136,10 +153,17 @@ class AttentionBlock(RambaLayer):
     @classmethod
     def from_config(cls, config, layer_idx: int) -> AttentionBlock:
         c = config
-        attention = Attention(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, window=c.window if cls.sliding else None,
-                              rope_theta=c.rope_theta)
-        return cls(d_model=c.d_model, attention=attention, mlp_hidden=c.mlp_hidden, eps=c.rms_norm_eps,
-                   layer_idx=layer_idx)
+        attention = Attention(
+            c.d_model,
+            c.n_heads,
+            c.n_kv_heads,
+            c.head_dim,
+            window=c.window if cls.sliding else None,
+            rope_theta=c.rope_theta,
+        )
+        return cls(
+            d_model=c.d_model, attention=attention, mlp_hidden=c.mlp_hidden, eps=c.rms_norm_eps, layer_idx=layer_idx
+        )
 
     def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype, chunk_store=None) -> KVCache:
         return KVCache()
@@ -167,11 +191,15 @@ class NativeSparseAttentionBlock(AttentionBlock):
     @classmethod
     def from_config(cls, config, layer_idx: int) -> NativeSparseAttentionBlock:
         c = config
-        attention = NativeSparseAttention(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.chunk_size, c.topk,
-                                          c.window, c.rope_theta)
-        return cls(d_model=c.d_model, attention=attention, mlp_hidden=c.mlp_hidden, eps=c.rms_norm_eps,
-                   layer_idx=layer_idx)
+        attention = NativeSparseAttention(
+            c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.chunk_size, c.topk, c.window, c.rope_theta
+        )
+        return cls(
+            d_model=c.d_model, attention=attention, mlp_hidden=c.mlp_hidden, eps=c.rms_norm_eps, layer_idx=layer_idx
+        )
 
     def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype, chunk_store=None):
-        raise ValueError("RambaCache: the NSA baseline (architecture 'mamba2-nsa') has no cached decoding; "
-                         "call the model on whole sequences without use_cache or a cache")
+        raise ValueError(
+            "RambaCache: the NSA baseline (architecture 'mamba2-nsa') has no cached decoding; "
+            "call the model on whole sequences without use_cache or a cache"
+        )

@@ -5,6 +5,7 @@ arguments, and a ``kind`` (a :class:`ramba.model.config.LayerKind` value) under 
 A new layer kind is one class in its own module of ``ramba.layers`` (imported, so registered, with the package)
 and its place in ``RambaConfig.layer_plan``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -86,8 +87,9 @@ class RambaLayer(GradientCheckpointingLayer):
         """The layer at ``layer_idx`` of a model with this ``RambaConfig`` (its fields passed by keyword)."""
         raise NotImplementedError
 
-    def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype,
-                   chunk_store: Callable | None = None):
+    def init_cache(
+        self, batch_size: int, device: torch.device, dtype: torch.dtype, chunk_store: Callable | None = None
+    ):
         """The state this layer keeps between forwards of one batch while decoding (None: nothing).
         ``chunk_store(batch, S, H, D, R, Dr, dtype, device)`` makes a chunk memory store (for the chunk encoder)."""
         return None

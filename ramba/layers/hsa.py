@@ -1,4 +1,5 @@
 """The layers around HSA: the chunk encoder, the retrieval layer and the HSA layer (docs/design.md §3)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,9 +41,21 @@ class ChunkEncoder(RambaLayer):
 
     kind = "chunk_encoder"
 
-    def __init__(self, d_model: int, chunk_size: int, n_layers: int, encoder_heads: int, n_kv_heads: int,
-                 head_dim: int, retrieval_heads: int, retrieval_dim: int, mlp_hidden: int, eps: float = 1e-5,
-                 rope_theta: float = 10000.0, layer_idx: int | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        chunk_size: int,
+        n_layers: int,
+        encoder_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        retrieval_heads: int,
+        retrieval_dim: int,
+        mlp_hidden: int,
+        eps: float = 1e-5,
+        rope_theta: float = 10000.0,
+        layer_idx: int | None = None,
+    ):
         super().__init__()
         self.layer_idx = layer_idx
         self.chunk_size, self.n_kv_heads, self.head_dim = chunk_size, n_kv_heads, head_dim
@@ -66,16 +79,36 @@ class ChunkEncoder(RambaLayer):
     @classmethod
     def from_config(cls, config, layer_idx: int) -> ChunkEncoder:
         c = config
-        return cls(d_model=c.d_model, chunk_size=c.chunk_size, n_layers=c.encoder_layers, encoder_heads=c.encoder_heads,
-                   n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, retrieval_heads=c.retrieval_heads,
-                   retrieval_dim=c.retrieval_dim, mlp_hidden=c.mlp_hidden, eps=c.rms_norm_eps, rope_theta=c.rope_theta,
-                   layer_idx=layer_idx)
+        return cls(
+            d_model=c.d_model,
+            chunk_size=c.chunk_size,
+            n_layers=c.encoder_layers,
+            encoder_heads=c.encoder_heads,
+            n_kv_heads=c.n_kv_heads,
+            head_dim=c.head_dim,
+            retrieval_heads=c.retrieval_heads,
+            retrieval_dim=c.retrieval_dim,
+            mlp_hidden=c.mlp_hidden,
+            eps=c.rms_norm_eps,
+            rope_theta=c.rope_theta,
+            layer_idx=layer_idx,
+        )
 
-    def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype, chunk_store=None) -> ChunkEncoderState:
+    def init_cache(
+        self, batch_size: int, device: torch.device, dtype: torch.dtype, chunk_store=None
+    ) -> ChunkEncoderState:
         if chunk_store is None:
             raise ValueError("ChunkEncoder.init_cache: needs chunk_store, the maker of the chunk memory store")
-        store = chunk_store(batch_size, self.chunk_size, self.n_kv_heads, self.head_dim, self.retrieval_heads,
-                            self.retrieval_dim, dtype, device)
+        store = chunk_store(
+            batch_size,
+            self.chunk_size,
+            self.n_kv_heads,
+            self.head_dim,
+            self.retrieval_heads,
+            self.retrieval_dim,
+            dtype,
+            device,
+        )
         return ChunkEncoderState(pending=None, store=store)
 
     def encode(self, chunks: torch.Tensor) -> ChunkMemory:
@@ -122,8 +155,17 @@ class RetrievalLayer(RambaLayer):
 
     kind = "retrieval"
 
-    def __init__(self, d_model: int, retrieval_heads: int, retrieval_dim: int, chunk_size: int, topk: int,
-                 weight_norm: str = "stick_breaking", eps: float = 1e-5, layer_idx: int | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        retrieval_heads: int,
+        retrieval_dim: int,
+        chunk_size: int,
+        topk: int,
+        weight_norm: str = "stick_breaking",
+        eps: float = 1e-5,
+        layer_idx: int | None = None,
+    ):
         super().__init__()
         self.layer_idx = layer_idx
         self.retrieval_heads, self.retrieval_dim = retrieval_heads, retrieval_dim
@@ -134,19 +176,29 @@ class RetrievalLayer(RambaLayer):
     @classmethod
     def from_config(cls, config, layer_idx: int) -> RetrievalLayer:
         c = config
-        return cls(d_model=c.d_model, retrieval_heads=c.retrieval_heads, retrieval_dim=c.retrieval_dim,
-                   chunk_size=c.chunk_size, topk=c.topk, weight_norm=c.weight_norm, eps=c.rms_norm_eps,
-                   layer_idx=layer_idx)
+        return cls(
+            d_model=c.d_model,
+            retrieval_heads=c.retrieval_heads,
+            retrieval_dim=c.retrieval_dim,
+            chunk_size=c.chunk_size,
+            topk=c.topk,
+            weight_norm=c.weight_norm,
+            eps=c.rms_norm_eps,
+            layer_idx=layer_idx,
+        )
 
     def queries(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [B, T, d]`` -> the retrieval queries ``q_r [B, T, R, Dr]``."""
         B, T, _ = hidden.shape
         return self.q_proj(self.norm(hidden)).view(B, T, self.retrieval_heads, self.retrieval_dim)
 
-    def select(self, hidden: torch.Tensor, landmarks: torch.Tensor, positions: torch.Tensor | None = None) -> ChunkSelection:
+    def select(
+        self, hidden: torch.Tensor, landmarks: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> ChunkSelection:
         """``hidden [B, T, d]``, ``landmarks [B, C, R, Dr]``, ``positions [T]`` (None: 0 .. T-1) -> :class:`ChunkSelection`."""
-        indices, weights = select_chunks(self.queries(hidden), landmarks, self.chunk_size, self.topk, positions,
-                                         self.weight_norm)
+        indices, weights = select_chunks(
+            self.queries(hidden), landmarks, self.chunk_size, self.topk, positions, self.weight_norm
+        )
         return ChunkSelection(indices, weights)
 
     def forward(self, hidden: torch.Tensor, ctx: LayerContext) -> tuple[torch.Tensor, LayerContext]:
@@ -173,8 +225,18 @@ class HSALayer(RambaLayer):
 
     kind = "hsa"
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, chunk_size: int,
-                 sm_n: float = 0.0, mlp_hidden: int | None = None, eps: float = 1e-5, layer_idx: int | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        chunk_size: int,
+        sm_n: float = 0.0,
+        mlp_hidden: int | None = None,
+        eps: float = 1e-5,
+        layer_idx: int | None = None,
+    ):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
@@ -188,11 +250,21 @@ class HSALayer(RambaLayer):
     @classmethod
     def from_config(cls, config, layer_idx: int) -> HSALayer:
         c = config
-        return cls(d_model=c.d_model, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
-                   chunk_size=c.chunk_size, sm_n=c.sm_n, mlp_hidden=c.mlp_hidden if c.hsa_mlp else None,
-                   eps=c.rms_norm_eps, layer_idx=layer_idx)
+        return cls(
+            d_model=c.d_model,
+            n_heads=c.n_heads,
+            n_kv_heads=c.n_kv_heads,
+            head_dim=c.head_dim,
+            chunk_size=c.chunk_size,
+            sm_n=c.sm_n,
+            mlp_hidden=c.mlp_hidden if c.hsa_mlp else None,
+            eps=c.rms_norm_eps,
+            layer_idx=layer_idx,
+        )
 
-    def attend(self, hidden: torch.Tensor, memory: ChunkMemory | None, selection: ChunkSelection | None) -> torch.Tensor:
+    def attend(
+        self, hidden: torch.Tensor, memory: ChunkMemory | None, selection: ChunkSelection | None
+    ) -> torch.Tensor:
         """``hidden [B, T, d]`` -> ``[B, T, d]``. A token with no visible chunk gets only the residual (and MLP);
         ``memory=None`` skips the attention term for every token (fast prefill)."""
         B, T, _ = hidden.shape

@@ -10,6 +10,7 @@ mamba_ssm's ``Mamba2``), so ``backbone.layers.{i}.*`` weights load 1:1:
     norm.weight      [d_inner]                           gated RMSNorm, per group of d_inner/G
     out_proj.weight  [d_model, d_inner]
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,9 +41,18 @@ class Mamba2State:
     ssm: torch.Tensor
 
 
-def conv_and_ssm_inputs(history: torch.Tensor, xBC: torch.Tensor, dt_raw: torch.Tensor, conv_weight: torch.Tensor,
-                        conv_bias: torch.Tensor | None, dt_bias: torch.Tensor, A_log: torch.Tensor, n_groups: int,
-                        head_dim: int, dt_limit: tuple[float, float]):
+def conv_and_ssm_inputs(
+    history: torch.Tensor,
+    xBC: torch.Tensor,
+    dt_raw: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    n_groups: int,
+    head_dim: int,
+    dt_limit: tuple[float, float],
+):
     """The mixer's element-wise head: causal depthwise conv + SiLU, split, and the SSM parameters.
 
     Args: history ``[B, K, conv_dim]``, the K = d_conv inputs before xBC, oldest first (zeros at a sequence
@@ -56,9 +66,9 @@ def conv_and_ssm_inputs(history: torch.Tensor, xBC: torch.Tensor, dt_raw: torch.
     acc = compute_dtype(xBC)
     window = torch.cat([history.to(xBC.dtype), xBC], dim=1)  # [B, K + T, conv_dim]
     weight = conv_weight[:, 0].to(acc)  # [conv_dim, K]
-    conv = window[:, 1:1 + T].to(acc) * weight[:, 0]
+    conv = window[:, 1 : 1 + T].to(acc) * weight[:, 0]
     for k in range(1, K):
-        conv = conv + window[:, 1 + k:1 + k + T].to(acc) * weight[:, k]
+        conv = conv + window[:, 1 + k : 1 + k + T].to(acc) * weight[:, k]
     if conv_bias is not None:
         conv = conv + conv_bias.to(acc)
     xBC = F.silu(conv).to(xBC.dtype)
@@ -68,12 +78,26 @@ def conv_and_ssm_inputs(history: torch.Tensor, xBC: torch.Tensor, dt_raw: torch.
     dt = F.softplus(dt_raw.to(acc) + dt_bias.to(acc)).clamp(*dt_limit)
     A = -torch.exp(A_log.to(acc))
     lead = xBC.shape[:-1]
-    return (x.reshape(*lead, H, head_dim), dt, A, B.reshape(*lead, n_groups, N), C.reshape(*lead, n_groups, N),
-            window[:, -K:])
+    return (
+        x.reshape(*lead, H, head_dim),
+        dt,
+        A,
+        B.reshape(*lead, n_groups, N),
+        C.reshape(*lead, n_groups, N),
+        window[:, -K:],
+    )
 
 
-def skip_and_norm(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Tensor, norm_weight: torch.Tensor,
-                  group_size: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
+def skip_and_norm(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    D: torch.Tensor,
+    norm_weight: torch.Tensor,
+    group_size: int,
+    eps: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """The mixer's element-wise tail: ``gated_rms_norm(y + D x, z)``. y, x ``[..., H, P]``; z ``[..., H*P]``;
     D ``[H]``; norm_weight ``[H*P]``. Returns ``[..., H*P]`` in ``dtype``."""
     acc = compute_dtype(x)
@@ -130,7 +154,9 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         d_inner = int(expand * d_model)
         if d_inner <= 0 or head_dim <= 0 or d_inner % head_dim != 0:
-            raise ValueError(f"Mamba2Mixer: expand * d_model = {d_inner} must be a positive multiple of head_dim={head_dim}")
+            raise ValueError(
+                f"Mamba2Mixer: expand * d_model = {d_inner} must be a positive multiple of head_dim={head_dim}"
+            )
         n_heads = d_inner // head_dim
         if n_groups <= 0 or n_heads % n_groups != 0:
             raise ValueError(f"Mamba2Mixer: the head count {n_heads} must be a multiple of n_groups={n_groups}")
@@ -155,7 +181,12 @@ class Mamba2Mixer(nn.Module):
 
         self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + n_heads, bias=use_bias)
         self.conv1d = nn.Conv1d(
-            self.conv_dim, self.conv_dim, kernel_size=d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=use_conv_bias
+            self.conv_dim,
+            self.conv_dim,
+            kernel_size=d_conv,
+            groups=self.conv_dim,
+            padding=d_conv - 1,
+            bias=use_conv_bias,
         )
         self.dt_bias = nn.Parameter(torch.empty(n_heads))
         self.A_log = nn.Parameter(torch.empty(n_heads))
@@ -193,7 +224,9 @@ class Mamba2Mixer(nn.Module):
         if not isinstance(hidden, torch.Tensor):
             raise TypeError(f"Mamba2Mixer: hidden must be a torch.Tensor {shape_doc}, got {type(hidden).__name__}")
         if hidden.dim() != rank or hidden.shape[-1] != self.d_model:
-            raise ValueError(f"Mamba2Mixer: hidden must be {shape_doc} with d_model={self.d_model}, got {tuple(hidden.shape)}")
+            raise ValueError(
+                f"Mamba2Mixer: hidden must be {shape_doc} with d_model={self.d_model}, got {tuple(hidden.shape)}"
+            )
 
     def _check_state(self, state, batch: int) -> None:
         if not isinstance(state, Mamba2State):
@@ -201,7 +234,9 @@ class Mamba2Mixer(nn.Module):
         conv = (batch, self.conv_dim, self.d_conv)
         ssm = (batch, self.n_heads, self.head_dim, self.d_state)
         if tuple(state.conv.shape) != conv:
-            raise ValueError(f"Mamba2Mixer: state.conv must be [B, conv_dim, d_conv] = {conv}, got {tuple(state.conv.shape)}")
+            raise ValueError(
+                f"Mamba2Mixer: state.conv must be [B, conv_dim, d_conv] = {conv}, got {tuple(state.conv.shape)}"
+            )
         if tuple(state.ssm.shape) != ssm:
             raise ValueError(f"Mamba2Mixer: state.ssm must be [B, H, P, N] = {ssm}, got {tuple(state.ssm.shape)}")
 
@@ -215,8 +250,17 @@ class Mamba2Mixer(nn.Module):
     def _ssm_inputs(self, history: torch.Tensor, xBC: torch.Tensor, dt_raw: torch.Tensor):
         """:func:`conv_and_ssm_inputs` with this mixer's parameters; history ``[B, d_conv, conv_dim]``."""
         return self._glue(conv_and_ssm_inputs, xBC)(
-            history, xBC, dt_raw, self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.n_groups,
-            self.head_dim, self.time_step_limit)
+            history,
+            xBC,
+            dt_raw,
+            self.conv1d.weight,
+            self.conv1d.bias,
+            self.dt_bias,
+            self.A_log,
+            self.n_groups,
+            self.head_dim,
+            self.time_step_limit,
+        )
 
     def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """D skip, gated RMSNorm and out_proj. y, x ``[..., H, P]``, z ``[..., d_inner]``."""
@@ -237,7 +281,11 @@ class Mamba2Mixer(nn.Module):
             history = state.conv.transpose(1, 2)
         x, dt, A, B, C, last_inputs = self._ssm_inputs(history, xBC, dt_raw)
         out = ssd(
-            x, dt, A, B, C,
+            x,
+            dt,
+            A,
+            B,
+            C,
             chunk_size=self.chunk_size,
             initial_state=None if state is None else state.ssm,
             return_final_state=return_state,
@@ -280,10 +328,20 @@ class Mamba2Block(RambaLayer):
     @classmethod
     def from_config(cls, config, layer_idx: int) -> Mamba2Block:
         c = config
-        return cls(d_model=c.d_model, d_state=c.d_state, d_conv=c.conv_kernel, expand=c.expand,
-                   head_dim=c.ssm_head_dim, n_groups=c.n_groups, chunk_size=c.ssm_chunk_size,
-                   use_conv_bias=c.conv_bias, use_bias=c.ssm_proj_bias, time_step_limit=c.dt_limit,
-                   rms_norm_eps=c.rms_norm_eps, layer_idx=layer_idx)
+        return cls(
+            d_model=c.d_model,
+            d_state=c.d_state,
+            d_conv=c.conv_kernel,
+            expand=c.expand,
+            head_dim=c.ssm_head_dim,
+            n_groups=c.n_groups,
+            chunk_size=c.ssm_chunk_size,
+            use_conv_bias=c.conv_bias,
+            use_bias=c.ssm_proj_bias,
+            time_step_limit=c.dt_limit,
+            rms_norm_eps=c.rms_norm_eps,
+            layer_idx=layer_idx,
+        )
 
     def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype, chunk_store=None) -> Mamba2State:
         return self.mixer.empty_state(batch_size, device, dtype)

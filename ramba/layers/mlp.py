@@ -1,4 +1,5 @@
 """Gated feed-forward sub-layer."""
+
 from __future__ import annotations
 
 import torch

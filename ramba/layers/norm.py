@@ -1,4 +1,5 @@
 """RMS normalisations (weights named ``weight``, as in Hugging Face's Mamba-2 / LLaMA)."""
+
 from __future__ import annotations
 
 import torch

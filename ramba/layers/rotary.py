@@ -1,4 +1,5 @@
 """Rotary position embeddings."""
+
 from __future__ import annotations
 
 import torch

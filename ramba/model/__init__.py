@@ -1,4 +1,5 @@
 """The RAMba model: configuration, Hugging Face modules, Mamba-2 weight import."""
+
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from ramba.model.cache import RambaCache

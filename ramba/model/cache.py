@@ -1,4 +1,5 @@
 """``RambaCache``: everything a RAMba model needs to continue a sequence (docs/design.md §5)."""
+
 from __future__ import annotations
 
 import functools
@@ -24,13 +25,22 @@ class RambaCache(Cache):
     see :class:`ramba.model.chunk_store.Offload`.
     """
 
-    def __init__(self, config, batch_size: int, device: torch.device, dtype: torch.dtype,
-                 offload: bool | str | Offload = False, layers: Sequence[RambaLayer] | None = None):
+    def __init__(
+        self,
+        config,
+        batch_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        offload: bool | str | Offload = False,
+        layers: Sequence[RambaLayer] | None = None,
+    ):
         if layers is None:
             with torch.device("meta"):
                 layers = [build_layer(kind, config, i) for i, kind in enumerate(config.layer_plan())]
         chunk_store = functools.partial(ChunkMemoryStore, offload=offload)
-        super().__init__(layers=[layer.init_cache(batch_size, device, dtype, chunk_store=chunk_store) for layer in layers])
+        super().__init__(
+            layers=[layer.init_cache(batch_size, device, dtype, chunk_store=chunk_store) for layer in layers]
+        )
         self.config = config
         self.config_key = config.to_json_string(use_diff=False)
         self._batch_size, self.device, self.dtype, self.offload = batch_size, torch.device(device), dtype, offload
@@ -65,7 +75,9 @@ class RambaCache(Cache):
     is_croppable = False
 
     def _unsupported(self, *args, **kwargs):
-        raise NotImplementedError("RambaCache: reordering, cropping, resetting or resizing a cache is not supported "
-                                  "(beam search, assisted decoding); use greedy or sampled decoding")
+        raise NotImplementedError(
+            "RambaCache: reordering, cropping, resetting or resizing a cache is not supported "
+            "(beam search, assisted decoding); use greedy or sampled decoding"
+        )
 
     reorder_cache = crop = reset = batch_repeat_interleave = batch_select_indices = _unsupported

@@ -15,6 +15,7 @@ computes on the current one. On a CPU-only machine the same path runs without st
 The landmarks ``[B, C, R, Dr]`` are one buffer, on the device or (offloaded) in pinned host memory, where
 selection streams over it block by block; :meth:`ChunkMemoryStore.reserve` sizes it for a whole prompt at once.
 """
+
 from __future__ import annotations
 
 import math
@@ -110,8 +111,10 @@ class Offload:
 
 def unwritable_folder(folder: str, reason: str) -> OffloadError:
     """The error for a disk-tier folder that cannot hold the tier's file."""
-    return OffloadError(f"offload: cannot create the disk tier's file in {folder!r} ({reason}); "
-                        f"pass a writable folder as offload='disk:PATH' (CLI --offload-dir PATH)")
+    return OffloadError(
+        f"offload: cannot create the disk tier's file in {folder!r} ({reason}); "
+        f"pass a writable folder as offload='disk:PATH' (CLI --offload-dir PATH)"
+    )
 
 
 class _DiskPages:
@@ -135,8 +138,10 @@ class _DiskPages:
         try:
             os.posix_fallocate(self.file.fileno(), self.size, size - self.size)
         except OSError as e:
-            raise OffloadError(f"offload: the disk tier needs {size / 2**30:.2f} GiB in {self.folder!r} ({e.strerror or e}); "
-                               f"free space there, pick another folder, or raise the host budget") from None
+            raise OffloadError(
+                f"offload: the disk tier needs {size / 2**30:.2f} GiB in {self.folder!r} ({e.strerror or e}); "
+                f"free space there, pick another folder, or raise the host budget"
+            ) from None
         self.size = size
 
     def page(self, index: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -154,9 +159,19 @@ class ChunkMemoryStore:
             :meth:`Offload.parse` takes. page_chunks: chunks per page (default: ``PAGE_BYTES`` of keys and values).
     """
 
-    def __init__(self, batch: int, chunk_size: int, n_kv_heads: int, head_dim: int, retrieval_heads: int,
-                 retrieval_dim: int, dtype: torch.dtype, device: torch.device, offload: bool | str | Offload = False,
-                 page_chunks: int | None = None):
+    def __init__(
+        self,
+        batch: int,
+        chunk_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        retrieval_heads: int,
+        retrieval_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        offload: bool | str | Offload = False,
+        page_chunks: int | None = None,
+    ):
         self.chunk_size, self.dtype, self.device = chunk_size, dtype, torch.device(device)
         self.placement = Offload.parse(offload).resolved()
         self.offload = self.placement.tier != "device"
@@ -173,8 +188,15 @@ class ChunkMemoryStore:
         self._worker: ThreadPoolExecutor | None = None
         self._copy_stream = torch.cuda.Stream(self.device) if self.offload and self._pin else None
         on_host = self.placement.landmarks_on_host
-        self._landmarks = torch.empty(batch, 0, retrieval_heads, retrieval_dim, dtype=dtype,
-                                      device="cpu" if on_host else self.device, pin_memory=on_host and self._pin)
+        self._landmarks = torch.empty(
+            batch,
+            0,
+            retrieval_heads,
+            retrieval_dim,
+            dtype=dtype,
+            device="cpu" if on_host else self.device,
+            pin_memory=on_host and self._pin,
+        )
 
     @property
     def landmarks(self) -> torch.Tensor:
@@ -199,8 +221,9 @@ class ChunkMemoryStore:
         and the disk tier reserves its file's space now, so a full disk fails before a prefill starts."""
         if n_chunks > self._landmarks.shape[1]:
             old = self._landmarks
-            self._landmarks = torch.empty((old.shape[0], n_chunks, *old.shape[2:]), dtype=old.dtype, device=old.device,
-                                          pin_memory=old.is_pinned())
+            self._landmarks = torch.empty(
+                (old.shape[0], n_chunks, *old.shape[2:]), dtype=old.dtype, device=old.device, pin_memory=old.is_pinned()
+            )
             self._landmarks[:, : self.n_chunks] = old[:, : self.n_chunks]
         if self._disk is not None:
             self._disk.reserve(max(0, -(-n_chunks // self.page_chunks) - self._host_pages_allowed()))
@@ -255,8 +278,9 @@ class ChunkMemoryStore:
         _, _, memory, remapped = next(self.fetch_blocks(selection, selection.indices.shape[1]))
         return memory, remapped
 
-    def fetch_blocks(self, selection: ChunkSelection, step: int | None = None
-                     ) -> Iterator[tuple[int, int, ChunkMemory, ChunkSelection]]:
+    def fetch_blocks(
+        self, selection: ChunkSelection, step: int | None = None
+    ) -> Iterator[tuple[int, int, ChunkMemory, ChunkSelection]]:
         """``(t0, t1, memory, selection)`` for the token blocks ``[t0, t1)`` of ``step`` tokens (default
         :meth:`fetch_tokens`): the chunks the block picks, deduplicated over tokens, heads and batch rows,
         as ``k, v [B, U*S, H, D]`` on the compute device, and the block's selection re-indexed into them
@@ -294,8 +318,9 @@ class ChunkMemoryStore:
         pages, counts = torch.unique_consecutive(used // self.page_chunks, return_counts=True)
         start = 0
         for page, n in zip(pages.tolist(), counts.tolist()):
-            torch.index_select(self.pages[page], 0, used[start : start + n] - page * self.page_chunks,
-                               out=out[start : start + n])
+            torch.index_select(
+                self.pages[page], 0, used[start : start + n] - page * self.page_chunks, out=out[start : start + n]
+            )
             start += n
         return out
 

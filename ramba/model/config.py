@@ -1,4 +1,5 @@
 """``RambaConfig``: every field of the RAMba model and its baselines, and the layer plan (docs/design.md §3, §4)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,6 @@ from ramba.errors import ConfigError
 ARCHITECTURES = ("ramba", "mamba2", "mamba2-swa", "mamba2-nsa", "transformer")
 LOCAL_MIXERS = ("mamba2", "swa")
 WEIGHT_NORMS = ("stick_breaking", "softmax")
-
 
 
 class LayerKind(str, Enum):
@@ -34,23 +34,72 @@ class LayerKind(str, Enum):
 PRESETS: dict[str, dict] = {
     # CPU-trainable, byte vocabulary (256 bytes + <pad> <bos> <eos> <sep>), ~4.7M parameters.
     "tiny": dict(
-        vocab_size=260, d_model=256, n_lower_layers=4, n_upper_layers=4, mamba_per_hsa=2, retrieval_groups=1,
-        chunk_size=64, topk=8, n_heads=4, n_kv_heads=1, head_dim=64, retrieval_dim=256, encoder_layers=1,
-        d_state=64, ssm_head_dim=64, expand=2, conv_kernel=4, window=512,
+        vocab_size=260,
+        d_model=256,
+        n_lower_layers=4,
+        n_upper_layers=4,
+        mamba_per_hsa=2,
+        retrieval_groups=1,
+        chunk_size=64,
+        topk=8,
+        n_heads=4,
+        n_kv_heads=1,
+        head_dim=64,
+        retrieval_dim=256,
+        encoder_layers=1,
+        d_state=64,
+        ssm_head_dim=64,
+        expand=2,
+        conv_kernel=4,
+        window=512,
     ),
     # A middle size for benchmarks: 57M parameters with the 370M layout's proportions.
     "small": dict(
-        vocab_size=50288, d_model=512, n_lower_layers=8, n_upper_layers=8, mamba_per_hsa=4, retrieval_groups=1,
-        chunk_size=64, topk=8, n_heads=8, n_kv_heads=1, head_dim=64, retrieval_dim=512, encoder_layers=1,
-        d_state=64, ssm_head_dim=64, expand=2, conv_kernel=4, window=512,
-        pad_token_id=1, bos_token_id=0, eos_token_id=0,
+        vocab_size=50288,
+        d_model=512,
+        n_lower_layers=8,
+        n_upper_layers=8,
+        mamba_per_hsa=4,
+        retrieval_groups=1,
+        chunk_size=64,
+        topk=8,
+        n_heads=8,
+        n_kv_heads=1,
+        head_dim=64,
+        retrieval_dim=512,
+        encoder_layers=1,
+        d_state=64,
+        ssm_head_dim=64,
+        expand=2,
+        conv_kernel=4,
+        window=512,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=0,
     ),
     # The paper's 370M layout: 24 lower + 24 upper Mamba-2 layers, HSA every 8 (3 HSA layers), one group.
     "370m": dict(
-        vocab_size=50288, d_model=1024, n_lower_layers=24, n_upper_layers=24, mamba_per_hsa=8, retrieval_groups=1,
-        chunk_size=64, topk=8, n_heads=16, n_kv_heads=1, head_dim=64, retrieval_dim=1024, encoder_layers=1,
-        d_state=128, ssm_head_dim=64, expand=2, conv_kernel=4, window=512,
-        pad_token_id=1, bos_token_id=0, eos_token_id=0,
+        vocab_size=50288,
+        d_model=1024,
+        n_lower_layers=24,
+        n_upper_layers=24,
+        mamba_per_hsa=8,
+        retrieval_groups=1,
+        chunk_size=64,
+        topk=8,
+        n_heads=16,
+        n_kv_heads=1,
+        head_dim=64,
+        retrieval_dim=1024,
+        encoder_layers=1,
+        d_state=128,
+        ssm_head_dim=64,
+        expand=2,
+        conv_kernel=4,
+        window=512,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=0,
     ),
 }
 
@@ -159,17 +208,36 @@ class RambaConfig(PreTrainedConfig):
             own = known - {f.name for f in dataclasses.fields(PreTrainedConfig)}
             close = difflib.get_close_matches(name, sorted(own), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(f"RambaConfig: unknown field {name!r}; {hint}the fields are listed in RambaConfig's "
-                              "docstring (help(RambaConfig))")
+            raise ConfigError(
+                f"RambaConfig: unknown field {name!r}; {hint}the fields are listed in RambaConfig's "
+                "docstring (help(RambaConfig))"
+            )
 
     def _validate(self) -> None:
         def need(ok: bool, field: str, msg: str) -> None:
             if not ok:
                 raise ConfigError(f"RambaConfig.{field}: {msg} (got {getattr(self, field)!r})")
 
-        for field in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "topk", "retrieval_dim",
-                      "d_state", "ssm_head_dim", "expand", "conv_kernel", "n_groups", "ssm_chunk_size", "window",
-                      "mamba_per_hsa", "retrieval_groups", "mlp_hidden", "encoder_heads"):
+        for field in (
+            "vocab_size",
+            "d_model",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "topk",
+            "retrieval_dim",
+            "d_state",
+            "ssm_head_dim",
+            "expand",
+            "conv_kernel",
+            "n_groups",
+            "ssm_chunk_size",
+            "window",
+            "mamba_per_hsa",
+            "retrieval_groups",
+            "mlp_hidden",
+            "encoder_heads",
+        ):
             value = getattr(self, field)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, "must be a positive int")
         for field in ("n_lower_layers", "n_upper_layers", "encoder_layers"):
@@ -178,21 +246,40 @@ class RambaConfig(PreTrainedConfig):
         need(self.architecture in ARCHITECTURES, "architecture", f"must be one of {ARCHITECTURES}")
         need(self.local_mixer in LOCAL_MIXERS, "local_mixer", f"must be one of {LOCAL_MIXERS}")
         need(self.weight_norm in WEIGHT_NORMS, "weight_norm", f"must be one of {WEIGHT_NORMS}")
-        need(isinstance(self.chunk_size, int) and self.chunk_size >= 16 and self.chunk_size % 16 == 0,
-             "chunk_size", "must be a positive multiple of 16")
+        need(
+            isinstance(self.chunk_size, int) and self.chunk_size >= 16 and self.chunk_size % 16 == 0,
+            "chunk_size",
+            "must be a positive multiple of 16",
+        )
         need(self.n_heads % self.n_kv_heads == 0, "n_heads", f"must be a multiple of n_kv_heads={self.n_kv_heads}")
-        need(self.retrieval_heads in (1, self.n_kv_heads), "retrieval_heads",
-             f"must be 1 or n_kv_heads={self.n_kv_heads}")
-        need((self.d_model * self.expand) % self.ssm_head_dim == 0, "ssm_head_dim",
-             f"must divide d_model * expand = {self.d_model * self.expand}")
+        need(
+            self.retrieval_heads in (1, self.n_kv_heads),
+            "retrieval_heads",
+            f"must be 1 or n_kv_heads={self.n_kv_heads}",
+        )
+        need(
+            (self.d_model * self.expand) % self.ssm_head_dim == 0,
+            "ssm_head_dim",
+            f"must divide d_model * expand = {self.d_model * self.expand}",
+        )
         need(self.sm_n in (0, 1, 0.0, 1.0), "sm_n", "must be 0 or 1")
-        need((self.d_model // self.encoder_heads) % 2 == 0 and self.d_model >= self.encoder_heads, "encoder_heads",
-             f"must leave an even head dim d_model // encoder_heads (rotary positions), d_model={self.d_model}")
-        need(len(self.dt_limit) == 2 and 0 <= self.dt_limit[0] <= self.dt_limit[1], "dt_limit", "must be (lo, hi) with 0 <= lo <= hi")
+        need(
+            (self.d_model // self.encoder_heads) % 2 == 0 and self.d_model >= self.encoder_heads,
+            "encoder_heads",
+            f"must leave an even head dim d_model // encoder_heads (rotary positions), d_model={self.d_model}",
+        )
+        need(
+            len(self.dt_limit) == 2 and 0 <= self.dt_limit[0] <= self.dt_limit[1],
+            "dt_limit",
+            "must be (lo, hi) with 0 <= lo <= hi",
+        )
         if self.architecture in ("ramba", "mamba2-swa", "mamba2-nsa"):
             per_group = self.retrieval_groups * self.mamba_per_hsa
-            need(self.n_upper_layers % per_group == 0 and self.n_upper_layers > 0, "n_upper_layers",
-                 f"must be a positive multiple of retrieval_groups * mamba_per_hsa = {per_group}")
+            need(
+                self.n_upper_layers % per_group == 0 and self.n_upper_layers > 0,
+                "n_upper_layers",
+                f"must be a positive multiple of retrieval_groups * mamba_per_hsa = {per_group}",
+            )
         if self.architecture == "ramba":
             need(self.encoder_layers >= 1, "encoder_layers", "must be >= 1 for RAMba")
 

@@ -12,6 +12,7 @@ manifest (size and sha256 of every weight file), a single-file model against the
 its metadata, and every model for non-finite weights. Each failure raises ModelLoadError (or
 CheckpointError for a damaged checkpoint) naming the file and the fix.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,19 +26,39 @@ import torch
 from ramba.errors import InputError, ModelLoadError
 from ramba.files import MANIFEST, verify_manifest
 
-__all__ = ["MODEL_FORMS", "SHIPPED_MODELS", "list_checkpoints", "latest_checkpoint", "model_folder", "resolve_model",
-           "resolve_model_dir", "resolve_device", "resolve_dtype", "load_model", "weights_digest", "check_finite",
-           "verify_model_folder"]
+__all__ = [
+    "MODEL_FORMS",
+    "SHIPPED_MODELS",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "model_folder",
+    "resolve_model",
+    "resolve_model_dir",
+    "resolve_device",
+    "resolve_dtype",
+    "load_model",
+    "weights_digest",
+    "check_finite",
+    "verify_model_folder",
+]
 
 logger = logging.getLogger(__name__)
 
 SHIPPED_MODELS = {p.stem: p for p in sorted((Path(__file__).resolve().parents[1] / "pretrained").glob("*.safetensors"))}
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
-MODEL_FORMS = ("a model folder (config.json + *.safetensors), a checkpoint folder (step-N), a training run folder "
-               "(its newest checkpoint), a single-file model (*.safetensors, from `ramba export`) or the name of a "
-               f"shipped model ({', '.join(SHIPPED_MODELS) or 'none installed'})")
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+MODEL_FORMS = (
+    "a model folder (config.json + *.safetensors), a checkpoint folder (step-N), a training run folder "
+    "(its newest checkpoint), a single-file model (*.safetensors, from `ramba export`) or the name of a "
+    f"shipped model ({', '.join(SHIPPED_MODELS) or 'none installed'})"
+)
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -114,11 +135,13 @@ def resolve_device(spec: str | torch.device | None = None) -> torch.device:
             raise InputError(f"device: cannot read {spec!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"device {spec}: CUDA is not available on this machine (torch {torch.__version__}); "
-                             "use cpu or auto")
+            raise InputError(
+                f"device {spec}: CUDA is not available on this machine (torch {torch.__version__}); use cpu or auto"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                             "use cuda:0 .. cuda:N-1")
+            raise InputError(
+                f"device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. cuda:N-1"
+            )
     return device
 
 
@@ -151,9 +174,11 @@ def check_finite(tensors, source) -> None:
         lo, hi = t.detach().aminmax()  # NaN propagates, inf shows at an end: 10x faster than isfinite().all()
         if not (bool(lo.isfinite()) and bool(hi.isfinite())):
             bad = int((~torch.isfinite(t)).sum())
-            raise ModelLoadError(f"model {source}: weight {name} holds {bad} non-finite value(s) (NaN/inf): the file is "
-                                 "corrupt or the training diverged; use an earlier checkpoint (or --no-verify / "
-                                 "verify=False to load it anyway)")
+            raise ModelLoadError(
+                f"model {source}: weight {name} holds {bad} non-finite value(s) (NaN/inf): the file is "
+                "corrupt or the training diverged; use an earlier checkpoint (or --no-verify / "
+                "verify=False to load it anyway)"
+            )
 
 
 def verify_model_folder(folder: str | os.PathLike) -> None:

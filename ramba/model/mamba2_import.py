@@ -1,4 +1,5 @@
 """Initialise RAMba's Mamba-2 blocks from a local Hugging Face ``Mamba2ForCausalLM`` directory."""
+
 from __future__ import annotations
 
 import json
@@ -57,15 +58,25 @@ def ramba_config_from_mamba2(path: str | Path, **overrides) -> RambaConfig:
     if cfg.get("model_type") != "mamba2":
         raise ValueError(f"{path}: config.json has model_type {cfg.get('model_type')!r}, expected 'mamba2'")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{path}: config.json has hidden_act {cfg['hidden_act']!r}; RAMba's Mamba-2 mixer uses 'silu' only")
+        raise ValueError(
+            f"{path}: config.json has hidden_act {cfg['hidden_act']!r}; RAMba's Mamba-2 mixer uses 'silu' only"
+        )
     n_layers = cfg["num_hidden_layers"]
     fields = dict(
-        vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], d_state=cfg["state_size"],
-        ssm_head_dim=cfg["head_dim"], expand=cfg["expand"], conv_kernel=cfg["conv_kernel"], n_groups=cfg["n_groups"],
-        rms_norm_eps=cfg["layer_norm_epsilon"], tie_embeddings=cfg.get("tie_word_embeddings", False),
-        conv_bias=cfg.get("use_conv_bias", True), ssm_proj_bias=cfg.get("use_bias", False),
+        vocab_size=cfg["vocab_size"],
+        d_model=cfg["hidden_size"],
+        d_state=cfg["state_size"],
+        ssm_head_dim=cfg["head_dim"],
+        expand=cfg["expand"],
+        conv_kernel=cfg["conv_kernel"],
+        n_groups=cfg["n_groups"],
+        rms_norm_eps=cfg["layer_norm_epsilon"],
+        tie_embeddings=cfg.get("tie_word_embeddings", False),
+        conv_bias=cfg.get("use_conv_bias", True),
+        ssm_proj_bias=cfg.get("use_bias", False),
         dt_limit=cfg.get("time_step_limit", (0.0, float("inf"))),
-        n_lower_layers=n_layers // 2, n_upper_layers=n_layers - n_layers // 2,
+        n_lower_layers=n_layers // 2,
+        n_upper_layers=n_layers - n_layers // 2,
     )
     return RambaConfig(**{**fields, **overrides})
 
@@ -100,8 +111,10 @@ def load_mamba2_weights(model, path: str | Path, zero_new_outputs: bool = True) 
     for what, option in (("conv1d.bias", "conv_bias"), ("in_proj.bias", "ssm_proj_bias")):
         in_source = any(k.endswith(f"mixer.{what}") for k in source)
         if in_source != getattr(model.config, option):
-            raise ValueError(f"{path}: the Mamba-2 model {'has' if in_source else 'has no'} {what} but the RAMba model's "
-                             f"config has {option}={getattr(model.config, option)}: build it with ramba_config_from_mamba2")
+            raise ValueError(
+                f"{path}: the Mamba-2 model {'has' if in_source else 'has no'} {what} but the RAMba model's "
+                f"config has {option}={getattr(model.config, option)}: build it with ramba_config_from_mamba2"
+            )
     report = Mamba2ImportReport()
     for key, tensor in source.items():
         dest = rename.get(key)
@@ -109,11 +122,15 @@ def load_mamba2_weights(model, path: str | Path, zero_new_outputs: bool = True) 
             report.unused.append(key)
             continue
         if target[dest].shape != tensor.shape:
-            raise ValueError(f"shape mismatch for {key} -> {dest}: Mamba-2 {tuple(tensor.shape)}, RAMba {tuple(target[dest].shape)}")
+            raise ValueError(
+                f"shape mismatch for {key} -> {dest}: Mamba-2 {tuple(tensor.shape)}, RAMba {tuple(target[dest].shape)}"
+            )
         target[dest].copy_(tensor)
         report.loaded.append(dest)
     loaded = set(report.loaded)
-    report.new = [k for k in target if k not in loaded and not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    report.new = [
+        k for k in target if k not in loaded and not (k == "lm_head.weight" and model.config.tie_word_embeddings)
+    ]
     if zero_new_outputs:
         residual_outputs = ("o_proj.weight", "attn.o_proj.weight", "mlp.down_proj.weight")
         for i, kind in enumerate(model.model.layer_kinds):

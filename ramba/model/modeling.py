@@ -1,4 +1,5 @@
 """RAMba as a Hugging Face model: ``RambaModel`` and ``RambaForCausalLM`` (docs/design.md §4)."""
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,10 @@ class RambaPreTrainedModel(PreTrainedModel):
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **kwargs):
         # the layer context carries tensors (chunk memory, selection) that reentrant checkpointing cuts off from autograd
         if enable and getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant", False):
-            raise ValueError(f"{type(self).__name__}: gradient checkpointing needs use_reentrant=False (the default); "
-                             "drop use_reentrant=True from the checkpointing kwargs")
+            raise ValueError(
+                f"{type(self).__name__}: gradient checkpointing needs use_reentrant=False (the default); "
+                "drop use_reentrant=True from the checkpointing kwargs"
+            )
         super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
 
     @torch.no_grad()
@@ -97,8 +100,10 @@ class RambaModel(RambaPreTrainedModel):
             try:
                 inputs_embeds = self.embeddings(input_ids)
             except IndexError:  # on the CPU; checking the range up front would cost a host sync on the GPU
-                raise InputError(f"RambaModel: input_ids hold ids outside [0, vocab_size={self.config.vocab_size}); "
-                                 "encode the text with the tokenizer the model was trained with") from None
+                raise InputError(
+                    f"RambaModel: input_ids hold ids outside [0, vocab_size={self.config.vocab_size}); "
+                    "encode the text with the tokenizer the model was trained with"
+                ) from None
         hidden = inputs_embeds
         B, T = hidden.shape[:2]
         cache = past_key_values if cache is None else cache
@@ -108,13 +113,21 @@ class RambaModel(RambaPreTrainedModel):
             if not isinstance(cache, RambaCache):
                 raise TypeError(f"RambaModel: the cache must be a RambaCache, got {type(cache).__name__}")
             cache.check(self.config, B, hidden.device, hidden.dtype)
-            if self.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False)
-                                                                 for m in self.layers):
-                raise ValueError("RambaModel: a cache cannot be updated under gradient checkpointing (the backward "
-                                 "would replay its updates); call model.eval() or turn checkpointing off")
+            if (
+                self.training
+                and torch.is_grad_enabled()
+                and any(getattr(m, "gradient_checkpointing", False) for m in self.layers)
+            ):
+                raise ValueError(
+                    "RambaModel: a cache cannot be updated under gradient checkpointing (the backward "
+                    "would replay its updates); call model.eval() or turn checkpointing off"
+                )
         start = 0 if cache is None else cache.seen_tokens
-        ctx = LayerContext(positions=torch.arange(start, start + T, device=hidden.device),
-                           states=None if cache is None else cache.layers, skip_hsa=skip_hsa)
+        ctx = LayerContext(
+            positions=torch.arange(start, start + T, device=hidden.device),
+            states=None if cache is None else cache.layers,
+            skip_hsa=skip_hsa,
+        )
         for layer in self.layers:
             hidden, ctx = layer(hidden, ctx)
         if cache is not None:
@@ -186,10 +199,11 @@ class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
         if attention_mask is not None and not bool(attention_mask.all()):
             hidden, cache = self._ragged_hidden(input_ids, attention_mask, cache, skip_hsa)
             if labels is not None:
-                labels = labels.masked_fill(attention_mask[:, -labels.shape[1]:] == 0, -100)
+                labels = labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, -100)
         else:
-            out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache,
-                             skip_hsa=skip_hsa)
+            out = self.model(
+                input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache, skip_hsa=skip_hsa
+            )
             hidden, cache = out.last_hidden_state, getattr(out, CACHE_FIELD)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -206,9 +220,11 @@ class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
         whose ``rows`` are one-row caches."""
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError("RambaForCausalLM: a padding attention_mask needs input_ids [B, T]")
-        mask = attention_mask[:, -input_ids.shape[1]:].bool()
+        mask = attention_mask[:, -input_ids.shape[1] :].bool()
         if bool((attention_mask.long().diff(dim=1) < 0).any()):
-            raise ValueError("RambaForCausalLM: only left padding is supported (attention_mask rows must be 0...0 1...1)")
+            raise ValueError(
+                "RambaForCausalLM: only left padding is supported (attention_mask rows must be 0...0 1...1)"
+            )
         B, T = input_ids.shape
         dtype = self.model.embeddings.weight.dtype
         if cache is None:
@@ -227,12 +243,18 @@ class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
         cache.seen_tokens += T
         return hidden, cache
 
-    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, use_cache=True,
-                                      past_key_values=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, cache=None, attention_mask=None, use_cache=True, past_key_values=None, **kwargs
+    ):
         """The next step's model inputs: the tokens the cache has not seen (``past_key_values``: the cache's name
         in older transformers)."""
         cache = past_key_values if cache is None else cache
         if cache is not None:
             input_ids = input_ids[:, cache.seen_tokens :]
-        return {"input_ids": input_ids, "cache": cache, "attention_mask": attention_mask, "use_cache": use_cache,
-                "logits_to_keep": 1}
+        return {
+            "input_ids": input_ids,
+            "cache": cache,
+            "attention_mask": attention_mask,
+            "use_cache": use_cache,
+            "logits_to_keep": 1,
+        }

@@ -1,4 +1,5 @@
 """Functions on tensors: hierarchical sparse attention, chunk selection, causal attention, the SSD scan."""
+
 from ramba.ops.attention import causal_attention
 from ramba.ops.hsa import hsa
 from ramba.ops.retrieval import select_chunks

@@ -1,4 +1,5 @@
 """Causal (optionally sliding-window) softmax attention through SDPA, with memory O(T·window)."""
+
 from __future__ import annotations
 
 import torch
@@ -33,7 +34,9 @@ def causal_attention(
     offset = Tk - T
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if window is None and offset == 0:
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=HQ != k.shape[2]).transpose(1, 2)
+        return F.scaled_dot_product_attention(
+            qt, kt, vt, is_causal=True, scale=scale, enable_gqa=HQ != k.shape[2]
+        ).transpose(1, 2)
     if window is None or Tk <= 2 * window:
         diff = (offset + torch.arange(T, device=q.device))[:, None] - torch.arange(Tk, device=q.device)
         mask = diff >= 0

@@ -9,6 +9,7 @@
 Each op supports a subset (``hsa``: reference, torch, triton; ``ssd``: reference, torch, fla, mamba_ssm;
 ``nsa``: torch, fla); ``None`` lets the op pick the fastest one for its inputs.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,5 +31,6 @@ def check_backend(op: str, backend: str | None, supported: tuple[str, ...], devi
         raise ValueError(f"{op}: backend must be one of {supported} or None, got {backend!r}")
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's interpreter runs on CPU tensors
     if device is not None and backend in CUDA_BACKENDS and device.type != "cuda" and not interpreted:
-        raise ValueError(f"{op}: backend {backend!r} needs CUDA tensors, got device {device}; "
-                         "use backend='torch' or None")
+        raise ValueError(
+            f"{op}: backend {backend!r} needs CUDA tensors, got device {device}; use backend='torch' or None"
+        )

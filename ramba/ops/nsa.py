@@ -11,6 +11,7 @@ As in ``fla-core`` 0.6.0's ``parallel_nsa`` (the CUDA fast path, where it is ins
 
 Unlike HSA, the selection is not differentiable: it comes from the compressed scores, not from a retrieval loss.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,14 @@ def mean_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def nsa_torch(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor,
-    topk: int, block_size: int, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g_cmp: torch.Tensor,
+    g_slc: torch.Tensor,
+    topk: int,
+    block_size: int,
+    scale: float,
 ) -> torch.Tensor:
     """The plain-PyTorch NSA (module docstring); memory O(T · topk · block_size · HQ). Arguments as :func:`nsa`."""
     B, T, HQ, D = q.shape
@@ -81,8 +88,15 @@ def nsa_torch(
 
 
 def nsa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor, g_slc: torch.Tensor,
-    topk: int, block_size: int, scale: float | None = None, backend: str | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g_cmp: torch.Tensor,
+    g_slc: torch.Tensor,
+    topk: int,
+    block_size: int,
+    scale: float | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """NSA's compressed and selected branches, gated.
 
@@ -97,13 +111,17 @@ def nsa(
         ``[B, T, HQ, D]`` in q's dtype; differentiable in q, k, v and the gates (not through the selection).
     """
     if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"nsa: q must be [B, T, HQ, D] and k, v [B, T, H, D], got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"nsa: q must be [B, T, HQ, D] and k, v [B, T, H, D], got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
         raise ValueError(f"nsa: q's head count {q.shape[2]} must be a multiple of k's {k.shape[2]}")
     if g_cmp.shape != q.shape[:3] or g_slc.shape != q.shape[:3]:
-        raise ValueError(f"nsa: g_cmp and g_slc must be [B, T, HQ] = {tuple(q.shape[:3])}, "
-                         f"got {tuple(g_cmp.shape)} and {tuple(g_slc.shape)}")
+        raise ValueError(
+            f"nsa: g_cmp and g_slc must be [B, T, HQ] = {tuple(q.shape[:3])}, "
+            f"got {tuple(g_cmp.shape)} and {tuple(g_slc.shape)}"
+        )
     for name, value in (("topk", topk), ("block_size", block_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"nsa: {name} must be a positive int, got {value!r}")
@@ -113,12 +131,22 @@ def nsa(
     if backend == "torch" or (backend is None and not fla_ok):
         return nsa_torch(q, k, v, g_cmp, g_slc, topk, block_size, scale)
     if not fla_ok:
-        raise ValueError("nsa: backend 'fla' needs fla-core installed, CUDA tensors and HQ / H a power of 2 >= 16, "
-                         f"got device {q.device}, HQ={q.shape[2]}, H={k.shape[2]}")
+        raise ValueError(
+            "nsa: backend 'fla' needs fla-core installed, CUDA tensors and HQ / H a power of 2 >= 16, "
+            f"got device {q.device}, HQ={q.shape[2]}, H={k.shape[2]}"
+        )
     from fla.ops.nsa import parallel_nsa
 
-    return parallel_nsa(q, k.to(q.dtype), v.to(q.dtype), g_cmp=g_cmp.to(q.dtype), g_slc=g_slc.to(q.dtype),
-                        block_counts=topk, block_size=block_size, scale=scale)
+    return parallel_nsa(
+        q,
+        k.to(q.dtype),
+        v.to(q.dtype),
+        g_cmp=g_cmp.to(q.dtype),
+        g_slc=g_slc.to(q.dtype),
+        block_counts=topk,
+        block_size=block_size,
+        scale=scale,
+    )
 
 
 __all__ = ["nsa", "nsa_torch", "mean_pool", "BACKENDS"]

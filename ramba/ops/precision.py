@@ -1,5 +1,6 @@
 """The one rule for the dtype ops compute in: float64 stays float64 (exact tests on the CPU); every other
 float dtype (bf16, fp16, fp32) accumulates in float32."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ per layer and direction), and launching them costs the host more time than the G
 Replaying a captured graph launches them all at once. Eager PyTorch is this path's twin: tests/gpu checks
 that both give the same loss and gradients.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -30,8 +31,10 @@ class GraphedLoss:
 
     def __init__(self, loss_fn: Callable[..., torch.Tensor], params: Iterable[torch.nn.Parameter], warmup: int = 2):
         if not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"GraphedLoss: warmup must be a positive int (Triton and torch.compile must run before the "
-                             f"capture), got {warmup!r}")
+            raise ValueError(
+                f"GraphedLoss: warmup must be a positive int (Triton and torch.compile must run before the "
+                f"capture), got {warmup!r}"
+            )
         self.loss_fn = loss_fn
         self.params = [p for p in params if p.requires_grad]
         self.warmup = warmup
@@ -55,16 +58,22 @@ class GraphedLoss:
         got = [(tuple(x.shape), x.dtype, x.device) for x in inputs]
         want = [(tuple(x.shape), x.dtype, x.device) for x in self.static_inputs]
         if got != want:
-            raise ValueError(f"GraphedLoss: the graph was captured for inputs {want}, got {got}; "
-                             "make a new GraphedLoss for other shapes")
+            raise ValueError(
+                f"GraphedLoss: the graph was captured for inputs {want}, got {got}; "
+                "make a new GraphedLoss for other shapes"
+            )
         for p, g in zip(self.params, self.grads):
             if p.grad is not g:
-                raise RuntimeError("GraphedLoss: a parameter's .grad was replaced since the capture (the graph writes the "
-                                   "captured tensors); zero gradients with optimizer.zero_grad(set_to_none=False)")
+                raise RuntimeError(
+                    "GraphedLoss: a parameter's .grad was replaced since the capture (the graph writes the "
+                    "captured tensors); zero gradients with optimizer.zero_grad(set_to_none=False)"
+                )
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]) -> None:
         if not inputs or not all(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs):
-            raise ValueError("GraphedLoss: CUDA graphs need CUDA tensors as inputs; on other devices run the step eagerly")
+            raise ValueError(
+                "GraphedLoss: CUDA graphs need CUDA tensors as inputs; on other devices run the step eagerly"
+            )
         if not self.params:
             raise ValueError("GraphedLoss: no parameter requires grad")
         self.static_inputs = [x.detach().clone() for x in inputs]

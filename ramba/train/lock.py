@@ -5,6 +5,7 @@ while the run lives, so taking it is atomic and a run that dies (kill -9, power 
 with its process. A second run on the same folder refuses at once naming the holder; a lock left by a
 dead run is taken over with a warning naming it. Under torchrun rank 0 takes the lock for all ranks.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -41,14 +42,22 @@ class RunLock:
         except BlockingIOError:
             holder = _describe(os.pread(fd, 4096, 0))
             os.close(fd)
-            raise CheckpointError(f"out_dir {self.path.parent} is in use by another run ({holder}); wait for it to "
-                                  "finish or stop it, or choose another out_dir") from None
+            raise CheckpointError(
+                f"out_dir {self.path.parent} is in use by another run ({holder}); wait for it to "
+                "finish or stop it, or choose another out_dir"
+            ) from None
         previous = os.pread(fd, 4096, 0)
         if previous.strip():
-            logger.warning("out_dir %s: taking over the lock left by a run that ended without releasing it (%s)",
-                           self.path.parent, _describe(previous))
-        info = {"host": socket.gethostname(), "pid": os.getpid(),
-                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            logger.warning(
+                "out_dir %s: taking over the lock left by a run that ended without releasing it (%s)",
+                self.path.parent,
+                _describe(previous),
+            )
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         os.fsync(fd)

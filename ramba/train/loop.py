@@ -421,6 +421,7 @@ def _train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
         disable=not (info.is_main and cfg.log.progress),
         dynamic_ncols=True,
     )
+
     def micro_loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One micro-batch's loss, scaled so that the micro-batches' gradients add up to the step's."""
         with autocast():
@@ -450,7 +451,9 @@ def _train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
                 if cfg.optim.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 else:
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+                    grad_norm = torch.nn.utils.get_total_norm(
+                        [p.grad for p in model.parameters() if p.grad is not None]
+                    )
                 if hasattr(grad_norm, "full_tensor"):
                     grad_norm = grad_norm.full_tensor()
                 lr = scheduler.get_last_lr()[0]

@@ -1,4 +1,5 @@
 """`ramba bench` from a wheel installed outside the source checkout: the benchmarks are part of the package."""
+
 import json
 import os
 import shutil
@@ -10,12 +11,48 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_TRAIN = ["--presets", "tiny", "--set", "d_model=32", "--set", "n_heads=2", "--set", "n_kv_heads=1",
-              "--set", "head_dim=16", "--set", "retrieval_dim=16", "--set", "d_state=8", "--set", "ssm_head_dim=16",
-              "--set", "chunk_size=16", "--set", "ssm_chunk_size=16", "--set", "n_lower_layers=1",
-              "--set", "n_upper_layers=2", "--set", "mamba_per_hsa=1", "--set", "mlp_hidden=64",
-              "--architectures", "ramba", "--lengths", "32", "--batch-tokens", "32", "--steps", "1", "--warmup", "0",
-              "--device", "cpu"]
+TINY_TRAIN = [
+    "--presets",
+    "tiny",
+    "--set",
+    "d_model=32",
+    "--set",
+    "n_heads=2",
+    "--set",
+    "n_kv_heads=1",
+    "--set",
+    "head_dim=16",
+    "--set",
+    "retrieval_dim=16",
+    "--set",
+    "d_state=8",
+    "--set",
+    "ssm_head_dim=16",
+    "--set",
+    "chunk_size=16",
+    "--set",
+    "ssm_chunk_size=16",
+    "--set",
+    "n_lower_layers=1",
+    "--set",
+    "n_upper_layers=2",
+    "--set",
+    "mamba_per_hsa=1",
+    "--set",
+    "mlp_hidden=64",
+    "--architectures",
+    "ramba",
+    "--lengths",
+    "32",
+    "--batch-tokens",
+    "32",
+    "--steps",
+    "1",
+    "--warmup",
+    "0",
+    "--device",
+    "cpu",
+]
 
 
 def _run(cmd, cwd, env):
@@ -32,8 +69,11 @@ def test_bench_runs_from_an_installed_wheel(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", src],
-         tmp_path, env)
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", src],
+        tmp_path,
+        env,
+    )
     (wheel,) = (tmp_path / "dist").glob("ramba-*.whl")
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], tmp_path, env)
@@ -41,7 +81,9 @@ def test_bench_runs_from_an_installed_wheel(tmp_path):
     _run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", wheel], tmp_path, env)
     # the dependencies (torch, transformers, ...) come from this interpreter's site-packages, added as a plain
     # path after the venv's own: its .pth files (this checkout's editable install) are not processed there
-    venv_site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path, env).strip())
+    venv_site = Path(
+        _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path, env).strip()
+    )
     (venv_site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     work = tmp_path / "cwd"

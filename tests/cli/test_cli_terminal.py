@@ -1,5 +1,6 @@
 """The terminal: log lines never share a line with a progress bar, `prepare` counts tokens, long
 prefills show a token bar, and `--model` help names every form a model may take."""
+
 import importlib
 import io
 import logging
@@ -90,8 +91,13 @@ def test_model_help_names_every_form(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "tasks", "--help"])
     text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
-    for form in ("model folder", "checkpoint folder", "training run folder", "single-file model (*.safetensors",
-                 "shipped model (tiny-ruler)"):
+    for form in (
+        "model folder",
+        "checkpoint folder",
+        "training run folder",
+        "single-file model (*.safetensors",
+        "shipped model (tiny-ruler)",
+    ):
         assert form in text
 
 

@@ -55,8 +55,11 @@ def test_every_format_and_phrasing(name):
             s = task.generate(1500, 0.4, seed=phrasing)
             assert len(s.input_ids) == 1500 and s.metadata["phrasing"] == phrasing
             # the values asked for (variable tracking: the value its chain starts from)
-            asked = s.answers if name != "variable_tracking" else [
-                _text(s, s.needles[s.answer_needles[0]]).split()[-1].rstrip(".;")]
+            asked = (
+                s.answers
+                if name != "variable_tracking"
+                else [_text(s, s.needles[s.answer_needles[0]]).split()[-1].rstrip(".;")]
+            )
             for a in asked:
                 assert re.fullmatch(_PATTERNS[fmt], a), (fmt, a)
                 if fmt == "number":
@@ -85,8 +88,10 @@ def test_vary_reaches_every_option(name):
     assert phrasings == set(range(len(task.phrasings)))
     assert digits == set(range(3, 11))
     # still a pure function of the seed
-    np.testing.assert_array_equal(task.generate(1200, None, 5).input_ids,
-                                  make_task(name, ByteTokenizer(), vary=True).generate(1200, None, 5).input_ids)
+    np.testing.assert_array_equal(
+        task.generate(1200, None, 5).input_ids,
+        make_task(name, ByteTokenizer(), vary=True).generate(1200, None, 5).input_ids,
+    )
 
 
 @pytest.mark.parametrize("name", list(TASKS))
@@ -113,8 +118,10 @@ def test_edge_depths_reach_the_last_tokens(name):
         if 0.0 < s.depth:
             assert s.haystack_span[1] - s.needles[s.target][0] <= 256 + sum(b - a for a, b in s.needles)
     # without edge depths the draw is the first version's uniform one
-    assert make_task(name, TOK).generate(4096, None, 3).depth == make_task(name, TOK, edge_depths=0.0).generate(
-        4096, None, 3).depth
+    assert (
+        make_task(name, TOK).generate(4096, None, 3).depth
+        == make_task(name, TOK, edge_depths=0.0).generate(4096, None, 3).depth
+    )
 
 
 @pytest.mark.parametrize("name", NEEDLE_TASKS)
@@ -131,8 +138,11 @@ def test_needle_distractors_are_near_miss_keys(name, key_format):
         assert len(fakes) >= 1
         assert all(any(_one_off(f, k) for k in asked) for f in fakes), (fakes, asked)
         # a prediction naming a distractor's value instead of the asked one scores 0 (single answer) or less
-        fake_values = [re.search(r"is: (\S+)\.", _text(hard, n))[1] for i, n in enumerate(hard.needles)
-                       if i not in hard.answer_needles and re.search(r"for (\S+) is:", _text(hard, n))[1] in fakes]
+        fake_values = [
+            re.search(r"is: (\S+)\.", _text(hard, n))[1]
+            for i, n in enumerate(hard.needles)
+            if i not in hard.answer_needles and re.search(r"for (\S+) is:", _text(hard, n))[1] in fakes
+        ]
         wrong = " " + ", ".join(fake_values[:1] + hard.answers[1:]) + "."
         assert hard_task.score(hard, wrong) == (len(hard.answers) - 1) / len(hard.answers)
 
@@ -148,7 +158,9 @@ def test_variable_tracking_distractors_are_near_miss_values(value_format):
     fakes = [v for v in starts if not v.isupper() and v != value]
     assert len(fakes) == 2 and all(_one_off(f, value) for f in fakes)
     # the fake chains' variables are not the answer
-    fake_vars = [re.search(r"VAR (\S+) =", _text(s, n))[1] for n in s.needles if re.search(r"= (\S+)\.", _text(s, n))[1] in fakes]
+    fake_vars = [
+        re.search(r"VAR (\S+) =", _text(s, n))[1] for n in s.needles if re.search(r"= (\S+)\.", _text(s, n))[1] in fakes
+    ]
     assert task.score(s, " " + " ".join(fake_vars) + ".") == 0.0
 
 
@@ -186,23 +198,30 @@ def test_mixed_haystack(tmp_path):
     hay = MixedHaystack([TokenFileHaystack(f, TOK) for f in files])
     task = make_task("niah_single", TOK, hay)
     texts = [TOK.decode(task.generate(800, 0.5, seed).input_ids) for seed in range(12)]
-    assert any("alpha" in t and "omega" not in t for t in texts) and any("omega" in t and "alpha" not in t for t in texts)
+    assert any("alpha" in t and "omega" not in t for t in texts) and any(
+        "omega" in t and "alpha" not in t for t in texts
+    )
     assert texts[3] == TOK.decode(make_task("niah_single", TOK, hay).generate(800, 0.5, 3).input_ids)
     with pytest.raises(ValueError, match="at least one haystack"):
         MixedHaystack([])
 
 
 def test_bad_options():
-    for bad, match in [({"key_format": "hex"}, "key_format: expected one of number, word, uuid"),
-                       ({"value_format": "x"}, "value_format"), ({"phrasing": 9}, "phrasing: expected one of"),
-                       ({"edge_depths": 2.0}, "edge_depths"), ({"digits": 0}, "digits"),
-                       ({"distractors": -1}, "distractors")]:
+    for bad, match in [
+        ({"key_format": "hex"}, "key_format: expected one of number, word, uuid"),
+        ({"value_format": "x"}, "value_format"),
+        ({"phrasing": 9}, "phrasing: expected one of"),
+        ({"edge_depths": 2.0}, "edge_depths"),
+        ({"digits": 0}, "digits"),
+        ({"distractors": -1}, "distractors"),
+    ]:
         for name in TASKS:
             with pytest.raises(ValueError, match=match):
                 make_task(name, TOK, **bad)
     with pytest.raises(ValueError, match="cannot draw"):  # 1-digit keys have too few near misses
         make_task("niah_single", TOK, key_format="number", value_format="number", digits=1, distractors=12).generate(
-            2000, 0.5)
+            2000, 0.5
+        )
 
 
 def test_vary_draws_again_until_the_sample_fits():
@@ -223,9 +242,21 @@ def test_training_config_takes_a_list_of_haystacks(tmp_path):
         with TokenFileWriter(tmp_path / f"t{i}", TOK) as w:
             w.add(TOK.encode(word * 2000))
             paths.append(str(w.close().path))
-    cfg = config_from_dict({"data": {"seq_len": 1024, "sources": [
-        {"task": "niah_multikey", "haystack": paths, "params": {"vary": True, "distractors": 2, "edge_depths": 0.5}},
-        {"task": "passkey", "haystack": paths[0]}]}})
+    cfg = config_from_dict(
+        {
+            "data": {
+                "seq_len": 1024,
+                "sources": [
+                    {
+                        "task": "niah_multikey",
+                        "haystack": paths,
+                        "params": {"vary": True, "distractors": 2, "edge_depths": 0.5},
+                    },
+                    {"task": "passkey", "haystack": paths[0]},
+                ],
+            }
+        }
+    )
     mixture, _ = build_data(cfg, TOK)
     stream = mixture.sources[0]
     assert isinstance(stream.task.haystack, MixedHaystack)

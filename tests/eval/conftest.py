@@ -1,4 +1,5 @@
 """Fixtures for the evaluation tests: a tiny random model folder and a small byte-level token file."""
+
 import pytest
 
 from eval_helpers import tiny_model

@@ -1,5 +1,6 @@
 """`ramba export` (a model as one file, usable wherever --model is) and `ramba demo` (the shipped model
 retrieving a pass key on the CPU)."""
+
 import json
 
 import matplotlib.image
@@ -29,11 +30,47 @@ def test_export_a_run_then_use_the_file(run_dir, tmp_path, capsys):
     again = tmp_path / "fp32.safetensors"  # re-exported from the file: the training config stays
     assert cli.main(["export", "--model", str(out), "-o", str(again), "--dtype", "fp32"]) == 0
     assert read_model_file_metadata(again)[TRAIN_CONFIG_KEY] == meta[TRAIN_CONFIG_KEY]
-    rc = cli.main(["eval", "passkey", "--model", str(out), "--lengths", "300", "--depths", "0.5", "--samples", "1",
-                   "--extra-tokens", "0", "--out", str(tmp_path / "ev"), "--no-progress"])
+    rc = cli.main(
+        [
+            "eval",
+            "passkey",
+            "--model",
+            str(out),
+            "--lengths",
+            "300",
+            "--depths",
+            "0.5",
+            "--samples",
+            "1",
+            "--extra-tokens",
+            "0",
+            "--out",
+            str(tmp_path / "ev"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and (tmp_path / "ev" / "passkey.json").is_file()
-    assert cli.main(["demo", "--model", str(out), "--lengths", "300", "--depths", "0", "--passkey", "4242",
-                     "--suite-lengths", "700", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "demo",
+                "--model",
+                str(out),
+                "--lengths",
+                "300",
+                "--depths",
+                "0",
+                "--passkey",
+                "4242",
+                "--suite-lengths",
+                "700",
+                "--out",
+                str(tmp_path / "demo"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "trained on contexts of 512 tokens" in printed and "your pass key 4242" in printed
     assert "RULER-style suite" in printed and "variable_tracking |" in printed
@@ -67,8 +104,27 @@ SUITE_THRESHOLD = {
 def test_the_shipped_model_finds_the_pass_key_and_runs_the_suite(tmp_path, capsys):
     """The checkpoint in the package, on the CPU, at and beyond its 4K training length."""
     assert SHIPPED_MODEL.stat().st_size < 16 * 2**20
-    assert cli.main(["demo", "--lengths", "2k,8k", "--depths", "0,1", "--passkey", "90210", "--suite-lengths",
-                     "2k,8k", "--suite-depths", "0,0.5,1", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "demo",
+                "--lengths",
+                "2k,8k",
+                "--depths",
+                "0,1",
+                "--passkey",
+                "90210",
+                "--suite-lengths",
+                "2k,8k",
+                "--suite-depths",
+                "0,0.5,1",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     data = json.loads((tmp_path / "demo_passkey.json").read_text())["haystacks"]["template"]
     assert data["accuracy"] == [[1.0, 1.0], [1.0, 1.0]]

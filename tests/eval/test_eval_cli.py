@@ -1,4 +1,5 @@
 """Every command end to end on a tiny random model at tiny lengths: valid JSON with its metadata, PNGs that open."""
+
 import json
 
 import matplotlib.image
@@ -21,8 +22,29 @@ def _check_outputs(out, name, seed=0):
 
 def test_eval_passkey(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = cli.main(["eval", "passkey", "--model", str(model_dir), "--lengths", "256,300", "--depths", "0,1",
-                   "--samples", "1", "--segment-len", "48", "--extra-tokens", "0", "--out", str(out), "--seed", "3", "--no-progress"])
+    rc = cli.main(
+        [
+            "eval",
+            "passkey",
+            "--model",
+            str(model_dir),
+            "--lengths",
+            "256,300",
+            "--depths",
+            "0,1",
+            "--samples",
+            "1",
+            "--segment-len",
+            "48",
+            "--extra-tokens",
+            "0",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     data = _check_outputs(out, "passkey", seed=3)
     assert data["held_out"] == [] and list(data["haystacks"]) == ["template"]
@@ -37,10 +59,39 @@ def test_eval_passkey(model_dir, tmp_path, capsys):
 
 def test_eval_tasks(model_dir, token_file, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = cli.main(["eval", "tasks", "--model", str(model_dir), "--tasks", "niah_single,variable_tracking:num_hops=1",
-                   "--lengths", "350", "--depths", "0.5", "--samples", "2", "--batch-size", "2", "--segment-len", "64",
-                   "--mode", "fast", "--extra-tokens", "0", "--out", str(out), "--name", "t", "--no-progress",
-                   "--haystack", f"template,{token_file.path}", "--held-out", token_file.path.name])
+    rc = cli.main(
+        [
+            "eval",
+            "tasks",
+            "--model",
+            str(model_dir),
+            "--tasks",
+            "niah_single,variable_tracking:num_hops=1",
+            "--lengths",
+            "350",
+            "--depths",
+            "0.5",
+            "--samples",
+            "2",
+            "--batch-size",
+            "2",
+            "--segment-len",
+            "64",
+            "--mode",
+            "fast",
+            "--extra-tokens",
+            "0",
+            "--out",
+            str(out),
+            "--name",
+            "t",
+            "--no-progress",
+            "--haystack",
+            f"template,{token_file.path}",
+            "--held-out",
+            token_file.path.name,
+        ]
+    )
     assert rc == 0
     data = _check_outputs(out, "t")
     assert data["held_out"] == [token_file.path.name] and list(data["haystacks"]) == ["template", token_file.path.name]
@@ -54,8 +105,27 @@ def test_eval_tasks(model_dir, token_file, tmp_path, capsys):
 
 def test_eval_ppl(model_dir, token_file, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = cli.main(["eval", "ppl", "--model", str(model_dir), "--data", str(token_file.path), "--lengths", "64,150",
-                   "--windows", "2", "--buckets", "4", "--segment-len", "40", "--out", str(out), "--no-progress"])
+    rc = cli.main(
+        [
+            "eval",
+            "ppl",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(token_file.path),
+            "--lengths",
+            "64,150",
+            "--windows",
+            "2",
+            "--buckets",
+            "4",
+            "--segment-len",
+            "40",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     data = _check_outputs(out, "ppl")
     assert [r["length"] for r in data["by_length"]] == [64, 150]
@@ -66,8 +136,20 @@ def test_eval_ppl(model_dir, token_file, tmp_path, capsys):
 def test_generate_streams(model_dir, tmp_path, capsys):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Once upon a time")
-    rc = cli.main(["generate", "--model", str(model_dir), "--prompt-file", str(prompt), "--max-new-tokens", "6",
-                   "--segment-len", "8", "--ignore-eos"])
+    rc = cli.main(
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--prompt-file",
+            str(prompt),
+            "--max-new-tokens",
+            "6",
+            "--segment-len",
+            "8",
+            "--ignore-eos",
+        ]
+    )
     assert rc == 0
     captured = capsys.readouterr()
     assert "6 new tokens" in captured.err and "17 prompt tokens" in captured.err
@@ -89,22 +171,67 @@ def test_stream_decoder_prints_what_decoding_all_gives():
 
 def test_bench_train_and_inference(tmp_path, capsys):
     out = tmp_path / "bench"
-    rc = cli.main(["bench", "train", "--presets", "tiny", *TINY_SET, "--architectures", "ramba,mamba2", "--lengths", "32",
-                   "--batch-tokens", "64", "--steps", "1", "--warmup", "0", "--out", str(out)])
+    rc = cli.main(
+        [
+            "bench",
+            "train",
+            "--presets",
+            "tiny",
+            *TINY_SET,
+            "--architectures",
+            "ramba,mamba2",
+            "--lengths",
+            "32",
+            "--batch-tokens",
+            "64",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = _check_outputs(out, "bench_train")
     assert [(r["architecture"], r["length"], r["batch"]) for r in data["rows"]] == [("ramba", 32, 2), ("mamba2", 32, 2)]
     assert all(r["tokens_per_s"] > 0 and "error" not in r for r in data["rows"])
     ratio = data["ratios"][0]
     assert ratio["baseline"] == "mamba2"
-    assert ratio["ramba_over_baseline"] == pytest.approx(data["rows"][0]["tokens_per_s"] / data["rows"][1]["tokens_per_s"])
-    rc = cli.main(["bench", "inference", "--preset", "tiny", *TINY_SET, "--architectures", "ramba,transformer",
-                   "--lengths", "40,70", "--segment-len", "32", "--decode-tokens", "2", "--no-offload", "--out", str(out)])
+    assert ratio["ramba_over_baseline"] == pytest.approx(
+        data["rows"][0]["tokens_per_s"] / data["rows"][1]["tokens_per_s"]
+    )
+    rc = cli.main(
+        [
+            "bench",
+            "inference",
+            "--preset",
+            "tiny",
+            *TINY_SET,
+            "--architectures",
+            "ramba,transformer",
+            "--lengths",
+            "40,70",
+            "--segment-len",
+            "32",
+            "--decode-tokens",
+            "2",
+            "--no-offload",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = _check_outputs(out, "bench_inference")
-    assert [(r["model"], r["length"]) for r in data["rows"]] == [("ramba", 40), ("ramba", 70), ("transformer", 40),
-                                                                 ("transformer", 70)]
-    assert all(r["prefill_tokens_per_s"] > 0 and r["decode_ms_per_token"] > 0 and r["peak_rss_gib"] > 0 for r in data["rows"])
+    assert [(r["model"], r["length"]) for r in data["rows"]] == [
+        ("ramba", 40),
+        ("ramba", 70),
+        ("transformer", 40),
+        ("transformer", 70),
+    ]
+    assert all(
+        r["prefill_tokens_per_s"] > 0 and r["decode_ms_per_token"] > 0 and r["peak_rss_gib"] > 0 for r in data["rows"]
+    )
     printed = capsys.readouterr().out
     assert "tokens/s" in printed and "decode ms/tok" in printed
 

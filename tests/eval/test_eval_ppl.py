@@ -1,4 +1,5 @@
 """Perplexity: segmented scoring against a full forward, a uniform model (ppl = vocabulary size), buckets."""
+
 import math
 
 import numpy as np
@@ -46,7 +47,9 @@ def test_bucket_means_by_hand(token_file, monkeypatch):
     result = evaluate_ppl(tiny_model(), token_file, [16], windows=2, buckets=3, scale="linear")
     buckets = result["by_length"][0]["buckets"]
     assert [(b["start"], b["end"]) for b in buckets] == [(0, 5), (5, 11), (11, 16)]
-    assert [b["nll"] for b in buckets] == pytest.approx([np.mean([1, 2, 3, 4]), np.mean(range(5, 11)), np.mean(range(11, 16))])
+    assert [b["nll"] for b in buckets] == pytest.approx(
+        [np.mean([1, 2, 3, 4]), np.mean(range(5, 11)), np.mean(range(11, 16))]
+    )
     assert [b["tokens"] for b in buckets] == [8, 12, 10]
     assert result["by_length"][0]["nll"] == pytest.approx(np.mean(range(1, 16)))
     assert result["by_length"][0]["ppl"] == pytest.approx(math.exp(8.0))

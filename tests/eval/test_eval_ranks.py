@@ -1,4 +1,5 @@
 """`ramba eval ranks`: the needle chunk's rank agrees with what the retrieval layer really selects."""
+
 import json
 
 import matplotlib.image
@@ -16,7 +17,8 @@ def test_ranks_agree_with_the_real_selection():
     picked = []
     # the layer's own selection over the cache's landmarks (before any fetch re-indexes it into fetched chunks)
     handle = layer.register_forward_hook(
-        lambda m, a, out: picked.append(m.select(a[0], a[1].store.landmarks, a[1].positions).indices[0, -1, 0].tolist()))
+        lambda m, a, out: picked.append(m.select(a[0], a[1].store.landmarks, a[1].positions).indices[0, -1, 0].tolist())
+    )
     try:
         rows = needle_ranks(model, sample, segment_len=64, mode="exact")
     finally:
@@ -28,13 +30,30 @@ def test_ranks_agree_with_the_real_selection():
     for row, chosen in zip(rows, picked[-answers:]):
         assert row["chunks"] == (sample.prompt_len + row["token"] + 1) // 16
         assert row["selected"] == [bool(needle & set(chosen))]
-        assert (row["rank"][0] < 3) == row["selected"][0] and (row["score"][0] >= row["kth_score"][0]) == row["selected"][0]
+        assert (row["rank"][0] < 3) == row["selected"][0] and (row["score"][0] >= row["kth_score"][0]) == row[
+            "selected"
+        ][0]
 
 
 def test_eval_ranks_cli(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = cli.main(["eval", "ranks", "--model", str(model_dir), "--lengths", "400,900", "--depths", "0.2",
-                   "--segment-len", "128", "--out", str(out), "--no-progress"])
+    rc = cli.main(
+        [
+            "eval",
+            "ranks",
+            "--model",
+            str(model_dir),
+            "--lengths",
+            "400,900",
+            "--depths",
+            "0.2",
+            "--segment-len",
+            "128",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     data = json.loads((out / "ranks.json").read_text())
     assert data["lengths"] == [400, 900] and len(data["cells"]) == 2 and all(c["rows"] for c in data["cells"])
@@ -55,21 +74,39 @@ def test_ranks_follow_the_needle_of_the_answer_being_written():
     layer = next(m for k, m in zip(model.model.layer_kinds, model.model.layers) if k == "retrieval")
     picked = []
     handle = layer.register_forward_hook(  # as in test_ranks_agree_with_the_real_selection
-        lambda m, a, out: picked.append(m.select(a[0], a[1].store.landmarks, a[1].positions).indices[0, -1, 0].tolist()))
+        lambda m, a, out: picked.append(m.select(a[0], a[1].store.landmarks, a[1].positions).indices[0, -1, 0].tolist())
+    )
     try:
         rows = needle_ranks(model, sample, segment_len=64, mode="exact", tokenizer=tok)
     finally:
         handle.remove()
     assert [r["needle"] for r in rows] == wanted[1 : len(rows) + 1]
-    for row, chosen in zip(rows, picked[-len(rows):]):
+    for row, chosen in zip(rows, picked[-len(rows) :]):
         start, end = sample.needles[row["needle"]]
         assert row["selected"] == [bool(set(range(start // 16, (end - 1) // 16 + 1)) & set(chosen))]
 
 
 def test_eval_ranks_cli_for_variable_tracking(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = cli.main(["eval", "ranks", "--model", str(model_dir), "--task", "variable_tracking:num_hops=1",
-                   "--lengths", "500", "--depths", "0.1", "--segment-len", "128", "--out", str(out), "--no-progress"])
+    rc = cli.main(
+        [
+            "eval",
+            "ranks",
+            "--model",
+            str(model_dir),
+            "--task",
+            "variable_tracking:num_hops=1",
+            "--lengths",
+            "500",
+            "--depths",
+            "0.1",
+            "--segment-len",
+            "128",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     data = json.loads((out / "ranks.json").read_text())
     cell = data["cells"][0]

@@ -1,4 +1,5 @@
 """Results files, length/depth parsing, tables and plots."""
+
 import json
 import math
 
@@ -62,8 +63,10 @@ def test_heatmap_and_line_plots_open(tmp_path):
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
     with pytest.raises(ValueError, match="lengths x depths"):
         heatmap(scores.T, [4096, 1 << 20], [0.0, 0.5, 1.0], tmp_path / "bad.png")
-    panels = [Panel("a", "x", "y", {"one": ([64, 128, 256], [1.0, None, 3.0])}, length_axis=True, logy=True),
-              Panel("b", "x", "y", {"two": ([1, 2], [float("nan"), 2.0])})]
+    panels = [
+        Panel("a", "x", "y", {"one": ([64, 128, 256], [1.0, None, 3.0])}, length_axis=True, logy=True),
+        Panel("b", "x", "y", {"two": ([1, 2], [float("nan"), 2.0])}),
+    ]
     img = matplotlib.image.imread(line_plots(panels, tmp_path / "l.png", title="both"))
     assert img.ndim == 3 and img.shape[1] > img.shape[0]
 
@@ -76,8 +79,11 @@ def test_task_heatmaps_per_haystack_and_table(tmp_path):
     scores = np.array([[1.0, 0.5, np.nan], [0.0, 0.25, 1.0]])
     grid = task_grid(scores, tasks, lengths, "template")
     assert grid.yticks == tasks and grid.xticks == ["4K", "64K", "1M"] and grid.scores.shape == (3, 2)
-    png = heatmaps([grid, task_grid(scores, tasks, lengths, "held out"), depth_grid(scores, lengths[:2], [0, .5, 1])],
-                   tmp_path / "t.png", title="suite")
+    png = heatmaps(
+        [grid, task_grid(scores, tasks, lengths, "held out"), depth_grid(scores, lengths[:2], [0, 0.5, 1])],
+        tmp_path / "t.png",
+        title="suite",
+    )
     img = matplotlib.image.imread(png)
     assert img.ndim == 3 and img.shape[1] > 3 * img.shape[0] // 2  # three panels side by side
     with pytest.raises(ValueError, match="tasks x lengths"):

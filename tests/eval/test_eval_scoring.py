@@ -4,6 +4,7 @@
 that solved the task, or one that fails on a known set of cells), so the expected scores are known.
 One test runs the real tiny model and checks the continuation against greedy decoding by full forwards.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -13,8 +14,17 @@ from eval_helpers import tiny_model
 from ramba.data import ByteTokenizer, make_task
 from ramba.eval.passkey import evaluate_passkey, passkey_table
 from ramba.eval.results import EvalError
-from ramba.eval.tasks import (GenerationSettings, build_task, continue_prompts, evaluate_task, evaluate_tasks,
-                              load_haystacks, over_haystacks, parse_task_spec, tasks_tables)
+from ramba.eval.tasks import (
+    GenerationSettings,
+    build_task,
+    continue_prompts,
+    evaluate_task,
+    evaluate_tasks,
+    load_haystacks,
+    over_haystacks,
+    parse_task_spec,
+    tasks_tables,
+)
 
 TOK = ByteTokenizer()
 
@@ -63,10 +73,19 @@ def test_passkey_oracle_scores_one_and_known_failures(monkeypatch):
     assert "301" in table and "haystack template, mean 0.833" in table
 
 
-@pytest.mark.parametrize("prediction, expected", [
-    (" {key}.", 1.0), ("{key}", 1.0), ("key: {key}!", 1.0), (" {key}1", 0.0), (" 1{key}", 0.0),
-    ("", 0.0), (" 12 {key}", 0.0), (" {key} 12", 1.0),
-])
+@pytest.mark.parametrize(
+    "prediction, expected",
+    [
+        (" {key}.", 1.0),
+        ("{key}", 1.0),
+        ("key: {key}!", 1.0),
+        (" {key}1", 0.0),
+        (" 1{key}", 0.0),
+        ("", 0.0),
+        (" 12 {key}", 0.0),
+        (" {key} 12", 1.0),
+    ],
+)
 def test_passkey_hand_made_predictions(monkeypatch, prediction, expected):
     task = make_task("passkey", TOK)
     samples = _samples(task, [240], [0.5], 1)
@@ -113,7 +132,9 @@ def test_records_keep_answers_and_needle_positions(monkeypatch):
 
 def test_long_samples_above_1m(monkeypatch):
     calls = []
-    monkeypatch.setattr("ramba.eval.tasks.cell_samples", lambda task, length, depth, n, seed: calls.append((length, n)) or [])
+    monkeypatch.setattr(
+        "ramba.eval.tasks.cell_samples", lambda task, length, depth, n, seed: calls.append((length, n)) or []
+    )
     monkeypatch.setattr("ramba.eval.tasks._predict", lambda *a: [])
     monkeypatch.setattr("numpy.mean", lambda x: 0.0)
     evaluate_task(tiny_model(), make_task("passkey", TOK), [1 << 20, (1 << 20) + 1], [0.5], 2, long_samples=1)
@@ -127,18 +148,27 @@ def test_over_haystacks_names_each_and_the_held_out(monkeypatch, token_file):
     samples = []
     for hay in hays.values():
         for spec in specs:
-            samples += _samples(make_task(parse_task_spec(spec)[0], TOK, hay, **parse_task_spec(spec)[1]),
-                                [520, 700], [0.5], 1)
-    monkeypatch.setattr(ramba.inference, "generate", Oracle(samples, lambda s: s.answer if len(s.input_ids) == 520 else ""))
-    result = over_haystacks(lambda hay: evaluate_tasks(tiny_model(), TOK, specs, [520, 700], [0.5], 1, haystack=hay),
-                            hays, held_out=[token_file.path.name, "elsewhere"])
+            samples += _samples(
+                make_task(parse_task_spec(spec)[0], TOK, hay, **parse_task_spec(spec)[1]), [520, 700], [0.5], 1
+            )
+    monkeypatch.setattr(
+        ramba.inference, "generate", Oracle(samples, lambda s: s.answer if len(s.input_ids) == 520 else "")
+    )
+    result = over_haystacks(
+        lambda hay: evaluate_tasks(tiny_model(), TOK, specs, [520, 700], [0.5], 1, haystack=hay),
+        hays,
+        held_out=[token_file.path.name, "elsewhere"],
+    )
     assert result["held_out"] == [token_file.path.name]
     assert [(r["source"], r["held_out"]) for r in result["haystacks"].values()] == [
-        ("template", False), (str(token_file.path), True)]
+        ("template", False),
+        (str(token_file.path), True),
+    ]
     table = tasks_tables(result)
     assert f"haystack {token_file.path.name} (held out)" in table
     assert [line.split() for line in table.splitlines() if line.strip().startswith("niah_single")] == [
-        ["niah_single", "|", "1.000", "0.000", "|", "0.500"]] * 2
+        ["niah_single", "|", "1.000", "0.000", "|", "0.500"]
+    ] * 2
     with pytest.raises(EvalError, match="no such token file"):
         load_haystacks("template,nowhere/x", TOK)
     with pytest.raises(EvalError, match="given twice"):
@@ -178,7 +208,9 @@ def test_continuation_matches_greedy_full_forward():
 
 def test_task_specs_take_every_option_type():
     assert parse_task_spec("passkey:key_format=uuid:vary=true:edge_depths=0.5:distractors=2") == (
-        "passkey", {"key_format": "uuid", "vary": True, "edge_depths": 0.5, "distractors": 2})
+        "passkey",
+        {"key_format": "uuid", "vary": True, "edge_depths": 0.5, "distractors": 2},
+    )
     task = build_task("niah_multikey:key_format=number:value_format=word:phrasing=3", TOK)
     s = task.generate(900, 0.5, seed=0)
     assert s.metadata == {"key_format": "number", "value_format": "word", "digits": 7, "phrasing": 3}

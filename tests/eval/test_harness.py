@@ -1,5 +1,6 @@
 """lm-evaluation-harness: the `ramba` model against ramba's own scoring, the exported tasks against
 `ramba eval tasks`, and the harness's three request types against a plain full forward."""
+
 import json
 
 import lm_eval
@@ -19,8 +20,12 @@ def _harness(model, names, task_dir, **model_args):
     """`{task: [(doc, prediction, score)]}` and `{task: mean score}` from lm-eval over the exported tasks."""
     lm = model if isinstance(model, RambaLM) else None
     out = lm_eval.simple_evaluate(
-        model=lm or "ramba", model_args=None if lm else {"pretrained": str(model), **model_args}, tasks=names,
-        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False), log_samples=True)
+        model=lm or "ramba",
+        model_args=None if lm else {"pretrained": str(model), **model_args},
+        tasks=names,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        log_samples=True,
+    )
     samples = {n: [(s["doc"], s["filtered_resps"][0], s["score"]) for s in out["samples"][n]] for n in names}
     return samples, {n: out["results"][n]["score,none"] for n in names}
 
@@ -59,7 +64,7 @@ def test_loglikelihood_and_rolling_match_a_full_forward(model_dir, mode):
     lm = RambaLM(pretrained=str(model_dir), segment_len=16, mode=mode)
     tok = lm.ramba_tokenizer
     context, continuation = "The quick brown fox jumps over the lazy dog." * 2, " The end."
-    (logprob, greedy), = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+    ((logprob, greedy),) = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
     ids = [tok.bos_id] + tok.encode(context + continuation)
     n_ctx = 1 + len(tok.encode(context))
     ref = _full_logprobs(lm.model, ids)
@@ -87,8 +92,10 @@ def test_generate_until_is_greedy_decoding_cut_at_until(model_dir):
     text = tok.decode(expected[: expected.index(tok.eos_id)] if tok.eos_id in expected else expected)
     assert len(text) >= 4
     stop = text[2:4]
-    requests = [Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 12}), 0),
-                Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 12}), 1)]
+    requests = [
+        Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 12}), 0),
+        Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 12}), 1),
+    ]
     assert lm.generate_until(requests) == [text, text.split(stop)[0]]
     with pytest.raises(ValueError, match="unsupported generation_kwargs"):
         lm.generate_until([Instance("generate_until", {}, (prompt, {"top_p": 0.9}), 0)])
@@ -113,17 +120,22 @@ def test_hf_tokenizer_model(tmp_path):
     lm = RambaLM(pretrained=str(tmp_path))
     assert lm.ramba_tokenizer.name == str(tokenizer_file)
     assert lm.tok_encode("the key is 42") == [0, 3, 4, 5, 6]  # bos first, as for the byte tokenizer
-    (logprob, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("the key is", " 42 ."), 0)])
+    ((logprob, _),) = lm.loglikelihood([Instance("loglikelihood", {}, ("the key is", " 42 ."), 0)])
     ref = _full_logprobs(lm.model, [0, 3, 4, 5, 6, 7])
     assert logprob == pytest.approx(float(ref[3, 6] + ref[4, 7]), abs=1e-4)
 
 
 def test_export_writes_ramba_samples_and_scores_them_with_the_task_scorer(tmp_path):
     tok = ByteTokenizer()
-    names = export_harness_tasks(tmp_path, tok, ["passkey", "variable_tracking:num_hops=2"], [360, 400], [0.0, 1.0],
-                                 2, seed=5, extra_tokens=4)
-    assert names == ["ramba_passkey_360", "ramba_passkey_400", "ramba_variable_tracking_num_hops_2_360",
-                     "ramba_variable_tracking_num_hops_2_400"]
+    names = export_harness_tasks(
+        tmp_path, tok, ["passkey", "variable_tracking:num_hops=2"], [360, 400], [0.0, 1.0], 2, seed=5, extra_tokens=4
+    )
+    assert names == [
+        "ramba_passkey_360",
+        "ramba_passkey_400",
+        "ramba_variable_tracking_num_hops_2_360",
+        "ramba_variable_tracking_num_hops_2_400",
+    ]
     assert harness_task_name("passkey", 4096) == "ramba_passkey_4k"
     task = build_task("variable_tracking:num_hops=2", tok)
     docs = [json.loads(line) for line in (tmp_path / f"{names[3]}.jsonl").read_text().splitlines()]
@@ -150,8 +162,27 @@ def test_cli_export_harness(model_dir, tmp_path, capsys):
     from ramba.cli.main import main
 
     out = tmp_path / "tasks"
-    assert main(["eval", "tasks", "--model", str(model_dir), "--tasks", "passkey", "--lengths", "256",
-                 "--depths", "0.5", "--samples", "2", "--export-harness", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "tasks",
+                "--model",
+                str(model_dir),
+                "--tasks",
+                "passkey",
+                "--lengths",
+                "256",
+                "--depths",
+                "0.5",
+                "--samples",
+                "2",
+                "--export-harness",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "ramba_passkey_256" in printed and f"--include_path {out}" in printed
     assert len((out / "ramba_passkey_256.jsonl").read_text().splitlines()) == 2

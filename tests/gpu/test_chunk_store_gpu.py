@@ -1,5 +1,6 @@
 """The paged chunk store on CUDA: pinned pages, the side-stream copies and host landmarks streamed by the
 selection give what the resident cache gives (bit for bit) and what one full forward gives (bf16 tolerance)."""
+
 import pytest
 import torch
 
@@ -13,8 +14,21 @@ from ramba.ops.retrieval import select_chunks
 pytestmark = pytest.mark.gpu
 
 CONFIG = dict(
-    vocab_size=260, d_model=128, n_heads=4, n_kv_heads=1, head_dim=64, retrieval_dim=64, d_state=32, ssm_head_dim=32,
-    chunk_size=64, topk=4, n_lower_layers=2, n_upper_layers=2, mamba_per_hsa=1, window=64, mlp_hidden=256,
+    vocab_size=260,
+    d_model=128,
+    n_heads=4,
+    n_kv_heads=1,
+    head_dim=64,
+    retrieval_dim=64,
+    d_state=32,
+    ssm_head_dim=32,
+    chunk_size=64,
+    topk=4,
+    n_lower_layers=2,
+    n_upper_layers=2,
+    mamba_per_hsa=1,
+    window=64,
+    mlp_hidden=256,
 )
 
 
@@ -33,8 +47,9 @@ def test_cuda_fetch_blocks_match_concatenation(tmp_path):
             torch.cuda.synchronize()
             want = k_all.view(2, 37, 64, 1, 64)[torch.arange(2)[:, None, None, None], indices[:, t0:t1].cpu()]
             got = memory.k.view(2, -1, 64, 1, 64)[torch.arange(2)[:, None, None, None].cuda(), remapped]
-            assert torch.equal(got.cpu(), want) and torch.equal(memory.v.view(2, -1, 64, 1, 64)[
-                torch.arange(2)[:, None, None, None].cuda(), remapped].cpu(), -want)
+            assert torch.equal(got.cpu(), want) and torch.equal(
+                memory.v.view(2, -1, 64, 1, 64)[torch.arange(2)[:, None, None, None].cuda(), remapped].cpu(), -want
+            )
 
 
 def test_cuda_tiers_match_resident_and_full_forward(tmp_path, monkeypatch):
@@ -50,8 +65,10 @@ def test_cuda_tiers_match_resident_and_full_forward(tmp_path, monkeypatch):
         runs = []
         for offload in offloads:
             last, cache = prefill(model, ids[:, :900], segment_len=256, offload=offload)
-            steps = [last] + [model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
-                              for t in range(900, 1000)]
+            steps = [last] + [
+                model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+                for t in range(900, 1000)
+            ]
             runs.append(torch.stack(steps, 1))
             if isinstance(offload, Offload) and offload.tier == "disk":
                 assert "disk" in cache.memory.page_tiers

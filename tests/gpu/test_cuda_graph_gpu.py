@@ -4,6 +4,7 @@ architecture, with fresh inputs on every replay; and `ramba train` with cuda_gra
 Under bf16 autocast, as models train on GPUs. Both sides run the same kernels; atomics in some backward kernels
 sum in varying order, so gradients agree to bf16-level tolerances, not bit for bit.
 """
+
 import pytest
 import torch
 
@@ -13,11 +14,29 @@ from ramba.train.cuda_graph import GraphedLoss
 pytestmark = pytest.mark.gpu
 
 CONFIG = dict(
-    vocab_size=260, d_model=128, n_heads=4, n_kv_heads=1, head_dim=64, retrieval_dim=64, d_state=32, ssm_head_dim=32,
-    chunk_size=64, topk=4, n_lower_layers=2, n_upper_layers=2, mamba_per_hsa=1, window=64, mlp_hidden=256,
+    vocab_size=260,
+    d_model=128,
+    n_heads=4,
+    n_kv_heads=1,
+    head_dim=64,
+    retrieval_dim=64,
+    d_state=32,
+    ssm_head_dim=32,
+    chunk_size=64,
+    topk=4,
+    n_lower_layers=2,
+    n_upper_layers=2,
+    mamba_per_hsa=1,
+    window=64,
+    mlp_hidden=256,
 )
-ARCHITECTURES = [dict(architecture="ramba"), dict(architecture="ramba", local_mixer="swa"),
-                 dict(architecture="mamba2"), dict(architecture="mamba2-swa"), dict(architecture="transformer")]
+ARCHITECTURES = [
+    dict(architecture="ramba"),
+    dict(architecture="ramba", local_mixer="swa"),
+    dict(architecture="mamba2"),
+    dict(architecture="mamba2-swa"),
+    dict(architecture="transformer"),
+]
 
 
 def rel_err(a, b):
@@ -28,6 +47,7 @@ def _loss_fn(model):
     def loss(ids):
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
             return model(input_ids=ids, labels=ids).loss
+
     return loss
 
 
@@ -115,9 +135,17 @@ def test_ramba_train_with_cuda_graph_matches_eager(tmp_path):
     from ramba.train.config import config_from_dict
 
     def run(name, resume=None, **extra):
-        cfg = {"out_dir": str(tmp_path / name), "max_steps": 6, "micro_batch": 2, "grad_accum": 2,
-               "model": {"preset": "tiny", "overrides": CONFIG}, "data": {"seq_len": 700, "sources": [{"task": "passkey"}]},
-               "optim": {"lr": 1e-3, "warmup_steps": 2}, "log": {"progress": False, "tensorboard": False}, **extra}
+        cfg = {
+            "out_dir": str(tmp_path / name),
+            "max_steps": 6,
+            "micro_batch": 2,
+            "grad_accum": 2,
+            "model": {"preset": "tiny", "overrides": CONFIG},
+            "data": {"seq_len": 700, "sources": [{"task": "passkey"}]},
+            "optim": {"lr": 1e-3, "warmup_steps": 2},
+            "log": {"progress": False, "tensorboard": False},
+            **extra,
+        }
         train(config_from_dict(cfg), resume=resume)
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}

@@ -1,6 +1,7 @@
 """HSA triton backend on CUDA at real sizes: against the reference and the torch backend.
 
 Few kernel compiles: the long and memory tests reuse the first CASES shape."""
+
 from __future__ import annotations
 
 from pathlib import Path

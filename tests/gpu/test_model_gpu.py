@@ -4,6 +4,7 @@ paths; cache and offload on CUDA.
 Run under bf16 autocast, the way models train and serve on GPUs (fp32 SSD kernels take minutes to compile and
 tune), so tolerances are bf16 ones.
 """
+
 import pytest
 import torch
 
@@ -13,8 +14,21 @@ from ramba.inference import prefill
 pytestmark = pytest.mark.gpu
 
 CONFIG = dict(
-    vocab_size=260, d_model=128, n_heads=4, n_kv_heads=1, head_dim=64, retrieval_dim=64, d_state=32, ssm_head_dim=32,
-    chunk_size=64, topk=4, n_lower_layers=2, n_upper_layers=2, mamba_per_hsa=1, window=64, mlp_hidden=256,
+    vocab_size=260,
+    d_model=128,
+    n_heads=4,
+    n_kv_heads=1,
+    head_dim=64,
+    retrieval_dim=64,
+    d_state=32,
+    ssm_head_dim=32,
+    chunk_size=64,
+    topk=4,
+    n_lower_layers=2,
+    n_upper_layers=2,
+    mamba_per_hsa=1,
+    window=64,
+    mlp_hidden=256,
 )
 
 

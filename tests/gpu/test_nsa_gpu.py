@@ -1,5 +1,6 @@
 """fla-core's NSA kernels (the CUDA fast path of ramba.ops.nsa) against the torch path, forward and backward;
 the mamba2-nsa baseline model on CUDA with them against itself on the torch path."""
+
 import pytest
 import torch
 
@@ -25,7 +26,7 @@ def test_fla_nsa_matches_torch(B, T, HQ, H):
     gates = [torch.rand(B, T, HQ, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2)]
     inputs = (q, k, v, *gates)
     fast = nsa(*inputs, K, S, backend="fla")
-    ref = nsa_torch(*inputs, K, S, D ** -0.5)
+    ref = nsa_torch(*inputs, K, S, D**-0.5)
     assert rel_err(fast, ref) < tol
     grad = torch.randn_like(ref)
     got = torch.autograd.grad((fast.float() * grad.float()).sum(), inputs)
@@ -39,9 +40,22 @@ def test_mamba2_nsa_model_on_fla_matches_torch_path(monkeypatch):
     import ramba.layers.attention as attention
 
     torch.manual_seed(1)
-    config = RambaConfig(vocab_size=260, d_model=256, n_heads=16, n_kv_heads=1, head_dim=32, d_state=32, ssm_head_dim=32,
-                         chunk_size=64, topk=4, n_lower_layers=1, n_upper_layers=2, mamba_per_hsa=1, window=128,
-                         architecture="mamba2-nsa")
+    config = RambaConfig(
+        vocab_size=260,
+        d_model=256,
+        n_heads=16,
+        n_kv_heads=1,
+        head_dim=32,
+        d_state=32,
+        ssm_head_dim=32,
+        chunk_size=64,
+        topk=4,
+        n_lower_layers=1,
+        n_upper_layers=2,
+        mamba_per_hsa=1,
+        window=128,
+        architecture="mamba2-nsa",
+    )
     model = RambaForCausalLM(config).cuda()
     ids = torch.randint(0, 256, (2, 700), device="cuda")
 

@@ -2,6 +2,7 @@
 gradients, states.
 
 Run on a GPU machine with ``pytest -m gpu tests/gpu/test_ssd_gpu.py`` (needs ``mamba-ssm`` and ``fla-core``)."""
+
 import pytest
 import torch
 
@@ -89,7 +90,9 @@ def test_fla_matches_torch(kernel, case):
     check(y, h, g, y_ref, h_ref, g_ref, dtype)
 
 
-needs_mamba_ssm = pytest.mark.skipif(chunk_scan_combined() is None, reason="needs mamba-ssm (scripts/device_run.sh carries it)")
+needs_mamba_ssm = pytest.mark.skipif(
+    chunk_scan_combined() is None, reason="needs mamba-ssm (scripts/device_run.sh carries it)"
+)
 
 MAMBA_CASES = CASES + [
     pytest.param((torch.bfloat16, (8, 2), True, 64, 40), id="bf16-GQA4-h0-short"),

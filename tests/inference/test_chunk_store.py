@@ -1,5 +1,6 @@
 """The paged chunk store (device, host and disk tiers) against a plain concatenation; the memory planner;
 offload failures that must happen before any work."""
+
 import errno
 import os
 import subprocess
@@ -135,8 +136,11 @@ def test_planner_refuses_impossible_prefill(monkeypatch):
     model = small_model()
     monkeypatch.setattr(planner, "available_host_bytes", lambda: 2**30)
     tokens = 16 * 2**20  # 2 KiB of keys and values per 16-token chunk: 2 GiB of pages
-    with pytest.raises(MemoryPlanError, match=r"needs 2\.\d\d GiB of pinned host memory, 1\.00 GiB available; it would "
-                                              r"fit with the disk tier: offload='disk:PATH' \(CLI --offload-dir PATH\)"):
+    with pytest.raises(
+        MemoryPlanError,
+        match=r"needs 2\.\d\d GiB of pinned host memory, 1\.00 GiB available; it would "
+        r"fit with the disk tier: offload='disk:PATH' \(CLI --offload-dir PATH\)",
+    ):
         planner.plan_prefill(model, 1, tokens, 2048, offload=True)
     plan = planner.plan_memory(model, 1, tokens, 2048, Offload("disk", os.getcwd(), 2**28))
     assert plan.pinned_bytes < 2**29 and plan.disk_bytes >= 2**30 + 2**29
@@ -163,8 +167,13 @@ def small_filesystem(tmp_path):
     """A 1 MiB tmpfs where the machine allows mounting one, else ``None`` (the test then simulates ENOSPC)."""
     folder = tmp_path / "small"
     folder.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
-                                                   capture_output=True).returncode == 0
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        == 0
+    )
     yield folder if mounted else None
     if mounted:
         subprocess.run(["umount", str(folder)], check=True)
@@ -186,7 +195,9 @@ def test_full_disk_fails_before_work(small_filesystem, tmp_path, monkeypatch):
     store = _store(1, 2**16, "disk", str(folder), host_budget=0)  # 6 MiB pages on a 1 MiB file system
     with pytest.raises(OffloadError, match="No space left on device"):
         store.reserve(1)
-    error, message = (OffloadError, "No space") if small_filesystem is None else (MemoryPlanError, "disk space for the disk")
+    error, message = (
+        (OffloadError, "No space") if small_filesystem is None else (MemoryPlanError, "disk space for the disk")
+    )
     with pytest.raises(error, match=message):
         prefill(model, torch.randint(3, 64, (1, 40)), segment_len=16, offload=Offload("disk", str(folder), 0))
 
@@ -197,8 +208,21 @@ def test_cli_refuses_before_the_first_cell(tmp_path, capsys, monkeypatch):
     import ramba.cli.main as cli
 
     small_model(vocab_size=260).save_pretrained(tmp_path / "model")
-    args = ["eval", "passkey", "--model", str(tmp_path / "model"), "--tokenizer", "byte", "--lengths", "300,1m",
-            "--samples", "1", "--out", str(tmp_path / "out"), "--no-progress"]
+    args = [
+        "eval",
+        "passkey",
+        "--model",
+        str(tmp_path / "model"),
+        "--tokenizer",
+        "byte",
+        "--lengths",
+        "300,1m",
+        "--samples",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
     assert cli.main(args + ["--offload-dir", str(tmp_path / "missing"), "--host-budget", "1m"]) == 2
     assert "cannot create the disk tier's file in" in capsys.readouterr().err
     monkeypatch.setattr(planner, "available_host_bytes", lambda: 2**29)

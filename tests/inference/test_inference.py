@@ -1,4 +1,5 @@
 """Cache, segmented prefill (exact and fast), decoding, offload, ragged batches, bad caches."""
+
 import pytest
 import torch
 

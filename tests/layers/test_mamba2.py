@@ -1,5 +1,6 @@
 """Mamba-2 mixer/block: equal to Hugging Face's Mamba2 with the same weights; segmented prefill,
 full forward and the one-token step agree."""
+
 import math
 import shutil
 
@@ -17,16 +18,35 @@ D_MODEL = 16
 
 
 def mixer_kwargs(n_groups=1, use_bias=False, use_conv_bias=True, limit=(0.0, float("inf")), d_conv=4):
-    return dict(d_state=8, d_conv=d_conv, expand=2, head_dim=8, n_groups=n_groups, chunk_size=8,
-                use_conv_bias=use_conv_bias, use_bias=use_bias, time_step_limit=limit)
+    return dict(
+        d_state=8,
+        d_conv=d_conv,
+        expand=2,
+        head_dim=8,
+        n_groups=n_groups,
+        chunk_size=8,
+        use_conv_bias=use_conv_bias,
+        use_bias=use_bias,
+        time_step_limit=limit,
+    )
 
 
 def hf_config(kw):
     return Mamba2Config(
-        hidden_size=D_MODEL, state_size=kw["d_state"], expand=kw["expand"], head_dim=kw["head_dim"],
-        num_heads=kw["expand"] * D_MODEL // kw["head_dim"], n_groups=kw["n_groups"], chunk_size=kw["chunk_size"],
-        conv_kernel=kw["d_conv"], use_conv_bias=kw["use_conv_bias"], use_bias=kw["use_bias"],
-        layer_norm_epsilon=1e-5, time_step_limit=kw["time_step_limit"], num_hidden_layers=1, vocab_size=8,
+        hidden_size=D_MODEL,
+        state_size=kw["d_state"],
+        expand=kw["expand"],
+        head_dim=kw["head_dim"],
+        num_heads=kw["expand"] * D_MODEL // kw["head_dim"],
+        n_groups=kw["n_groups"],
+        chunk_size=kw["chunk_size"],
+        conv_kernel=kw["d_conv"],
+        use_conv_bias=kw["use_conv_bias"],
+        use_bias=kw["use_bias"],
+        layer_norm_epsilon=1e-5,
+        time_step_limit=kw["time_step_limit"],
+        num_hidden_layers=1,
+        vocab_size=8,
     )
 
 
@@ -217,7 +237,9 @@ def _saved_bytes(fn):
     return sum(storages.values()), out
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler"
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_compiled_glue_matches_eager(dtype):
     """compile_glue: the element-wise head and tail through torch.compile equal the eager ones (forward, all
@@ -263,7 +285,9 @@ def test_compiled_glue_matches_eager(dtype):
         assert saved_c < saved_e
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler"
+)
 def test_compiled_glue_step_and_auto():
     """compile_glue in the one-token step equals eager; None (automatic) stays eager on the CPU."""
     torch.manual_seed(1)

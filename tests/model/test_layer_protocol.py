@@ -1,5 +1,6 @@
 """The layer protocol (docs/design.md §3): kinds registered by their classes, forward(hidden, ctx), each layer's
 init_cache asked by RambaCache, a layer kind added without editing the model or the cache; encoder_heads."""
+
 import json
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def test_every_kind_has_its_layer_class():
         assert issubclass(cls, RambaLayer) and cls.kind == kind
     with pytest.raises(ValueError, match="no layer class registered for layer kind 'lstm'"):
         from ramba.layers import build_layer
+
         build_layer("lstm", RambaConfig(**SMALL), 0)
 
 
@@ -49,7 +51,12 @@ def test_cache_holds_what_each_layer_keeps(overrides):
             assert isinstance(state, KVCache) and state.k is None
         elif kind == "chunk_encoder":
             assert isinstance(state, ChunkEncoderState) and state.pending is None and state.store is cache.memory
-            assert cache.memory.n_chunks == 0 and cache.memory.landmarks.shape == (3, 0, c.retrieval_heads, c.retrieval_dim)
+            assert cache.memory.n_chunks == 0 and cache.memory.landmarks.shape == (
+                3,
+                0,
+                c.retrieval_heads,
+                c.retrieval_dim,
+            )
         else:
             assert state is None, kind
     ids = torch.randint(3, 64, (3, 21))
@@ -128,9 +135,13 @@ def test_encoder_heads_default_keeps_old_models_and_the_field_is_used(tmp_path):
 
 # logits[0, positions, :4] of the shipped model on TEXT, computed at commit 9efe38d (before the layer protocol)
 SHIPPED_POSITIONS = [0, 63, 64, 150, 215]
-SHIPPED_LOGITS = [[-5.538644, -5.53817, -5.453707, -5.634221], [-11.068869, -10.943249, -11.081148, -11.104422],
-                  [-7.30524, -7.217826, -7.366158, -7.256777], [-8.168337, -8.06003, -8.056698, -8.145735],
-                  [-13.455696, -13.37079, -13.460111, -13.333775]]
+SHIPPED_LOGITS = [
+    [-5.538644, -5.53817, -5.453707, -5.634221],
+    [-11.068869, -10.943249, -11.081148, -11.104422],
+    [-7.30524, -7.217826, -7.366158, -7.256777],
+    [-8.168337, -8.06003, -8.056698, -8.145735],
+    [-13.455696, -13.37079, -13.460111, -13.333775],
+]
 
 
 def test_shipped_model_keeps_its_encoder_heads_and_logits():

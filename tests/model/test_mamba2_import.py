@@ -1,4 +1,5 @@
 """Mamba-2 import with HF's non-default mixer options: biases and the time-step limit reach RAMba's mixer."""
+
 import json
 
 import pytest
@@ -7,8 +8,9 @@ import torch
 from ramba import RambaForCausalLM
 from ramba.model.mamba2_import import load_mamba2_weights, ramba_config_from_mamba2
 
-SMALL_HSA = dict(n_heads=2, n_kv_heads=1, head_dim=16, retrieval_dim=16, chunk_size=16, topk=2, mamba_per_hsa=1,
-                 mlp_hidden=64)
+SMALL_HSA = dict(
+    n_heads=2, n_kv_heads=1, head_dim=16, retrieval_dim=16, chunk_size=16, topk=2, mamba_per_hsa=1, mlp_hidden=64
+)
 
 
 def _save_hf_mamba2(path, **options):
@@ -16,8 +18,20 @@ def _save_hf_mamba2(path, **options):
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Mamba2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8, head_dim=16, num_heads=4,
-                       n_groups=1, expand=2, conv_kernel=4, chunk_size=16, tie_word_embeddings=False, **options)
+    cfg = Mamba2Config(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        state_size=8,
+        head_dim=16,
+        num_heads=4,
+        n_groups=1,
+        expand=2,
+        conv_kernel=4,
+        chunk_size=16,
+        tie_word_embeddings=False,
+        **options,
+    )
     hf = Mamba2ForCausalLM(cfg).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
@@ -27,9 +41,15 @@ def _save_hf_mamba2(path, **options):
     return hf
 
 
-@pytest.mark.parametrize("options", [dict(use_conv_bias=False), dict(use_bias=True),
-                                     dict(time_step_limit=(0.02, 0.08)),
-                                     dict(use_conv_bias=False, use_bias=True, time_step_limit=(0.0, 0.05))])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(use_conv_bias=False),
+        dict(use_bias=True),
+        dict(time_step_limit=(0.02, 0.08)),
+        dict(use_conv_bias=False, use_bias=True, time_step_limit=(0.0, 0.05)),
+    ],
+)
 def test_non_default_mixer_options_give_hf_logits(tmp_path, options):
     hf = _save_hf_mamba2(tmp_path, **options)
     cfg = ramba_config_from_mamba2(tmp_path, **SMALL_HSA)
@@ -58,7 +78,10 @@ def test_saved_models_keep_the_options(tmp_path, limit):
     model = RambaForCausalLM(ramba_config_from_mamba2(tmp_path / "hf", **SMALL_HSA))
     model.save_pretrained(tmp_path / "ramba")
     save_model_file(model, tmp_path / "model.safetensors", dtype=torch.float32)
-    for again in (RambaForCausalLM.from_pretrained(tmp_path / "ramba"), load_model_file(tmp_path / "model.safetensors")):
+    for again in (
+        RambaForCausalLM.from_pretrained(tmp_path / "ramba"),
+        load_model_file(tmp_path / "model.safetensors"),
+    ):
         assert (again.config.conv_bias, again.config.ssm_proj_bias, again.config.dt_limit) == (False, True, limit)
         mixer = again.model.layers[0].mixer
         assert mixer.conv1d.bias is None and mixer.in_proj.bias is not None and mixer.time_step_limit == limit

@@ -1,4 +1,5 @@
 """RambaForCausalLM: causality, save/load, Auto classes, training, gradient checkpointing, Mamba-2 import, config errors."""
+
 import pytest
 import torch
 
@@ -9,7 +10,9 @@ from small_models import SMALL, small_model
 VARIANTS = {
     "ramba": {},
     "ramba-swa": dict(local_mixer="swa"),
-    "ramba-gqa-softmax-mlp": dict(n_heads=4, n_kv_heads=2, retrieval_heads=1, weight_norm="softmax", hsa_mlp=True, sm_n=1.0),
+    "ramba-gqa-softmax-mlp": dict(
+        n_heads=4, n_kv_heads=2, retrieval_heads=1, weight_norm="softmax", hsa_mlp=True, sm_n=1.0
+    ),
     "ramba-2groups": dict(n_upper_layers=4, retrieval_groups=2, encoder_layers=2),
     "mamba2": dict(architecture="mamba2"),
     "mamba2-swa": dict(architecture="mamba2-swa"),
@@ -151,7 +154,12 @@ def test_hsa_gets_gradient_through_retrieval():
     lm = [n for n in grads if n.endswith("landmark_proj.weight")][0]
     rq = [n for n in grads if ".q_proj.weight" in n and "retrieval" not in n]
     assert grads[lm] is not None and grads[lm].abs().sum() > 0
-    retrieval_q = [n for i, kind in enumerate(model.model.layer_kinds) if kind == "retrieval" for n in [f"model.layers.{i}.q_proj.weight"]]
+    retrieval_q = [
+        n
+        for i, kind in enumerate(model.model.layer_kinds)
+        if kind == "retrieval"
+        for n in [f"model.layers.{i}.q_proj.weight"]
+    ]
     assert all(grads[n].abs().sum() > 0 for n in retrieval_q) and rq
 
 
@@ -191,7 +199,14 @@ def test_presets():
     assert n_params <= 10_000_000 and tiny.vocab_size >= 256 + 3
     big = RambaConfig.preset("370m")
     assert (big.d_model, big.n_lower_layers, big.n_upper_layers, big.n_hsa_layers) == (1024, 24, 24, 3)
-    assert (big.chunk_size, big.topk, big.n_heads, big.n_kv_heads, big.head_dim, big.retrieval_dim) == (64, 8, 16, 1, 64, 1024)
+    assert (big.chunk_size, big.topk, big.n_heads, big.n_kv_heads, big.head_dim, big.retrieval_dim) == (
+        64,
+        8,
+        16,
+        1,
+        64,
+        1024,
+    )
     assert RambaConfig.preset("tiny", topk=4).topk == 4
     with pytest.raises(ValueError, match="unknown preset"):
         RambaConfig.preset("huge")
@@ -213,8 +228,17 @@ def test_load_mamba2_weights_matches_hf(tmp_path):
 
     torch.manual_seed(0)
     hf_cfg = Mamba2Config(
-        vocab_size=64, hidden_size=32, num_hidden_layers=4, state_size=8, head_dim=16, num_heads=4, n_groups=1,
-        expand=2, conv_kernel=4, chunk_size=16, tie_word_embeddings=False,
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=4,
+        state_size=8,
+        head_dim=16,
+        num_heads=4,
+        n_groups=1,
+        expand=2,
+        conv_kernel=4,
+        chunk_size=16,
+        tie_word_embeddings=False,
     )
     hf = Mamba2ForCausalLM(hf_cfg).eval()
     with torch.no_grad():  # make every parameter matter
@@ -222,8 +246,18 @@ def test_load_mamba2_weights_matches_hf(tmp_path):
             if name.endswith(("norm.weight", "norm_f.weight", ".D", "dt_bias")):
                 p.add_(0.1 * torch.randn_like(p))
     hf.save_pretrained(tmp_path)
-    cfg = ramba_config_from_mamba2(tmp_path, n_heads=2, n_kv_heads=1, head_dim=16, retrieval_dim=16, chunk_size=16,
-                                   topk=2, mamba_per_hsa=1, mlp_hidden=64, hsa_mlp=True)
+    cfg = ramba_config_from_mamba2(
+        tmp_path,
+        n_heads=2,
+        n_kv_heads=1,
+        head_dim=16,
+        retrieval_dim=16,
+        chunk_size=16,
+        topk=2,
+        mamba_per_hsa=1,
+        mlp_hidden=64,
+        hsa_mlp=True,
+    )
     model = RambaForCausalLM(cfg).eval()
     report = load_mamba2_weights(model, tmp_path)
     assert len(report.loaded) == 3 + 4 * 9  # embeddings, norm_f, lm_head; 4 layers x 9 tensors
@@ -232,7 +266,17 @@ def test_load_mamba2_weights_matches_hf(tmp_path):
     ids = torch.randint(0, 64, (2, 50))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
-    too_big = RambaForCausalLM(ramba_config_from_mamba2(tmp_path, n_lower_layers=4, n_upper_layers=2, n_heads=2,
-                                                        head_dim=16, retrieval_dim=16, chunk_size=16, mamba_per_hsa=1))
+    too_big = RambaForCausalLM(
+        ramba_config_from_mamba2(
+            tmp_path,
+            n_lower_layers=4,
+            n_upper_layers=2,
+            n_heads=2,
+            head_dim=16,
+            retrieval_dim=16,
+            chunk_size=16,
+            mamba_per_hsa=1,
+        )
+    )
     with pytest.raises(ValueError, match="Mamba-2 layers"):
         load_mamba2_weights(too_big, tmp_path)

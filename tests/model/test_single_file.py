@@ -1,4 +1,5 @@
 """Single-file models: weights + config + tokenizer name in one safetensors file; clear errors for other files."""
+
 import pytest
 import torch
 from safetensors.torch import save_file

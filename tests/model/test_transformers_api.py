@@ -1,5 +1,6 @@
 """RambaCache follows the installed transformers' cache API: a ``transformers.Cache``, the cache under the name
 the version uses, and no deprecation warning (Python warning or transformers log line) from ramba's own calls."""
+
 import contextlib
 import logging
 import warnings
@@ -36,8 +37,11 @@ def deprecations_caught():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield found
-        found += [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))
-                  or "deprecat" in str(w.message).lower()]
+        found += [
+            str(w.message)
+            for w in caught
+            if issubclass(w.category, (DeprecationWarning, FutureWarning)) or "deprecat" in str(w.message).lower()
+        ]
     finally:
         logger.removeHandler(handler)
 
@@ -86,7 +90,11 @@ def test_transformers_whole_cache_edits_are_refused_clearly():
     model = small_model()
     cache = RambaCache(model.config, 1, torch.device("cpu"), torch.float32)
     assert not cache.is_compileable and cache.batch_size == 1 and len(cache) == len(model.model.layers)
-    for edit in (lambda: cache.reorder_cache(torch.tensor([0])), lambda: cache.crop(1), cache.reset,
-                 lambda: cache.batch_repeat_interleave(2)):
+    for edit in (
+        lambda: cache.reorder_cache(torch.tensor([0])),
+        lambda: cache.crop(1),
+        cache.reset,
+        lambda: cache.batch_repeat_interleave(2),
+    ):
         with pytest.raises(NotImplementedError, match="RambaCache: reordering, cropping"):
             edit()

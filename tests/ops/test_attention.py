@@ -1,4 +1,5 @@
 """causal_attention (blocked sliding window) against an explicit softmax over allowed keys, float64."""
+
 import pytest
 import torch
 
@@ -19,7 +20,9 @@ def explicit_attention(q, k, v, window):
     return out
 
 
-@pytest.mark.parametrize("T,Tk,window", [(37, 37, None), (37, 37, 5), (40, 40, 8), (7, 30, 4), (1, 50, 16), (33, 33, 64), (20, 45, None)])
+@pytest.mark.parametrize(
+    "T,Tk,window", [(37, 37, None), (37, 37, 5), (40, 40, 8), (7, 30, 4), (1, 50, 16), (33, 33, 64), (20, 45, None)]
+)
 @pytest.mark.parametrize("HQ,H", [(2, 2), (4, 1)])
 def test_causal_attention_matches_explicit(T, Tk, window, HQ, H):
     g = torch.Generator().manual_seed(T * 100 + Tk + HQ)

@@ -1,5 +1,6 @@
 """HSA operator: reference vs explicit loops, torch backend vs reference (float64, forward and
 backward), triton backend vs reference under TRITON_INTERPRET=1, input checks and dispatch."""
+
 from __future__ import annotations
 
 import importlib
@@ -281,11 +282,15 @@ def interpreted():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-c", _INTERPRET_SCRIPT, str(ROOT), json.dumps(INTERPRET_CASES)],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 @pytest.mark.parametrize("case", range(len(INTERPRET_CASES)), ids=[str(c) for c in INTERPRET_CASES])
@@ -366,7 +371,7 @@ def test_unknown_backend_raises():
 def test_default_scale_and_dtype():
     args = _good()
     o = hsa(**args, backend="torch")
-    ref = hsa_naive(args["q"], args["k"], args["v"], args["weights"], args["indices"], 4, 8 ** -0.5)
+    ref = hsa_naive(args["q"], args["k"], args["v"], args["weights"], args["indices"], 4, 8**-0.5)
     assert o.dtype == torch.float32
     torch.testing.assert_close(o, ref)
     args["q"] = args["q"].to(torch.bfloat16)

@@ -1,6 +1,7 @@
 """NSA's compressed + selected branches (ramba.ops.nsa): the vectorised torch path against a per-token loop
 written from the definition, in float64, forward and backward; against fla-core's own reference functions
 where fla is installed; clear errors. (tests/gpu/test_nsa_gpu.py compares fla's CUDA kernels with it.)"""
+
 import math
 
 import pytest
@@ -55,15 +56,18 @@ def _inputs(B, T, HQ, H, D, dtype=torch.float64, seed=0):
     return q, k, v, *gates
 
 
-@pytest.mark.parametrize("B, T, HQ, H, D, S, K", [
-    (2, 40, 4, 1, 8, 16, 3),   # T not a multiple of S, K above the visible count early on
-    (1, 48, 4, 2, 8, 16, 4),   # GQA 2, T a multiple of S
-    (2, 37, 2, 2, 4, 8, 8),    # no grouping, K above the block count
-    (1, 5, 4, 1, 8, 16, 3),    # shorter than one block: nothing compressed is visible
-])
+@pytest.mark.parametrize(
+    "B, T, HQ, H, D, S, K",
+    [
+        (2, 40, 4, 1, 8, 16, 3),  # T not a multiple of S, K above the visible count early on
+        (1, 48, 4, 2, 8, 16, 4),  # GQA 2, T a multiple of S
+        (2, 37, 2, 2, 4, 8, 8),  # no grouping, K above the block count
+        (1, 5, 4, 1, 8, 16, 3),  # shorter than one block: nothing compressed is visible
+    ],
+)
 def test_nsa_torch_matches_the_definition(B, T, HQ, H, D, S, K):
     inputs = _inputs(B, T, HQ, H, D, seed=T)
-    scale = D ** -0.5
+    scale = D**-0.5
     out = nsa_torch(*inputs, K, S, scale)
     ref = nsa_loop(*inputs, K, S, scale)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
@@ -85,7 +89,7 @@ def test_nsa_torch_matches_fla_reference():
     naive = pytest.importorskip("fla.ops.nsa.naive", reason="fla-core is not installed (pip install fla-core)")
     B, T, HQ, H, D, S, K = 2, 75, 8, 2, 16, 16, 4
     q, k, v, g_cmp, g_slc = _inputs(B, T, HQ, H, D, seed=1)
-    scale = D ** -0.5
+    scale = D**-0.5
     kc, vc = mean_pool(k, S), mean_pool(v, S)
     o_cmp, _ = naive.naive_nsa_compression(q, kc, vc, S, scale)
     indices = naive.naive_nsa_topk(q, kc, K, S, scale)
@@ -94,13 +98,15 @@ def test_nsa_torch_matches_fla_reference():
     out = nsa_torch(q, k, v, g_cmp, g_slc, K, S, scale)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     grad = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad((out * grad).sum(), (q, k, v)), torch.autograd.grad((ref * grad).sum(), (q, k, v))):
+    for a, b in zip(
+        torch.autograd.grad((out * grad).sum(), (q, k, v)), torch.autograd.grad((ref * grad).sum(), (q, k, v))
+    ):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_nsa_picks_torch_on_cpu_and_checks_its_inputs():
     q, k, v, g_cmp, g_slc = _inputs(1, 20, 4, 1, 8, dtype=torch.float32)
-    torch.testing.assert_close(nsa(q, k, v, g_cmp, g_slc, 2, 16), nsa_torch(q, k, v, g_cmp, g_slc, 2, 16, 8 ** -0.5))
+    torch.testing.assert_close(nsa(q, k, v, g_cmp, g_slc, 2, 16), nsa_torch(q, k, v, g_cmp, g_slc, 2, 16, 8**-0.5))
     assert nsa(q, k, v, g_cmp, g_slc, 2, 16).dtype == torch.float32
     with pytest.raises(ValueError, match="backend 'fla' needs"):
         nsa(q, k, v, g_cmp, g_slc, 2, 16, backend="fla")

@@ -1,4 +1,5 @@
 """select_chunks (streaming) against select_chunks_naive, and both against hand-computed cases."""
+
 import math
 
 import pytest

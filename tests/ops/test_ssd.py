@@ -1,4 +1,5 @@
 """Chunked SSD (torch) against the per-token recurrence, in float64: outputs, states, gradients."""
+
 import itertools
 
 import pytest
@@ -10,7 +11,7 @@ from ramba.ops.ssd import default_backend, ssd, ssd_step
 def make_inputs(b, T, H, P, G, N, dtype=torch.float64, init=False, seed=0, dt_scale=1.0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, T, H, P, generator=g, dtype=dtype)
-    dt = (torch.rand(b, T, H, generator=g, dtype=dtype) * dt_scale)
+    dt = torch.rand(b, T, H, generator=g, dtype=dtype) * dt_scale
     A = -torch.rand(H, generator=g, dtype=dtype) * 2 - 0.1
     B = torch.randn(b, T, G, N, generator=g, dtype=dtype)
     C = torch.randn(b, T, G, N, generator=g, dtype=dtype)
@@ -86,7 +87,9 @@ def test_segments_chain_through_state():
     x, dt, A, B, C, _ = make_inputs(2, 23, 4, 3, 2, 4, seed=8)
     y_full, h_full = ssd(x, dt, A, B, C, chunk_size=8, return_final_state=True)
     y1, h1 = ssd(x[:, :10], dt[:, :10], A, B[:, :10], C[:, :10], chunk_size=8, return_final_state=True)
-    y2, h2 = ssd(x[:, 10:], dt[:, 10:], A, B[:, 10:], C[:, 10:], chunk_size=8, initial_state=h1, return_final_state=True)
+    y2, h2 = ssd(
+        x[:, 10:], dt[:, 10:], A, B[:, 10:], C[:, 10:], chunk_size=8, initial_state=h1, return_final_state=True
+    )
     torch.testing.assert_close(torch.cat([y1, y2], 1), y_full, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(h2, h_full, rtol=1e-10, atol=1e-10)
 
@@ -109,13 +112,19 @@ def test_step_loop_matches_scan():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_low_precision_inputs(dtype, tol):
     inputs64 = make_inputs(2, 21, 4, 8, 2, 16, init=True, seed=4)
-    y_ref, h_ref = ssd(*inputs64[:5], chunk_size=8, initial_state=inputs64[5], return_final_state=True, backend="reference")
+    y_ref, h_ref = ssd(
+        *inputs64[:5], chunk_size=8, initial_state=inputs64[5], return_final_state=True, backend="reference"
+    )
     x, dt, A, B, C, h0 = [t.to(dtype) for t in inputs64]
     y, h = ssd(x, dt, A, B, C, chunk_size=8, initial_state=h0, return_final_state=True, backend="torch")
     assert y.dtype == dtype and h.dtype == torch.float32
     # reference from the rounded inputs, so only the computation's error is measured
-    y_ref, h_ref = ssd(*[t.double() for t in (x, dt, A, B, C, h0)][:5], initial_state=h0.double(),
-                       return_final_state=True, backend="reference")
+    y_ref, h_ref = ssd(
+        *[t.double() for t in (x, dt, A, B, C, h0)][:5],
+        initial_state=h0.double(),
+        return_final_state=True,
+        backend="reference",
+    )
     rel = (y.double() - y_ref).norm() / y_ref.norm()
     assert rel < tol, rel
     assert (h.double() - h_ref).norm() / h_ref.norm() < 1e-5
@@ -175,7 +184,9 @@ def _forward_only_scan(calls):
     return scan
 
 
-@pytest.mark.parametrize("T,HG,init", list(itertools.product([1, 7, 16, 41], [(1, 1), (4, 1), (4, 2), (6, 3)], [False, True])))
+@pytest.mark.parametrize(
+    "T,HG,init", list(itertools.product([1, 7, 16, 41], [(1, 1), (4, 1), (4, 2), (6, 3)], [False, True]))
+)
 def test_adjoint_scan_matches_autograd(T, HG, init):
     """Gradients by the three adjoint scans equal autograd through the chunked scan, in float64."""
     from ramba.ops.ssd.adjoint import adjoint_scan
@@ -213,7 +224,10 @@ def test_adjoint_scan_only_output_used():
 
     gen = torch.Generator().manual_seed(5)
     args = [torch.randn(1, 20, 2, 4, generator=gen, dtype=torch.float64) for _ in range(2)]
-    args += [torch.randn(1, 20, 4, 3, generator=gen, dtype=torch.float64), -torch.rand(1, 20, 4, generator=gen, dtype=torch.float64)]
+    args += [
+        torch.randn(1, 20, 4, 3, generator=gen, dtype=torch.float64),
+        -torch.rand(1, 20, 4, generator=gen, dtype=torch.float64),
+    ]
     leaves = [t.requires_grad_() for t in args]
     assert torch.autograd.gradcheck(lambda *a: adjoint_scan(_forward_only_scan([]), *a, None)[0], leaves)
     ref = torch.autograd.grad(scan_chunk(*leaves, 8).sum(), leaves)

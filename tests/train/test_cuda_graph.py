@@ -1,5 +1,6 @@
 """The CUDA-graph training option where no CUDA graph can run: clear errors, not a silent eager run.
 (tests/gpu/test_cuda_graph_gpu.py checks the graph against eager PyTorch on a GPU.)"""
+
 import pytest
 import torch
 

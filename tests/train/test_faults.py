@@ -1,5 +1,6 @@
 """Faults (docs/design.md §8): two runs on one folder, kill -9 during a checkpoint save and during `prepare`,
 a full disk (a small tmpfs where the machine allows mounting one), a closed pipe."""
+
 import json
 import os
 import signal
@@ -17,8 +18,12 @@ from ramba.errors import CheckpointError, OutputPathError
 from ramba.train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint, verify_checkpoint
 from small_models import small_model
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-       "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), str(Path(__file__).parents[1])])}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), str(Path(__file__).parents[1])]),
+}
 
 
 def _cli(config_file, *args):
@@ -53,11 +58,14 @@ def test_two_runs_on_one_folder_then_resume_after_kill9(config_dict, tmp_path):
         first.send_signal(signal.SIGKILL)
         first.wait()
     step = int(latest_checkpoint(run / "checkpoints").name.split("-")[1])
-    resumed = subprocess.run(_cli(config_file, "--resume", "--set", f"max_steps={step + 1}"), env=ENV,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        _cli(config_file, "--resume", "--set", f"max_steps={step + 1}"), env=ENV, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
-    assert f"taking over the lock left by a run that ended without releasing it (host {socket.gethostname()}, " \
-           f"pid {first.pid}" in resumed.stderr
+    assert (
+        f"taking over the lock left by a run that ended without releasing it (host {socket.gethostname()}, "
+        f"pid {first.pid}" in resumed.stderr
+    )
     assert (run / "run.lock").read_text() == ""  # released
 
 
@@ -78,8 +86,9 @@ save_checkpoint(sys.argv[1], 2, model, opt, {"step": 2}, keep=3)
 
 
 def test_kill9_during_a_checkpoint_save(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", SAVE_THEN_HANG, str(tmp_path)], env=ENV, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SAVE_THEN_HANG, str(tmp_path)], env=ENV, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "saving"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -147,7 +156,9 @@ def test_full_disk_during_checkpoints_keeps_the_previous_one(tmp_path, small_dis
     with pytest.raises(CheckpointError, match=r"MiB are free.*nothing was written.*step-00000001"):
         save_checkpoint(disk, 2, model, opt, {"step": 2}, keep=3)  # refused before writing: too little room
     monkeypatch.setattr("ramba.train.checkpoint.check_free_space", lambda *a: None)
-    with pytest.raises(CheckpointError, match=r"No space left on device.*newest complete checkpoint is .*step-00000001"):
+    with pytest.raises(
+        CheckpointError, match=r"No space left on device.*newest complete checkpoint is .*step-00000001"
+    ):
         save_checkpoint(disk, 2, model, opt, {"step": 2}, keep=3)  # the disk fills up while writing
     assert sorted(p.name for p in disk.iterdir()) == ["step-00000001"]
     verify_checkpoint(good)
@@ -162,15 +173,18 @@ def test_full_disk_during_prepare(tmp_path, small_disk):
 
 
 def test_closed_pipe_is_quiet(tmp_path):
-    done = subprocess.run(f"{sys.executable} -m ramba train --fields | head -1", shell=True, env=ENV,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        f"{sys.executable} -m ramba train --fields | head -1", shell=True, env=ENV, capture_output=True, text=True
+    )
     assert done.stdout.startswith("out_dir") and done.stderr == "", done.stderr
 
 
 def test_export_refuses_a_disk_too_small(tmp_path, small_disk, capsys):
     from ramba.cli.main import main
 
-    small_model(vocab_size=260, pad_token_id=256, bos_token_id=257, eos_token_id=258).save_pretrained(tmp_path / "model")
+    small_model(vocab_size=260, pad_token_id=256, bos_token_id=257, eos_token_id=258).save_pretrained(
+        tmp_path / "model"
+    )
     disk = small_disk(8192)
     assert main(["export", "--model", str(tmp_path / "model"), "-o", str(disk / "m.safetensors")]) == 2
     assert "MiB are free" in capsys.readouterr().err

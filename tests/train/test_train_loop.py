@@ -64,7 +64,9 @@ def test_gradient_checkpointing_and_accumulation(config_dict, tmp_path):
     assert np.allclose(list(accum.values()), list(base.values()), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler"
+)
 def test_compile_glue_gives_the_eager_losses(config_dict, tmp_path):
     config_dict.update(max_steps=3)
     config_dict["checkpoint"] = {"every": 0, "keep": 1}
@@ -101,11 +103,18 @@ def test_init_from_a_run_a_model_file_or_nothing(config_dict, tmp_path):
 
     config_dict.update(max_steps=2)
     train(config_from_dict(config_dict))
-    first = load_model_file(save_model_file(build_model(config_from_dict(
-        {**config_dict, "model": {"init_from": config_dict["out_dir"]}}), ByteTokenizer()), tmp_path / "m.safetensors",
-        dtype=torch.float32))
-    second = build_model(config_from_dict({**config_dict, "model": {"init_from": str(tmp_path / "m.safetensors")}}),
-                         ByteTokenizer())
+    first = load_model_file(
+        save_model_file(
+            build_model(
+                config_from_dict({**config_dict, "model": {"init_from": config_dict["out_dir"]}}), ByteTokenizer()
+            ),
+            tmp_path / "m.safetensors",
+            dtype=torch.float32,
+        )
+    )
+    second = build_model(
+        config_from_dict({**config_dict, "model": {"init_from": str(tmp_path / "m.safetensors")}}), ByteTokenizer()
+    )
     fresh = build_model(config_from_dict(config_dict), ByteTokenizer())
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
@@ -256,7 +265,8 @@ def test_eval_task_scores_a_perfect_predictor():
     assert eval_task(oracle, task, 300, 3, 2, "cpu") == 1.0
     # the fixed samples at depths 0, 0.5 and 1, in batches of 2
     assert [row[: len(s.input_ids)].tolist() for row, s in zip(oracle.seen, samples, strict=True)] == [
-        s.input_ids.tolist() for s in samples]
+        s.input_ids.tolist() for s in samples
+    ]
     assert eval_task(Oracle(shift=1), task, 300, 3, 2, "cpu") == 0.0  # every answer token wrong
     logits = torch.zeros(1, 6, 260)
     logits[0, torch.arange(6), torch.tensor([10, 11, 12, 13, 14, 15])] = 1

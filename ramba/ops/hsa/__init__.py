@@ -1,4 +1,5 @@
 """Hierarchical Sparse Attention (docs/design.md §1): ``from ramba.ops import hsa``."""
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,9 @@ BACKENDS = ("reference", "torch", "triton")
 def _check_inputs(q, k, v, weights, indices, chunk_size, backend) -> None:
     for name, t in (("q", q), ("k", k), ("v", v), ("weights", weights), ("indices", indices)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"hsa: {name} must be a torch.Tensor, got {type(t).__name__} (convert it with "
-                            "torch.as_tensor)")
+            raise TypeError(
+                f"hsa: {name} must be a torch.Tensor, got {type(t).__name__} (convert it with torch.as_tensor)"
+            )
     for name, t in (("q", q), ("k", k), ("v", v), ("weights", weights), ("indices", indices)):
         if t.dim() != 4:
             raise ValueError(f"hsa: {name} must have rank 4, got shape {tuple(t.shape)}")
@@ -26,7 +28,9 @@ def _check_inputs(q, k, v, weights, indices, chunk_size, backend) -> None:
         raise TypeError(f"hsa: indices must be an integer tensor, got {indices.dtype}")
     B, T, HQ, D = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"hsa: k and v must have the same shape [B, Tk, H, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"hsa: k and v must have the same shape [B, Tk, H, D], got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     Bk, Tk, H, Dk = k.shape
     if Bk != B or Dk != D:
         raise ValueError(f"hsa: k must be [B={B}, Tk, H, D={D}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
@@ -37,7 +41,9 @@ def _check_inputs(q, k, v, weights, indices, chunk_size, backend) -> None:
     if indices.shape[:3] != (B, T, H):
         raise ValueError(f"hsa: indices must be [B={B}, T={T}, H={H}, K], got {tuple(indices.shape)}")
     if weights.shape != indices.shape:
-        raise ValueError(f"hsa: weights must have the shape of indices {tuple(indices.shape)}, got {tuple(weights.shape)}")
+        raise ValueError(
+            f"hsa: weights must have the shape of indices {tuple(indices.shape)}, got {tuple(weights.shape)}"
+        )
     devices = {t.device for t in (q, k, v, weights, indices)}
     if len(devices) > 1:
         raise ValueError(f"hsa: q, k, v, weights and indices must be on one device, got {sorted(map(str, devices))}")

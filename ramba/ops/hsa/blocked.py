@@ -13,6 +13,7 @@ Groups are processed in blocks under a fixed element budget, so the extra memory
 ``O(T · K)`` plan plus ``O(budget)`` (never ``T × C``), whatever ``T`` and the number of chunks.
 The backward recomputes each block's probabilities and scatters dk, dv per chunk the same way.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,8 +65,8 @@ class _Plan:
         per_group = self.P * G * (3 * D + 3 * S) + 4 * S * D
         step = max(1, _BLOCK_ELEMS // per_group)
         for g0 in range(0, self.n_groups, step):
-            pairs = self.table[g0:g0 + step]
-            yield pairs, (pairs // self.K).reshape(-1), self.chunk[g0:g0 + step]
+            pairs = self.table[g0 : g0 + step]
+            yield pairs, (pairs // self.K).reshape(-1), self.chunk[g0 : g0 + step]
 
 
 def _rows(x: torch.Tensor, G: int, acc: torch.dtype, mul: float = 1.0) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Reference HSA: gather + einsum. The spec of docs/design.md §1 in code; memory O(T·K·S·D)."""
+
 from __future__ import annotations
 
 import torch

@@ -27,6 +27,7 @@ index range: ids outside ``[0, Tk // chunk_size)`` read out of bounds (undefined
 module assumes checked inputs. Works under ``TRITON_INTERPRET=1`` on CPU tensors (fixed launch
 configuration there; the autotuner needs a GPU). The interpreter has no bf16: use fp16/fp32 there.
 """
+
 from __future__ import annotations
 
 import os
@@ -118,9 +119,30 @@ def _distinct_chunks(skey, tile, C, L: tl.constexpr, LP: tl.constexpr):
 
 @triton.jit
 def _hsa_fwd_kernel(
-    q, k, v, o, indices, weights, skey, qk_scale, sm_n, T, Tk, NT, C,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-    LP: tl.constexpr, S: tl.constexpr, D: tl.constexpr, HAS_SM_N: tl.constexpr, PREC: tl.constexpr,
+    q,
+    k,
+    v,
+    o,
+    indices,
+    weights,
+    skey,
+    qk_scale,
+    sm_n,
+    T,
+    Tk,
+    NT,
+    C,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    BT: tl.constexpr,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    LP: tl.constexpr,
+    S: tl.constexpr,
+    D: tl.constexpr,
+    HAS_SM_N: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     j = tl.program_id(0)
     bh = tl.program_id(1)
@@ -145,9 +167,33 @@ def _hsa_fwd_kernel(
 
 @triton.jit
 def _hsa_bwd_kernel(
-    q, k, v, do, dq, dk, dv, dw, weights, order, item_start, item_end, item_key, qk_scale, scale, sm_n, Tk, C,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, K: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
-    HAS_SM_N: tl.constexpr, PREC: tl.constexpr, R: tl.constexpr,
+    q,
+    k,
+    v,
+    do,
+    dq,
+    dk,
+    dv,
+    dw,
+    weights,
+    order,
+    item_start,
+    item_end,
+    item_key,
+    qk_scale,
+    scale,
+    sm_n,
+    Tk,
+    C,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    K: tl.constexpr,
+    S: tl.constexpr,
+    D: tl.constexpr,
+    HAS_SM_N: tl.constexpr,
+    PREC: tl.constexpr,
+    R: tl.constexpr,
 ):
     """One work item: pairs ``[start, end)`` of the chunk-sorted list, all of one chunk, in blocks of ``R`` rows."""
     BP: tl.constexpr = triton.cdiv(R, GP)  # pairs per block
@@ -191,8 +237,9 @@ def _hsa_bwd_kernel(
 
 # (num_warps, num_stages) tried for the forward; the backward also tries 32 to 128 query rows per block
 _FWD_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 1), (4, 2), (8, 2))]
-_BWD_CONFIGS = [triton.Config({"R": r}, num_warps=w, num_stages=s)
-                for r, w, s in ((32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2))]
+_BWD_CONFIGS = [
+    triton.Config({"R": r}, num_warps=w, num_stages=s) for r, w, s in ((32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2))
+]
 _BWD_ROWS_INTERPRETED = 64
 _KEY = ["G", "K", "S", "D", "HAS_SM_N", "PREC"]
 
@@ -285,8 +332,27 @@ class _HSATriton(torch.autograd.Function):
         prec = "ieee" if q.dtype == torch.float32 else "tf32"
         meta = dict(H=H, G=G, GP=GP, K=K, S=S, D=D, HAS_SM_N=bool(sm_n), PREC=prec)
         if o.numel():
-            _launch(_fwd, (NT, B * H), q, k, v, o, indices, w32, skey, scale * _LOG2E, float(sm_n), T, Tk, NT, C,
-                    BT=BT, KP=triton.next_power_of_2(K), LP=triton.next_power_of_2(BT * K), **meta)
+            _launch(
+                _fwd,
+                (NT, B * H),
+                q,
+                k,
+                v,
+                o,
+                indices,
+                w32,
+                skey,
+                scale * _LOG2E,
+                float(sm_n),
+                T,
+                Tk,
+                NT,
+                C,
+                BT=BT,
+                KP=triton.next_power_of_2(K),
+                LP=triton.next_power_of_2(BT * K),
+                **meta,
+            )
         ctx.save_for_backward(q, k, v, w32, indices)
         ctx.meta = meta
         ctx.hsa_args = (scale, float(sm_n), S, weights.dtype, k.dtype, v.dtype)
@@ -306,12 +372,41 @@ class _HSATriton(torch.autograd.Function):
         dw = torch.zeros(w32.shape, dtype=torch.float32, device=q.device)
         if q.numel() and indices.numel():
             order, start, end, key = chunk_work_items(indices, C, work_item_pairs(meta["G"]))
-            _launch(_bwd, (start.numel(),), q, k, v, do, dq32, dk32, dv32, dw, w32, order, start, end, key,
-                    scale * _LOG2E, scale, sm_n, Tk, C, **meta)
+            _launch(
+                _bwd,
+                (start.numel(),),
+                q,
+                k,
+                v,
+                do,
+                dq32,
+                dk32,
+                dv32,
+                dw,
+                w32,
+                order,
+                start,
+                end,
+                key,
+                scale * _LOG2E,
+                scale,
+                sm_n,
+                Tk,
+                C,
+                **meta,
+            )
         need_q, need_k, need_v, need_w = ctx.needs_input_grad[:4]
-        return (dq32.to(q.dtype) if need_q else None, dk32.to(k_dtype) if need_k else None,
-                dv32.to(v_dtype) if need_v else None, dw.to(w_dtype) if need_w else None,
-                None, None, None, None, None)
+        return (
+            dq32.to(q.dtype) if need_q else None,
+            dk32.to(k_dtype) if need_k else None,
+            dv32.to(v_dtype) if need_v else None,
+            dw.to(w_dtype) if need_w else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def hsa_triton(

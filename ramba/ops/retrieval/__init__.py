@@ -5,6 +5,7 @@
 ``stick_breaking_weights`` and ``softmax_weights`` are the slot-weight normalisers, shared with the
 model's layers.
 """
+
 from ramba.ops.retrieval.naive import NORMS, chunk_scores, select_chunks_naive, softmax_weights, stick_breaking_weights
 from ramba.ops.retrieval.streaming import select_chunks_streaming as select_chunks
 

@@ -3,6 +3,7 @@
 Also holds what both implementations share: input checks, positions, and the two weight
 normalisers (used by the model's layers too).
 """
+
 from __future__ import annotations
 
 import math

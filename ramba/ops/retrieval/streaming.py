@@ -5,6 +5,7 @@ and merged into a running top-K. The selected scores are then recomputed by an a
 function that gathers only the K chosen landmarks per token, one token block at a time, in the
 forward and the backward, so peak memory is O(T·K + T_block·(C_block + K) + T_block·K·Dr).
 """
+
 from __future__ import annotations
 
 import math
@@ -84,7 +85,11 @@ class _SelectedScores(torch.autograd.Function):
 
 
 def _running_topk(
-    q_r: torch.Tensor, landmarks: torch.Tensor, n_vis: torch.Tensor, K: int, block_chunks: int,
+    q_r: torch.Tensor,
+    landmarks: torch.Tensor,
+    n_vis: torch.Tensor,
+    K: int,
+    block_chunks: int,
     max_visible: int | None = None,
 ) -> torch.Tensor:
     """Top-K visible chunks of one token block, streamed over chunk blocks.

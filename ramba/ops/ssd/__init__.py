@@ -7,6 +7,7 @@ Per head ``h`` (group ``g = h // (H // G)``) and token ``t``, with state ``h_t``
 
 The D skip (``y += D * x``) belongs to the layer, not to this op.
 """
+
 from __future__ import annotations
 
 import functools

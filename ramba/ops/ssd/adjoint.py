@@ -14,6 +14,7 @@ A reversed scan runs on the time-flipped sequence with the decays shifted by one
 Any forward-only scan kernel therefore yields a differentiable scan: fla-core's simple-GLA
 forward kernels are used this way on GPUs where its own backward is refused.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -68,7 +69,14 @@ class _AdjointScan(torch.autograd.Function):
         def per_group(d):  # [B, T, H, K] -> [B, T, G, K]: the heads of a group share q and k
             return d.unflatten(2, (G, R)).sum(3)
 
-        return None, per_group(dq).to(q.dtype), per_group(dk).to(k.dtype), dv_rev.flip(1).to(v.dtype), dg.to(g.dtype), dh0
+        return (
+            None,
+            per_group(dq).to(q.dtype),
+            per_group(dk).to(k.dtype),
+            dv_rev.flip(1).to(v.dtype),
+            dg.to(g.dtype),
+            dh0,
+        )
 
 
 def adjoint_scan(

@@ -6,6 +6,7 @@ Within a chunk of ``S`` tokens the scan is a masked quadratic form (like causal 
 decay mask); across chunks only the ``[H, P, N]`` state is passed on, one step per chunk.
 Exact (same function as the recurrence), differentiable by plain autograd.
 """
+
 from __future__ import annotations
 
 import torch
@@ -70,7 +71,11 @@ def scan_chunk(
 
     # 3. Pass the state across chunks (sequential over chunks: linear in T).
     chunk_decay = torch.exp(a_cum[..., -1])  # [B, c, G, R]
-    h = v.new_zeros(Bsz, G, R, V, K, dtype=acc) if initial_state is None else initial_state.to(acc).reshape(Bsz, G, R, V, K)
+    h = (
+        v.new_zeros(Bsz, G, R, V, K, dtype=acc)
+        if initial_state is None
+        else initial_state.to(acc).reshape(Bsz, G, R, V, K)
+    )
     starts = []
     for c in range(nc):
         starts.append(h)

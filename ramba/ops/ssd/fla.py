@@ -10,6 +10,7 @@ fla-core 0.6.0 refuses the backward of ``chunk_simple_gla`` on Hopper GPUs with 
 [3.4, 3.7.1) (its issue #640: wrong gradients). There, when gradients are needed, the backward
 runs as three more simple-GLA *forward* scans (:mod:`ramba.ops.ssd.adjoint`).
 """
+
 from __future__ import annotations
 
 import functools

@@ -6,6 +6,7 @@ They are pure Triton: a ``mamba_ssm`` built without its CUDA extensions (``MAMBA
 a pure-Python wheel) serves, although its package ``__init__`` then fails on the missing
 ``selective_scan_cuda``; :func:`chunk_scan_combined` imports the Triton module without running it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -66,8 +67,16 @@ def ssd_mamba_triton(
     if not supports_chunk_size(chunk_size):
         raise ValueError(f"ssd: backend 'mamba_ssm' needs a power-of-two chunk_size >= 16, got {chunk_size}")
     h0 = None if initial_state is None else initial_state.float()
-    out = scan(x, dt.float(), A.float(), B.to(x.dtype), C.to(x.dtype), chunk_size,
-               initial_states=h0, return_final_states=return_final_state)
+    out = scan(
+        x,
+        dt.float(),
+        A.float(),
+        B.to(x.dtype),
+        C.to(x.dtype),
+        chunk_size,
+        initial_states=h0,
+        return_final_states=return_final_state,
+    )
     if not return_final_state:
         return out
     y, hT = out

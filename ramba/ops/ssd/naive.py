@@ -1,4 +1,5 @@
 """Reference SSD: the Mamba-2 recurrence one token at a time. The test oracle (float64-able)."""
+
 from __future__ import annotations
 
 import torch
