@@ -186,6 +186,12 @@ API = [
         "backend must be one of",
     ),
     (
+        "forward-empty-batch",
+        lambda w, o: small_model()(input_ids=torch.zeros(0, 40, dtype=torch.long)),
+        InputError,
+        "the batch is empty (B=0)",
+    ),
+    (
         "forward-id-out-of-range",
         lambda w, o: small_model()(input_ids=torch.tensor([[1, 64]])),
         InputError,
@@ -437,3 +443,16 @@ def test_selection_on_an_empty_batch():
 
     indices, weights = select_chunks(torch.randn(0, 40, 1, 8), torch.randn(0, 2, 1, 8), chunk_size=16, topk=2)
     assert indices.shape == weights.shape == (0, 40, 1, 2)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_output_files_follow_the_umask(ws, tmp_path, umask, mode):
+    """Exported models and results JSON are written with 0666 minus the user's umask, not mkstemp's 0600."""
+    old = os.umask(umask)
+    try:
+        assert cli.main(["export", "--model", str(ws["root"] / "model"), "-o", str(tmp_path / "m.safetensors")]) == 0
+        results = write_results(tmp_path / "r.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == mode
+    assert Path(results).stat().st_mode & 0o777 == mode

@@ -106,6 +106,8 @@ class RambaModel(RambaPreTrainedModel):
                 ) from None
         hidden = inputs_embeds
         B, T = hidden.shape[:2]
+        if B == 0:
+            raise InputError("RambaModel: the batch is empty (B=0); pass at least one sequence [B >= 1, T]")
         cache = past_key_values if cache is None else cache
         if cache is None and use_cache:
             cache = RambaCache(self.config, B, hidden.device, hidden.dtype, layers=self.layers)
