@@ -25,37 +25,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def offload(args: argparse.Namespace):
     """``False``, ``True`` or an :class:`~ramba.model.chunk_store.Offload` for the disk tier."""
-    from ramba.eval.results import EvalError
+    from ramba.errors import InputError
     from ramba.model.chunk_store import Offload
 
     if args.offload_dir is None:
         if args.host_budget is not None:
-            raise EvalError("--host-budget: only with --offload-dir (the disk tier)")
+            raise InputError("--host-budget: only with --offload-dir (the disk tier)")
         return args.offload
     return Offload("disk", args.offload_dir, None if args.host_budget is None else parse_size(args.host_budget))
 
 
 def parse_size(text: str) -> int:
     """``"8g"`` -> 8 GiB in bytes (k, m, g are powers of 1024); ``"0"`` -> 0."""
-    from ramba.eval.results import EvalError, parse_lengths
+    from ramba.errors import InputError
+    from ramba.eval.results import parse_lengths
 
     try:
         return 0 if text.strip() == "0" else parse_lengths(text)[0]
     except (ValueError, IndexError):
-        raise EvalError(f"--host-budget: expected a size such as 8g or 512m, got {text!r}") from None
+        raise InputError(f"--host-budget: expected a size such as 8g or 512m, got {text!r}") from None
 
 
 def check_memory(model, args: argparse.Namespace, tokens: int, batch: int) -> dict:
-    """Plan the longest prefill of this command, print the plan, refuse (EvalError) when it would not fit."""
-    from ramba.eval.results import EvalError
-    from ramba.inference.planner import MemoryPlanError, check_plan, plan_memory
-    from ramba.model.chunk_store import OffloadError
+    """Plan the longest prefill of this command, print the plan, refuse (MemoryPlanError, OffloadError: one-line
+    user errors) when it would not fit."""
+    from ramba.inference.planner import check_plan, plan_memory
 
-    try:
-        spec = offload(args)
-        plan = plan_memory(model, batch, tokens, args.segment_len, spec)
-        print(plan.summary())
-        check_plan(model, plan, spec)
-    except (MemoryPlanError, OffloadError) as e:
-        raise EvalError(str(e)) from None
+    spec = offload(args)
+    plan = plan_memory(model, batch, tokens, args.segment_len, spec)
+    print(plan.summary())
+    check_plan(model, plan, spec)
     return plan.to_dict()
