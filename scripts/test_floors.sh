@@ -20,4 +20,4 @@ TORCH=${FLOOR_TORCH:-2.13.0}
 # the model's causality grid is left to the main run
 PYTHONPATH=$PWD "$VENV/bin/python" -m pytest -q -x -p no:cacheprovider -k "not test_causal" \
     tests/model/test_model.py tests/model/test_mamba2_import.py tests/model/test_single_file.py \
-    tests/inference tests/train/test_train_checkpoint.py tests/data/test_data_token_files.py
+    tests/inference/test_inference.py tests/train/test_train_checkpoint.py tests/data/test_data_token_files.py
