@@ -3,6 +3,7 @@ selection give what the resident cache gives (bit for bit) and what one full for
 
 import pytest
 import torch
+from gpu_models import CONFIG
 
 import ramba.model.chunk_store as chunk_store
 from ramba import RambaConfig, RambaForCausalLM
@@ -12,24 +13,6 @@ from ramba.model.chunk_store import ChunkMemoryStore
 from ramba.ops.retrieval import select_chunks
 
 pytestmark = pytest.mark.gpu
-
-CONFIG = dict(
-    vocab_size=260,
-    d_model=128,
-    n_heads=4,
-    n_kv_heads=1,
-    head_dim=64,
-    retrieval_dim=64,
-    d_state=32,
-    ssm_head_dim=32,
-    chunk_size=64,
-    topk=4,
-    n_lower_layers=2,
-    n_upper_layers=2,
-    mamba_per_hsa=1,
-    window=64,
-    mlp_hidden=256,
-)
 
 
 def test_cuda_fetch_blocks_match_concatenation(tmp_path):

@@ -7,29 +7,13 @@ sum in varying order, so gradients agree to bf16-level tolerances, not bit for b
 
 import pytest
 import torch
+from gpu_models import CONFIG
 
 from ramba import RambaConfig, RambaForCausalLM
 from ramba.train.cuda_graph import GraphedLoss
 
 pytestmark = pytest.mark.gpu
 
-CONFIG = dict(
-    vocab_size=260,
-    d_model=128,
-    n_heads=4,
-    n_kv_heads=1,
-    head_dim=64,
-    retrieval_dim=64,
-    d_state=32,
-    ssm_head_dim=32,
-    chunk_size=64,
-    topk=4,
-    n_lower_layers=2,
-    n_upper_layers=2,
-    mamba_per_hsa=1,
-    window=64,
-    mlp_hidden=256,
-)
 ARCHITECTURES = [
     dict(architecture="ramba"),
     dict(architecture="ramba", local_mixer="swa"),

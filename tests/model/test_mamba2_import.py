@@ -13,7 +13,7 @@ SMALL_HSA = dict(
 )
 
 
-def _save_hf_mamba2(path, **options):
+def _save_hf_mamba2(path, layers: int = 2, **options):
     """A random HF ``Mamba2ForCausalLM`` with every parameter (biases included) away from its init, saved in ``path``."""
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
@@ -21,7 +21,7 @@ def _save_hf_mamba2(path, **options):
     cfg = Mamba2Config(
         vocab_size=64,
         hidden_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         state_size=8,
         head_dim=16,
         num_heads=4,
@@ -96,3 +96,42 @@ def test_mismatched_bias_and_unsupported_activation_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
     with pytest.raises(ValueError, match="hidden_act 'gelu'"):
         ramba_config_from_mamba2(tmp_path, **SMALL_HSA)
+
+
+def test_load_mamba2_weights_matches_hf(tmp_path):
+    """A random HF Mamba2ForCausalLM, loaded into RAMba (new residual outputs zeroed), gives HF's logits."""
+    hf = _save_hf_mamba2(tmp_path, layers=4)
+    cfg = ramba_config_from_mamba2(
+        tmp_path,
+        n_heads=2,
+        n_kv_heads=1,
+        head_dim=16,
+        retrieval_dim=16,
+        chunk_size=16,
+        topk=2,
+        mamba_per_hsa=1,
+        mlp_hidden=64,
+        hsa_mlp=True,
+    )
+    model = RambaForCausalLM(cfg).eval()
+    report = load_mamba2_weights(model, tmp_path)
+    assert len(report.loaded) == 3 + 4 * 9  # embeddings, norm_f, lm_head; 4 layers x 9 tensors
+    assert any("landmark_proj" in n for n in report.new) and report.unused == []
+    assert len(report.zeroed) == 2 * cfg.n_hsa_layers
+    ids = torch.randint(0, 64, (2, 50))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    too_big = RambaForCausalLM(
+        ramba_config_from_mamba2(
+            tmp_path,
+            n_lower_layers=4,
+            n_upper_layers=2,
+            n_heads=2,
+            head_dim=16,
+            retrieval_dim=16,
+            chunk_size=16,
+            mamba_per_hsa=1,
+        )
+    )
+    with pytest.raises(ValueError, match="Mamba-2 layers"):
+        load_mamba2_weights(too_big, tmp_path)
