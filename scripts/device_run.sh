@@ -31,7 +31,8 @@
 #   inference-long[:LENGTHS[:DEPTHS]]
 #                issue 16: the shipped model's passkey (fast mode, offload, segments of 65536, python-doc haystack: run
 #                corpus first) at LENGTHS (default 128m,256m) x DEPTHS (default 0,0.5,1), 1 sample;
-#                passkey-ramba-long-LENGTHS-DEPTHS.json/.png (about 100 s a sample at 128M, 200 s at 256M)
+#                passkey-ramba-long-LENGTHS-DEPTHS.json/.png (about 100 s a sample at 128M, 200 s at 256M);
+#                LONG_SECONDS bounds it (default 590)
 #   bench-long[:LENGTHS]
 #                issue 16: bench_inference.py (tiny preset, ramba, fast mode, offload, segments of 65536) at LENGTHS
 #                (default 4k,64k,1m,16m,64m,256m); bench_inference_long.json/.png
@@ -174,7 +175,7 @@ section() {
             IFS=: read -r _ arch lengths <<<"$1"
             python3 -m ramba eval ranks --model "$(passkey_model "$arch")" --lengths "$lengths" --depths 0,0.5,1 \
                 --mode fast --segment-len 65536 --haystack data/python-doc --out "$OUT" --name "ranks-$arch" --no-progress ;;
-        tests) timeout 300 python3 -m pytest -m "gpu and not slow" tests/gpu -v -x --tb=short -p no:cacheprovider ;;
+        tests) timeout "${TESTS_SECONDS:-300}" python3 -m pytest -m "gpu and not slow" tests/gpu -q -rfE --tb=short --show-capture=no -p no:cacheprovider ;;
         tests-graph) timeout 400 python3 -m pytest -m gpu tests/gpu/test_cuda_graph_gpu.py -q -rfE -p no:cacheprovider ;;
         tests-nsa) timeout 300 python3 -m pytest -m gpu tests/gpu/test_nsa_gpu.py -v -rfEs --durations=5 -p no:cacheprovider ;;
         tests-model) timeout 400 python3 -m pytest -m "gpu and not slow" tests/gpu/test_model_gpu.py -q -rfE -p no:cacheprovider ;;
@@ -210,7 +211,7 @@ section() {
         inference-long)
             IFS=: read -r _ lengths depths <<<"$1"
             lengths=${lengths:-128m,256m} depths=${depths:-0,0.5,1}
-            timeout 590 python3 -m ramba eval passkey --model tiny-ruler \
+            timeout "${LONG_SECONDS:-590}" python3 -m ramba eval passkey --model tiny-ruler \
                 --lengths "$lengths" --depths "$depths" --samples 1 --mode fast --offload --segment-len 65536 \
                 --haystack data/python-doc --out "$OUT" --name "passkey-ramba-long-${lengths//,/_}-${depths//,/_}" --no-progress ;;
         bench-long)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ramba.data.tasks import Task, TaskSample, TokenFileHaystack, make_task
+from ramba.eval.measure import peak_rss_bytes
 from ramba.eval.results import EvalError, format_length, format_table, write_results
 
 __all__ = [
@@ -87,6 +88,7 @@ class CellResult:
     samples: list[dict] = field(default_factory=list)
     seconds: float | None = None  # wall clock of the cell's generations
     peak_gpu_gib: float | None = None  # peak CUDA memory allocated during the cell (None on the CPU)
+    peak_rss_gib: float | None = None  # the process's peak resident host memory so far, after the cell
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -238,7 +240,8 @@ def evaluate_task(
                     records.append(sample_record(s, prediction, task.score(s, prediction), seed + i))
                 score = float(np.mean([r["score"] for r in records]))
                 logger.debug("%s length %d depth %g: %.3f", task.name, length, depth, score)
-                results.append(CellResult(task.name, int(length), float(depth), score, records, seconds, peak))
+                rss = peak_rss_bytes() / 2**30
+                results.append(CellResult(task.name, int(length), float(depth), score, records, seconds, peak, rss))
                 bar.set_postfix(length=length, depth=depth, score=f"{score:.2f}")
     finally:
         bar.close()

@@ -47,7 +47,9 @@ def _check_inputs(q, k, v, weights, indices, chunk_size, backend) -> None:
     devices = {t.device for t in (q, k, v, weights, indices)}
     if len(devices) > 1:
         raise ValueError(f"hsa: q, k, v, weights and indices must be on one device, got {sorted(map(str, devices))}")
-    if backend != "triton" and indices.numel() > 0:
+    # the value range costs a device sync, so it is checked where the kernel does not check it, outside graph capture
+    capturing = indices.is_cuda and torch.cuda.is_current_stream_capturing()
+    if backend != "triton" and indices.numel() > 0 and not capturing:
         n_chunks = Tk // chunk_size
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= n_chunks:
@@ -97,11 +99,11 @@ def hsa(
     Returns:
         ``[B, T, HQ, D]`` in q's dtype. Differentiable in q, k, v and weights.
     """
-    _check_inputs(q, k, v, weights, indices, chunk_size, backend)
     check_backend("hsa", backend, BACKENDS, q.device)
     if backend is None:
         use_triton = q.is_cuda and _triton_available() and _triton_supports(q.shape[-1], chunk_size)
         backend = "triton" if use_triton else "torch"
+    _check_inputs(q, k, v, weights, indices, chunk_size, backend)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if backend == "reference":
