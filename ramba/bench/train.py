@@ -8,9 +8,10 @@ For every (preset, architecture, length): a model with random weights, AdamW, ra
 `max(1, batch_tokens // length)` sequences of `length` tokens (halved while out of memory, then with
 `--checkpoint-fallback` one sequence with gradient checkpointing; the batch and checkpointing used are
 recorded); `warmup` full training steps (forward + backward + optimizer) are run untimed, then `steps` timed
-ones, each on its own. tokens/s = tokens per step / the median step time (robust to the odd slow step; the
-mean-based rate and every step time are recorded too). bf16 autocast on CUDA (fp32 weights, as in training),
-fp32 on the CPU. With `--cuda-graph` the forward and backward are one CUDA graph, captured in the first
+ones, each on its own, through `ramba.train.step.TrainStep`, the step `ramba train` runs (AdamW from
+`make_optimizer`, fused on CUDA; clipping at 1.0). tokens/s = tokens per step / the median step time (robust to
+the odd slow step; the mean-based rate and every step time are recorded too), and MFU against the GPU's dense
+bf16 peak (`ramba.train.flops`). bf16 autocast on CUDA (fp32 weights, as in training), fp32 on the CPU. With `--cuda-graph` the forward and backward are one CUDA graph, captured in the first
 warmup step (after two eager runs of its own). Peak GPU memory is torch.cuda.max_memory_allocated over the run of that model, alloc_retries
 the times the caching allocator had to free its cache to allocate (each one slow and synchronising),
 device_allocs_timed its cudaMalloc calls during the timed steps;
@@ -31,7 +32,7 @@ import statistics
 import sys
 import traceback
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,7 +43,8 @@ from ramba.eval.measure import free_memory, parse_overrides, synchronized_time
 from ramba.eval.plots import Panel, line_plots
 from ramba.eval.results import format_length, parse_lengths, write_results
 from ramba.layers.mamba2 import set_compile_glue
-from ramba.train.cuda_graph import GraphedLoss
+from ramba.train.flops import flops_per_token, peak_flops
+from ramba.train.step import TrainStep, make_optimizer
 
 logger = logging.getLogger("bench_train")
 ARCH_LABELS = {
@@ -124,31 +126,18 @@ def measure(
         model.gradient_checkpointing_enable()
     set_compile_glue(model, compile_glue)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    flops = flops_per_token(model, length)["total"]
+    # the step of `ramba train` with its defaults (AdamW groups, clipping at 1.0, token-mean loss), at a fixed lr
+    optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.1)
+    bf16 = torch.bfloat16 if device.type == "cuda" else None
+    step_fn = TrainStep(model, optimizer, grad_clip=1.0, autocast_dtype=bf16, cuda_graph=cuda_graph)
     ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
-    # autocast's cast cache would live in the CUDA graph's memory: off when capturing
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cuda_graph)
-        if device.type == "cuda"
-        else nullcontext()
-    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.reset_accumulated_memory_stats(device)
 
-    def loss_fn(tokens: torch.Tensor) -> torch.Tensor:
-        with autocast:
-            return model(input_ids=tokens, labels=tokens).loss
-
-    graphed = GraphedLoss(loss_fn, model.parameters()) if cuda_graph else None
-
     def step() -> None:
-        opt.zero_grad(set_to_none=graphed is None)  # a CUDA graph writes the .grad tensors it captured
-        if graphed is None:
-            loss_fn(ids).backward()
-        else:
-            graphed(ids)
-        opt.step()
+        step_fn([(ids, ids)], 1e-4)
 
     try:
         for _ in range(warmup):
@@ -170,7 +159,11 @@ def measure(
             "step_ms_all": [1e3 * t for t in step_seconds],
             "tokens_per_s": batch * length / median,
             "tokens_per_s_mean": batch * length * steps / sum(step_seconds),
+            "flops_per_token": flops,
         }
+        peak = peak_flops(device)
+        if peak is not None:
+            row["mfu"] = row["tokens_per_s"] * flops / peak
         if device.type == "cuda":
             row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             # the caching allocator freeing everything to retry a failed cudaMalloc: slow, synchronising
@@ -180,7 +173,7 @@ def measure(
             row["device_allocs_timed"] = None if allocs is None or allocs_before is None else allocs - allocs_before
         return row
     finally:
-        del model, opt, ids, graphed
+        del model, optimizer, step_fn, ids
         free_memory(device)
 
 
@@ -345,7 +338,9 @@ def goals(rows: list[dict]) -> list[dict]:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'preset':>8} {'arch':>12} {'length':>7} {'batch':>5} {'tokens/s':>11} {'step ms':>9} {'peak GiB':>9}"]
+    lines = [
+        f"{'preset':>8} {'arch':>12} {'length':>7} {'batch':>5} {'tokens/s':>11} {'step ms':>9} {'peak GiB':>9} {'MFU':>6}"
+    ]
     for r in result["rows"]:
         if "error" in r:
             lines.append(
@@ -353,9 +348,10 @@ def table(result: dict) -> str:
             )
             continue
         mem = f"{r['peak_gpu_gib']:9.2f}" if "peak_gpu_gib" in r else f"{'-':>9}"
+        mfu = f"{r['mfu']:6.1%}" if "mfu" in r else f"{'-':>6}"
         lines.append(
             f"{r['preset']:>8} {r['architecture']:>12} {format_length(r['length']):>7} {r['batch']:>5} "
-            f"{r['tokens_per_s']:11.0f} {r['step_ms']:9.1f} {mem}"
+            f"{r['tokens_per_s']:11.0f} {r['step_ms']:9.1f} {mem} {mfu}"
         )
     for g in result["goals"]:
         lines.append(

@@ -19,7 +19,15 @@ import torch
 from ramba.data.tasks import Task
 from ramba.data.tokens import DataError, TokenFile
 
-__all__ = ["TokenWindows", "TaskStream", "Mixture", "DistributedSampler", "collate"]
+__all__ = [
+    "TokenWindows",
+    "TaskStream",
+    "Mixture",
+    "DistributedSampler",
+    "MicroBatches",
+    "micro_batch_loader",
+    "collate",
+]
 
 
 class TokenWindows:
@@ -111,3 +119,34 @@ def collate(examples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor
     ids = torch.from_numpy(np.stack([e[0] for e in examples]))
     labels = torch.from_numpy(np.stack([e[1] for e in examples]))
     return ids, labels
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch ``j`` of a run continuing from data position ``start``: the ``(input_ids [B, T], labels [B, T])``
+    this rank trains on in micro-step ``j % grad_accum`` of the ``j // grad_accum``-th step from there."""
+
+    def __init__(self, mixture: Mixture, sampler: DistributedSampler, start: int, steps: int):
+        self.mixture, self.sampler, self.start, self.steps = mixture, sampler, start, steps
+
+    def __len__(self) -> int:
+        return self.steps * self.sampler.grad_accum
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        step, micro = divmod(j, self.sampler.grad_accum)
+        base = self.start + step * self.sampler.examples_per_step
+        return collate([self.mixture.example(i) for i in self.sampler.indices(base, micro)])
+
+
+def micro_batch_loader(
+    mixture: Mixture, sampler: DistributedSampler, start: int, steps: int, workers: int = 2, pin_memory: bool = False
+) -> torch.utils.data.DataLoader:
+    """The :class:`MicroBatches` of ``steps`` steps in order, built by ``workers`` processes (0: this one), each
+    keeping 4 ahead; ``pin_memory`` for fast copies to a GPU."""
+    return torch.utils.data.DataLoader(
+        MicroBatches(mixture, sampler, start, steps),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+    )

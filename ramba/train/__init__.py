@@ -8,8 +8,9 @@ from ramba.train.checkpoint import (
     verify_checkpoint,
 )
 from ramba.train.config import ConfigError, ConfigTypeError, TrainConfig, describe, load_config
-from ramba.train.loop import train
+from ramba.train.loop import Trainer, train
 from ramba.train.schedule import WarmupCosine
+from ramba.train.step import TrainStep, make_optimizer
 
 __all__ = [
     "TrainConfig",
@@ -23,5 +24,8 @@ __all__ = [
     "latest_checkpoint",
     "verify_checkpoint",
     "train",
+    "Trainer",
+    "TrainStep",
+    "make_optimizer",
     "WarmupCosine",
 ]

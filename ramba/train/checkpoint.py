@@ -3,7 +3,7 @@
 A checkpoint is a folder `<root>/step-NNNNNNNN/` holding
 - `model/`:        `config.json` + `model.safetensors` (loadable with `RambaForCausalLM.from_pretrained`);
 - `optimizer.pt`:  the full (unsharded) AdamW state, keyed by parameter name;
-- `trainer.pt`:    step, data position (examples consumed), scheduler state, every rank's RNG states, config;
+- `trainer.pt`:    step, data position (examples consumed), every rank's RNG states, config;
 - `manifest.json`: size and sha256 of every file above, written last.
 
 It is written into a hidden temporary folder, flushed to disk, and renamed into place, so a crash
@@ -87,7 +87,7 @@ def save_checkpoint(
     """Writes `<root>/step-NNNNNNNN` atomically (rank 0 writes; every rank must call, since
     gathering a sharded model is collective) and deletes all but the newest `keep` checkpoints.
 
-    trainer_state: picklable dict (step, data position, scheduler state, RNG states, config).
+    trainer_state: picklable dict (step, data position, RNG states, config).
     Raises CheckpointError if writing fails (e.g. disk full); the older checkpoints are untouched.
     """
     model_sd = get_model_state_dict(model, options=_FULL)

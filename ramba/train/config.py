@@ -107,6 +107,11 @@ class DataConfig:
     holdout: float = _f(
         0.01, "Fraction of every token file (its last tokens) kept out of training and used for evaluation."
     )
+    workers: int = _f(
+        2,
+        "DataLoader worker processes building the micro-batches ahead of the training step (0: in the main "
+        "process). The batches are the same for any number: every example is a function of its index.",
+    )
 
 
 @dataclass
@@ -316,6 +321,7 @@ def _check(cfg: TrainConfig) -> None:
         ("optim.lr", cfg.optim.lr),
         ("optim.min_lr", cfg.optim.min_lr),
         ("eval.batches", cfg.eval.batches),
+        ("data.workers", cfg.data.workers),
     ]:
         positive(key, value, allow_zero=True)
     if not 0.0 <= cfg.data.holdout < 1.0:

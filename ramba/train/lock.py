@@ -2,7 +2,7 @@
 
 ``out_dir/run.lock`` holds the holder's host, pid and start time (JSON) and is locked with ``flock``
 while the run lives, so taking it is atomic and a run that dies (kill -9, power loss) releases it
-with its process. A second run on the same folder refuses at once naming the holder; a lock left by a
+with its process (forked children, such as DataLoader workers, close their copy of the descriptor). A second run on the same folder refuses at once naming the holder; a lock left by a
 dead run is taken over with a warning naming it. Under torchrun rank 0 takes the lock for all ranks.
 """
 
@@ -22,6 +22,21 @@ __all__ = ["RunLock"]
 
 logger = logging.getLogger(__name__)
 LOCK_FILE = "run.lock"
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _close_inherited() -> None:
+    """In a forked child (a DataLoader worker): close the copies of the parent's lock descriptors, so that the
+    lock dies with the run's process and not with its last child."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
 
 
 class RunLock:
@@ -62,6 +77,7 @@ class RunLock:
         os.pwrite(fd, json.dumps(info).encode(), 0)
         os.fsync(fd)
         self._fd = fd
+        _HELD.add(fd)
         return self
 
     def release(self) -> None:
@@ -75,6 +91,7 @@ class RunLock:
             if self.path.parent in self._created:
                 self.path.parent.rmdir()
         fcntl.flock(self._fd, fcntl.LOCK_UN)
+        _HELD.discard(self._fd)
         os.close(self._fd)
         self._fd = None
 

@@ -2,7 +2,8 @@
 
 One process, or one per rank under torchrun. Rank 0 alone logs (progress bar, metrics.jsonl,
 TensorBoard) and writes checkpoints. Every example is a function of the data position, which is
-checkpointed with the model, optimizer, scheduler and every rank's RNG state, so resuming gives
+checkpointed with the model, optimizer and every rank's RNG state (the learning rate is a function of
+the step), so resuming gives
 exactly the losses of an uninterrupted run. SIGTERM or SIGINT (a job scheduler's time limit, `timeout`,
 Ctrl-C) stops the run after the current step with a checkpoint; a second signal stops it at once.
 """
@@ -22,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ramba.data.mixture import DistributedSampler, Mixture, TaskStream, TokenWindows, collate
+from ramba.data.mixture import DistributedSampler, Mixture, TaskStream, TokenWindows, collate, micro_batch_loader
 from ramba.data.tasks import MixedHaystack, TemplateHaystack, TokenFileHaystack, make_task
 from ramba.data.tokenizer import load_tokenizer
 from ramba.data.tokens import TokenFile
@@ -34,7 +34,6 @@ from ramba.files import check_output, write_text_atomic
 from ramba.layers.mamba2 import set_compile_glue
 from ramba.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ramba.train.config import TrainConfig
-from ramba.train.cuda_graph import GraphedLoss
 from ramba.train.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -45,8 +44,10 @@ from ramba.train.distributed import (
     wrap_model,
 )
 from ramba.train.evaluate import eval_loss, eval_task
+from ramba.train.flops import flops_per_token, peak_flops
 from ramba.train.lock import RunLock
-from ramba.train.schedule import make_scheduler
+from ramba.train.schedule import WarmupCosine
+from ramba.train.step import TrainStep, make_optimizer
 
 __all__ = ["train", "build_model", "build_data"]
 
@@ -141,24 +142,6 @@ def build_data(cfg: TrainConfig, tokenizer):
     return Mixture(sources, weights, cfg.seed), evals
 
 
-def sequence_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy averaged per sequence, then over the sequences that have labels.
-
-    logits ``[B, T, V]``, labels ``[B, T]`` (-100: no loss; shifted inside, as the model's own loss).
-    """
-    targets = labels[:, 1:]
-    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    counts = (targets != -100).sum(dim=1)
-    per_sequence = per_token.sum(dim=1) / counts.clamp_min(1)
-    return per_sequence.sum() / (counts > 0).sum().clamp_min(1)
-
-
-def _loss(model, ids: torch.Tensor, labels: torch.Tensor, average: str) -> torch.Tensor:
-    if average == "token":
-        return model(input_ids=ids, labels=labels).loss
-    return sequence_mean_loss(model(input_ids=ids).logits, labels)
-
-
 def _rng_state(device: torch.device) -> dict:
     np_state = np.random.get_state()
     return {
@@ -176,14 +159,6 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     n = state["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class _Logger:
@@ -280,7 +255,7 @@ def train(cfg: TrainConfig, resume: str | bool | None = None) -> dict:
 
 
 def _locked_train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
-    """`_train` holding the lock of out_dir (rank 0 takes it for every rank)."""
+    """`Trainer(cfg, info).run(resume)` holding the lock of out_dir (rank 0 takes it for every rank)."""
     lock, refused = RunLock(cfg.out_dir), None
     if info.is_main:
         try:
@@ -290,77 +265,106 @@ def _locked_train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
     if any_rank(refused is not None, info.device):
         raise refused or CheckpointError(f"out_dir {cfg.out_dir}: rank 0 could not take the run lock (see its error)")
     try:
-        return _train(cfg, resume, info)
+        return Trainer(cfg, info).run(resume)
     finally:
         lock.release()
 
 
-def _train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
-    out = Path(cfg.out_dir)
-    ckpt_root = out / "checkpoints"
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    mixture, eval_sources = build_data(cfg, tokenizer)
-    resume_path = _resolve_resume(resume, ckpt_root)
-    if resume in (None, False) and latest_checkpoint(ckpt_root) is not None:
-        raise ConfigError(
-            f"out_dir {out} already holds checkpoints ({latest_checkpoint(ckpt_root).name}); pass --resume to continue "
-            "that run, or choose another out_dir"
-        )
-    eval_tasks = []
-    for name in cfg.eval.tasks:
-        try:
-            eval_tasks.append(make_task(name, tokenizer))
-            eval_tasks[-1].generate(cfg.data.seq_len, 0.5, seed=0)
-        except ValueError as e:
-            raise ConfigError(f"config key 'eval.tasks': {e}") from None
+class StepTimer:
+    """Seconds the loop spends between ``start()`` and ``stop()``: CUDA events on CUDA, so that timing needs no
+    sync until ``read()``; the host clock elsewhere."""
 
-    if cfg.cuda_graph and (info.device.type != "cuda" or info.enabled):
-        raise ConfigError(
-            f"config key 'cuda_graph': needs a single CUDA process, got device {info.device} with {info.world_size} "
-            "rank(s); turn it off"
-        )
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    model = build_model(cfg, tokenizer).to(info.device)
-    if cfg.grad_checkpointing:
-        # transformers 5 renamed gradient_checkpointing_enable (now deprecated) to activation_checkpointing_enable.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
-    set_compile_glue(model, cfg.compile_glue)
-    model = wrap_model(model, info, cfg.distributed.strategy)
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
-    )
-    scheduler = make_scheduler(optimizer, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.max_steps)
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._open, self._spans = None, []
 
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and info.device.type == "cuda")
-    autocast = (
-        # autocast's cast cache would live in the CUDA graph's memory: off when capturing
-        functools.partial(
-            torch.autocast, device_type=info.device.type, dtype=torch.bfloat16, cache_enabled=not cfg.cuda_graph
-        )
-        if use_bf16
-        else contextlib.nullcontext
-    )
-    sampler = DistributedSampler(cfg.micro_batch, cfg.grad_accum, info.rank, info.world_size)
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
-    step, examples = 0, 0
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, model, optimizer)
-        fresh = dict(scheduler.lr_lambdas[0].__dict__)
-        scheduler.load_state_dict(state["scheduler"])
-        if scheduler.lr_lambdas[0].__dict__ != fresh:
-            logger.warning(
-                "the schedule changed since the checkpoint (%s -> %s); following the config",
-                scheduler.lr_lambdas[0].__dict__,
-                fresh,
+    def start(self) -> None:
+        self._open = self._now()
+
+    def stop(self) -> None:
+        if self._open is not None:
+            self._spans.append((self._open, self._now()))
+            self._open = None
+
+    def read(self) -> float:
+        """Seconds of the spans stopped since the last ``read()`` (waits for the GPU to reach them)."""
+        if self.cuda and self._spans:
+            self._spans[-1][1].synchronize()
+        seconds = sum(a.elapsed_time(b) / 1e3 if self.cuda else b - a for a, b in self._spans)
+        self._spans = []
+        return seconds
+
+
+class Trainer:
+    """One rank's training run: data, model, optimizer and :class:`~ramba.train.step.TrainStep` from ``cfg``
+    (built here), then :meth:`run`: resume, the loop, evaluation, logging and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        self.out = Path(cfg.out_dir)
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.mixture, eval_sources = build_data(cfg, tokenizer)
+        self.eval_tasks = []
+        for name in cfg.eval.tasks:
+            try:
+                self.eval_tasks.append(make_task(name, tokenizer))
+                self.eval_tasks[-1].generate(cfg.data.seq_len, 0.5, seed=0)
+            except ValueError as e:
+                raise ConfigError(f"config key 'eval.tasks': {e}") from None
+        if cfg.cuda_graph and (info.device.type != "cuda" or info.enabled):
+            raise ConfigError(
+                f"config key 'cuda_graph': needs a single CUDA process, got device {info.device} with "
+                f"{info.world_size} rank(s); turn it off"
             )
-            scheduler.lr_lambdas[0].__dict__.update(fresh)
-            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-                group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
-        step, examples = int(state["step"]), int(state["examples"])
-        rngs = state["rng"]
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        model = build_model(cfg, tokenizer).to(info.device)
+        if cfg.grad_checkpointing:
+            # transformers 5 renamed gradient_checkpointing_enable (now deprecated) to activation_checkpointing_enable.
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+        set_compile_glue(model, cfg.compile_glue)
+        self.flops_per_token = flops_per_token(model, cfg.data.seq_len)["total"]
+        self.model = wrap_model(model, info, cfg.distributed.strategy)
+        o = cfg.optim
+        self.optimizer = make_optimizer(self.model, o.lr, o.weight_decay, o.betas, o.eps)
+        self.schedule = WarmupCosine(o.lr, o.min_lr, o.warmup_steps, cfg.max_steps)
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and info.device.type == "cuda")
+        dtype = torch.bfloat16 if bf16 else None
+        self.autocast = (
+            functools.partial(torch.autocast, device_type=info.device.type, dtype=dtype)
+            if bf16
+            else contextlib.nullcontext
+        )
+        self.train_step = TrainStep(
+            self.model, self.optimizer, cfg.grad_accum, o.grad_clip, cfg.loss_average, dtype, cfg.cuda_graph
+        )
+        self.sampler = DistributedSampler(cfg.micro_batch, cfg.grad_accum, info.rank, info.world_size)
+        self.eval_batches = [
+            (
+                name,
+                [
+                    collate([src.example(j) for j in range(b * cfg.micro_batch, (b + 1) * cfg.micro_batch)])
+                    for b in range(cfg.eval.batches)
+                ],
+            )
+            for name, src in eval_sources
+        ]
+        self.step = self.examples = 0
+
+    def resume(self, path: Path) -> None:
+        """Model, optimizer, data position and this rank's RNG states from the checkpoint at ``path``."""
+        state = load_checkpoint(path, self.model, self.optimizer)
+        self.step, self.examples = int(state["step"]), int(state["examples"])
+        rngs, info = state["rng"], self.info
         if len(rngs) == info.world_size:
             _set_rng_state(rngs[info.rank], info.device)
         else:
@@ -368,135 +372,140 @@ def _train(cfg: TrainConfig, resume, info: DistInfo) -> dict:
                 "checkpoint was written by %d ranks, now %d: RNG states not restored", len(rngs), info.world_size
             )
         if info.is_main:
-            logger.info("resumed from %s at step %d (%d examples consumed)", resume_path, step, examples)
+            logger.info("resumed from %s at step %d (%d examples consumed)", path, self.step, self.examples)
 
-    if info.is_main:
-        write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
-    log = _Logger(cfg, out, info.is_main)
-    eval_batches = [
-        (
-            name,
-            [
-                collate([src.example(j) for j in range(b * cfg.micro_batch, (b + 1) * cfg.micro_batch)])
-                for b in range(cfg.eval.batches)
-            ],
-        )
-        for name, src in eval_sources
-    ]
-
-    def evaluate(at: int) -> dict:
-        model.eval()
+    def evaluate(self, log: _Logger) -> dict:
+        """Held-out losses and task scores now, logged."""
+        cfg, info = self.cfg, self.info
+        self.model.eval()
         metrics = {}
-        for name, batches in eval_batches:
-            metrics[f"eval/loss/{name}"] = eval_loss(model, batches, info.device, autocast)
-        if eval_batches:
-            metrics["eval/loss"] = float(np.mean([metrics[f"eval/loss/{n}"] for n, _ in eval_batches]))
-        for task in eval_tasks:
+        for name, batches in self.eval_batches:
+            metrics[f"eval/loss/{name}"] = eval_loss(self.model, batches, info.device, self.autocast)
+        if self.eval_batches:
+            metrics["eval/loss"] = float(np.mean([metrics[f"eval/loss/{n}"] for n, _ in self.eval_batches]))
+        for task in self.eval_tasks:
             metrics[f"eval/{task.name}"] = eval_task(
-                model, task, cfg.data.seq_len, cfg.eval.task_samples, cfg.micro_batch, info.device, autocast
+                self.model, task, cfg.data.seq_len, cfg.eval.task_samples, cfg.micro_batch, info.device, self.autocast
             )
-        model.train()
+        self.model.train()
         if info.is_main:
-            log.write(at, metrics)
-            logger.info("step %d eval: %s", at, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            log.write(self.step, metrics)
+            logger.info("step %d eval: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
-    def checkpoint(at: int) -> None:
+    def checkpoint(self) -> None:
         state = {
-            "step": at,
-            "examples": examples,
-            "scheduler": scheduler.state_dict(),
-            "rng": gather_objects(_rng_state(info.device)),
-            "world_size": info.world_size,
-            "config": cfg.to_dict(),
+            "step": self.step,
+            "examples": self.examples,
+            "rng": gather_objects(_rng_state(self.info.device)),
+            "world_size": self.info.world_size,
+            "config": self.cfg.to_dict(),
         }
-        save_checkpoint(ckpt_root, at, model, optimizer, state, cfg.checkpoint.keep, info.is_main)
+        save_checkpoint(
+            self.out / "checkpoints",
+            self.step,
+            self.model,
+            self.optimizer,
+            state,
+            self.cfg.checkpoint.keep,
+            self.info.is_main,
+        )
 
-    tokens_per_step = sampler.examples_per_step * cfg.data.seq_len
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=step,
-        desc="train",
-        unit="step",
-        disable=not (info.is_main and cfg.log.progress),
-        dynamic_ncols=True,
-    )
+    def metrics(self, loss: torch.Tensor, grad_norm: torch.Tensor, seconds: float, steps: int) -> dict:
+        """The logged metrics of the last step (loss, lr, gradient norm) and of the last ``steps`` steps (rates)."""
+        loss_val = all_reduce_mean(loss).item()
+        if not math.isfinite(loss_val):
+            raise FloatingPointError(f"step {self.step}: loss is {loss_val}; lower optim.lr or check the data")
+        tokens_per_s = steps * self.sampler.examples_per_step * self.cfg.data.seq_len / max(seconds, 1e-9)
+        out = {
+            "loss": loss_val,
+            "lr": self.schedule(self.step - 1),
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": tokens_per_s,
+            "tokens": self.examples * self.cfg.data.seq_len,
+        }
+        peak = peak_flops(self.info.device)
+        if peak is not None:  # model FLOPs utilisation against the data sheet's dense bf16 peak of every rank's GPU
+            out["mfu"] = tokens_per_s * self.flops_per_token / (peak * self.info.world_size)
+        return out
 
-    def micro_loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One micro-batch's loss, scaled so that the micro-batches' gradients add up to the step's."""
-        with autocast():
-            return _loss(model, ids, labels, cfg.loss_average) / cfg.grad_accum
+    def start(self, resume=None) -> None:
+        """Resume per ``resume`` (see :func:`train`), refusing a folder with checkpoints when not resuming; write
+        config.json."""
+        ckpt_root = self.out / "checkpoints"
+        path = _resolve_resume(resume, ckpt_root)
+        if resume in (None, False) and latest_checkpoint(ckpt_root) is not None:
+            raise ConfigError(
+                f"out_dir {self.out} already holds checkpoints ({latest_checkpoint(ckpt_root).name}); pass --resume "
+                "to continue that run, or choose another out_dir"
+            )
+        if path is not None:
+            self.resume(path)
+        if self.info.is_main:
+            write_text_atomic(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=2))
 
-    graphed = GraphedLoss(micro_loss, model.parameters()) if cfg.cuda_graph else None
-    last: dict = {}
-    model.train()
-    # Throughput counts training steps only, not evaluation or checkpoint time.
-    busy, steps_since = 0.0, 0
-    with StopSignals() as stop:
-        try:
-            while step < cfg.max_steps:
-                t0 = time.perf_counter()
-                loss_sum = torch.zeros((), device=info.device)
-                for micro in range(cfg.grad_accum):
-                    ids, labels = collate([mixture.example(i) for i in sampler.indices(examples, micro)])
-                    ids, labels = ids.to(info.device), labels.to(info.device)
-                    if graphed is not None:
-                        loss = graphed(ids, labels)
-                    else:
-                        sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
-                        with contextlib.nullcontext() if sync else model.no_sync():
-                            loss = micro_loss(ids, labels)
-                        loss.backward()
-                    loss_sum += loss.detach().float()
-                if cfg.optim.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                else:
-                    grad_norm = torch.nn.utils.get_total_norm(
-                        [p.grad for p in model.parameters() if p.grad is not None]
-                    )
-                if hasattr(grad_norm, "full_tensor"):
-                    grad_norm = grad_norm.full_tensor()
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                # a CUDA graph writes the .grad tensors it captured: zero them, keep them
-                optimizer.zero_grad(set_to_none=graphed is None)
-                step += 1
-                examples += sampler.examples_per_step
-                steps_since += 1
-                if info.device.type == "cuda":
-                    torch.cuda.synchronize(info.device)
-                busy += time.perf_counter() - t0
-
-                if step % cfg.log.every == 0 or step == cfg.max_steps:
-                    loss_val = all_reduce_mean(loss_sum).item()
-                    if not math.isfinite(loss_val):
-                        raise FloatingPointError(f"step {step}: loss is {loss_val}; lower optim.lr or check the data")
-                    tok_s = tokens_per_step * steps_since / max(busy, 1e-9)
-                    busy, steps_since = 0.0, 0
-                    last = {
-                        "loss": loss_val,
-                        "lr": lr,
-                        "grad_norm": float(grad_norm),
-                        "tokens_per_s": tok_s,
-                        "tokens": examples * cfg.data.seq_len,
-                    }
-                    if info.is_main:
-                        log.write(step, last)
-                        bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
-                bar.update(1)
-                if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.max_steps):
-                    last = {**last, **evaluate(step)}
-                saved = bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.max_steps
-                if saved:
-                    checkpoint(step)
-                if step < cfg.max_steps and any_rank(stop.received is not None, info.device):
-                    if not saved:
-                        checkpoint(step)
-                    logger.warning("stopped at step %d by a signal (checkpoint saved); continue with --resume", step)
-                    last = {**last, "stopped_at_step": step}
-                    break
-        finally:
-            bar.close()
-            log.close()
-    return last
+    def run(self, resume=None) -> dict:
+        """Trains to ``cfg.max_steps`` (see :func:`train`); the last logged metrics."""
+        cfg, info = self.cfg, self.info
+        self.start(resume)
+        loader = micro_batch_loader(
+            self.mixture,
+            self.sampler,
+            self.examples,
+            cfg.max_steps - self.step,
+            cfg.data.workers,
+            info.device.type == "cuda",
+        )
+        log, batches, timer = _Logger(cfg, self.out, info.is_main), iter(loader), StepTimer(info.device)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not (info.is_main and cfg.log.progress),
+            dynamic_ncols=True,
+        )
+        last, window = {}, 0
+        self.model.train()
+        with StopSignals() as stop:
+            try:
+                timer.start()  # tokens/s counts the steps only, not evaluation, checkpoints or logging
+                while self.step < cfg.max_steps:
+                    micro = [
+                        [t.to(info.device, non_blocking=True) for t in next(batches)] for _ in range(cfg.grad_accum)
+                    ]
+                    loss, grad_norm = self.train_step(micro, self.schedule(self.step))
+                    self.step, window = self.step + 1, window + 1
+                    self.examples += self.sampler.examples_per_step
+                    bar.update(1)
+                    end = self.step == cfg.max_steps
+                    logging_now = self.step % cfg.log.every == 0 or end
+                    evaluating = bool(cfg.eval.every) and (self.step % cfg.eval.every == 0 or end)
+                    saving = bool(cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or end
+                    stopping = not end and any_rank(stop.received is not None, info.device)
+                    if not (logging_now or evaluating or saving or stopping):
+                        continue
+                    timer.stop()
+                    if logging_now:
+                        last, window = self.metrics(loss, grad_norm, timer.read(), window), 0
+                        if info.is_main:
+                            log.write(self.step, last)
+                            bar.set_postfix(
+                                loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:,.0f}", lr=f"{last['lr']:.2e}"
+                            )
+                    if evaluating:
+                        last = {**last, **self.evaluate(log)}
+                    if saving or stopping:
+                        self.checkpoint()
+                    if stopping:
+                        logger.warning(
+                            "stopped at step %d by a signal (checkpoint saved); continue with --resume", self.step
+                        )
+                        last = {**last, "stopped_at_step": self.step}
+                        break
+                    timer.start()
+            finally:
+                del batches
+                bar.close()
+                log.close()
+        return last

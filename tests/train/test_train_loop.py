@@ -64,6 +64,17 @@ def test_gradient_checkpointing_and_accumulation(config_dict, tmp_path):
     assert np.allclose(list(accum.values()), list(base.values()), rtol=1e-5, atol=1e-6)
 
 
+def test_dataloader_workers_give_the_in_process_batches(config_dict, tmp_path):
+    """Batches built by 2 DataLoader workers (the default) or in the main process: the same losses, bit for bit."""
+    config_dict.update(max_steps=4)
+    config_dict["checkpoint"] = {"every": 0, "keep": 1}
+    config_dict["data"]["seq_len"] = 256
+    config_dict["data"]["sources"].append({"task": "passkey", "weight": 0.5})
+    workers = losses_of(config_dict, tmp_path / "workers")
+    config_dict["data"]["workers"] = 0
+    assert losses_of(config_dict, tmp_path / "main") == workers
+
+
 @pytest.mark.skipif(
     not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler"
 )
@@ -77,7 +88,7 @@ def test_compile_glue_gives_the_eager_losses(config_dict, tmp_path):
 
 def test_sequence_mean_loss():
     """Each sequence's mean over its labelled tokens, averaged over the sequences with labels."""
-    from ramba.train.loop import sequence_mean_loss
+    from ramba.train.step import sequence_mean_loss
 
     logits = torch.randn(3, 6, 11, dtype=torch.float64)
     labels = torch.randint(0, 11, (3, 6))
@@ -219,6 +230,9 @@ def test_torchrun_two_gloo_ranks_ddp_then_fsdp(config_dict, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     run = Path(config_dict["out_dir"])
+    # data parallel = one process at twice the micro-batch: the same sequences a step, the same loss curve
+    single = losses_of({**config_dict, "micro_batch": 4, "distributed": {}}, tmp_path / "single")
+    assert np.allclose(list(losses(run).values()), list(single.values()), rtol=1e-5, atol=1e-6)
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # rank 0 alone logs
     assert json.loads(lines[-1])["tokens"] == 4 * 2 * 2 * 64  # steps * ranks * micro_batch * seq_len
