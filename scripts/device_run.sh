@@ -65,6 +65,10 @@
 #                (comma-separated KEY=VALUE, e.g. model.preset=370m,micro_batch=2) for STEPS steps on 1, then 2 GPUs
 #                (torchrun), then the 2-GPU run continued on 1 GPU for 10 steps; metrics as
 #                multigpu-NAME-{1,2,resumed}.metrics.jsonl (train-metrics.tgz), tokens/s = the logged global rate
+#   train-run:NAME:STEPS[:SETTINGS]
+#                issue 17: `ramba train recipes/tiny-gpu.yaml` (run corpus first) for STEPS steps with the overrides
+#                SETTINGS (comma-separated KEY=VALUE, e.g. model.preset=370m,micro_batch=4), no evaluation, one
+#                checkpoint at the end; train-run-NAME.metrics.jsonl (tokens_per_s and mfu per logged step)
 #   drop:GLOB    delete $OUT/GLOB (models a later stage of the same call superseded)
 # Carried wheels in .whl/ (fla-core, mamba-ssm built with MAMBA_SKIP_CUDA_BUILD=TRUE, einops) are installed first. At most 8 files come back from $OUT.
 # The carried folder .carry/ (git-ignored; name it and .whl in the device call's carry list) holds the
@@ -255,6 +259,16 @@ section() {
             python3 -m ramba train recipes/tiny-gpu.yaml --set "out_dir=runs/multigpu-$name-2" "${args[@]}" \
                 --set "max_steps=$((steps + 10))" --resume || return 1
             cp "runs/multigpu-$name-2/metrics.jsonl" "$OUT/multigpu-$name-resumed.metrics.jsonl" ;;
+        train-run)
+            local name sets args=()
+            IFS=: read -r _ name steps sets <<<"$1"
+            for kv in ${sets//,/ }; do args+=(--set "$kv"); done
+            rm -rf "runs/train-run-$name"
+            timeout 500 python3 -m ramba train recipes/tiny-gpu.yaml --set "out_dir=runs/train-run-$name" \
+                --set "max_steps=$steps" --set log.progress=false --set eval.every=0 --set log.every=5 "${args[@]}"
+            local rc=$?
+            cp "runs/train-run-$name/metrics.jsonl" "$OUT/train-run-$name.metrics.jsonl" 2>/dev/null
+            return $rc ;;
         drop) rm -f "$OUT"/${1#drop:} ;;
         save-cache) tar -czf - -C "$TRITON_CACHE_DIR" . | split -b 15000000 - "$OUT/triton-cache.tgz.part-" && ls -la "$OUT" ;;
         *) echo "unknown section: $name"; return 2 ;;

@@ -10,7 +10,7 @@ from ramba.ops.hsa.naive import hsa_naive, softmax1
 BACKENDS = ("reference", "torch", "triton")
 
 
-def _check_inputs(q, k, v, weights, indices, chunk_size, backend) -> None:
+def _check_inputs(q, k, v, weights, indices, chunk_size) -> None:
     for name, t in (("q", q), ("k", k), ("v", v), ("weights", weights), ("indices", indices)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(
@@ -47,13 +47,16 @@ def _check_inputs(q, k, v, weights, indices, chunk_size, backend) -> None:
     devices = {t.device for t in (q, k, v, weights, indices)}
     if len(devices) > 1:
         raise ValueError(f"hsa: q, k, v, weights and indices must be on one device, got {sorted(map(str, devices))}")
-    # the value range costs a device sync, so it is checked where the kernel does not check it, outside graph capture
-    capturing = indices.is_cuda and torch.cuda.is_current_stream_capturing()
-    if backend != "triton" and indices.numel() > 0 and not capturing:
-        n_chunks = Tk // chunk_size
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < 0 or hi >= n_chunks:
-            raise ValueError(f"hsa: indices must lie in [0, Tk/chunk_size = {n_chunks}), got values in [{lo}, {hi}]")
+
+
+def _check_index_range(indices: torch.Tensor, n_chunks: int) -> None:
+    """Indices in ``[0, n_chunks)``: a device sync, so checked off the Triton path (whose kernel masks them) and
+    outside CUDA-graph capture."""
+    if indices.numel() == 0 or (indices.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < 0 or hi >= n_chunks:
+        raise ValueError(f"hsa: indices must lie in [0, Tk/chunk_size = {n_chunks}), got values in [{lo}, {hi}]")
 
 
 def _triton_available() -> bool:
@@ -99,11 +102,13 @@ def hsa(
     Returns:
         ``[B, T, HQ, D]`` in q's dtype. Differentiable in q, k, v and weights.
     """
+    _check_inputs(q, k, v, weights, indices, chunk_size)
     check_backend("hsa", backend, BACKENDS, q.device)
     if backend is None:
         use_triton = q.is_cuda and _triton_available() and _triton_supports(q.shape[-1], chunk_size)
         backend = "triton" if use_triton else "torch"
-    _check_inputs(q, k, v, weights, indices, chunk_size, backend)
+    if backend != "triton":
+        _check_index_range(indices, k.shape[1] // chunk_size)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if backend == "reference":
