@@ -1,10 +1,12 @@
 """Time ``select_chunks_streaming`` on the CPU: main's streaming.py (old) against the working tree's (new).
 
 Usage: nice -n 10 python benchmarks/bench_select_decode.py [OUT.json] [--reps N] [--chunks 65536,1048576]
+       [--threads N]
 
 Cases: B=1, R=1, Dr=256, K=8, S=64, landmarks float32 or bf16 (q float32), host memory; T=1 (decode, the
 token sees all C chunks) and T=64 (a prefill-like block of the last 64 positions). Each case checks that old
-and new pick the same indices; times are medians of --reps runs after one warm-up, in ms.
+and new pick the same indices; times are medians and minima of --reps rounds after one warm-up, in ms, a round
+running old then new. --threads 1 keeps a shared box's other load from stalling two-thread kernels.
 """
 
 from __future__ import annotations
@@ -44,15 +46,17 @@ def load_main() -> object:
     return module
 
 
-def time_ms(fn, args: tuple, reps: int) -> tuple[float, torch.Tensor]:
-    """Median ms of ``fn(*args)`` over ``reps`` runs after one warm-up, and the indices it returns."""
-    indices, _ = fn(*args)
-    times = []
+def time_ms(impls: dict, args: tuple, reps: int) -> tuple[dict, dict]:
+    """``{name: (median ms, min ms)}`` of ``fn(*args)`` over ``reps`` rounds, each running every implementation
+    once in turn (so load from other users of the box hits both alike), after one warm-up; and the indices."""
+    indices = {name: fn(*args)[0] for name, fn in impls.items()}
+    times = {name: [] for name in impls}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn(*args)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), indices
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            fn(*args)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}, indices
 
 
 def main() -> None:
@@ -60,7 +64,10 @@ def main() -> None:
     ap.add_argument("out", nargs="?", default="benchmarks/results/select_decode_cpu.json")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--chunks", default="65536,1048576")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     impls = {"old": load_main().select_chunks_streaming, "new": new_streaming.select_chunks_streaming}
     gen = torch.Generator().manual_seed(0)
     runs = []
@@ -72,11 +79,9 @@ def main() -> None:
                 q = torch.randn(B, T, R, DR, generator=gen)
                 positions = torch.arange(C * S - T + 1, C * S + 1)
                 row = dict(C=C, T=T, landmarks=lm_dtype)
-                indices = {}
-                for name, fn in impls.items():
-                    ms, idx = time_ms(fn, (q, lm, S, K, positions), args.reps)
-                    row[f"{name}_ms"] = round(ms, 2)
-                    indices[name] = idx
+                times, indices = time_ms(impls, (q, lm, S, K, positions), args.reps)
+                for name, (median, fastest) in times.items():
+                    row[f"{name}_ms"], row[f"{name}_min_ms"] = round(median, 2), round(fastest, 2)
                 row["speedup"] = round(row["old_ms"] / row["new_ms"], 2)
                 row["same_indices"] = torch.equal(indices["old"], indices["new"])
                 print(json.dumps(row), file=sys.stderr, flush=True)

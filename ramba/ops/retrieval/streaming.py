@@ -133,11 +133,17 @@ def _running_topk(
     lo, hi = visible
     run = torch.full((B, t, R, K), MASKED, dtype=torch.long, device=dev)
     run_i = None if packed else torch.full((B, t, R, K), -1, dtype=torch.long, device=dev)
+    # low-precision landmarks are converted into one reused buffer (a fresh 64 MiB host tensor per block
+    # page-faults)
+    staged = landmarks.dtype != q_r.dtype
+    buffer = torch.empty(B, min(block_chunks, hi), R, Dr, dtype=q_r.dtype, device=dev) if staged and hi else None
     # chunks at or beyond the largest visible count are masked for every token: skip them
     for c0 in range(0, hi, block_chunks):
         c1 = min(hi, c0 + block_chunks)
         cidx = torch.arange(c0, c1, device=dev)
-        block = landmarks[:, c0:c1].to(dev, non_blocking=True).to(q_r.dtype)  # streamed in from host landmarks
+        block = landmarks[:, c0:c1].to(dev, non_blocking=True)  # streamed in from host landmarks, in their dtype
+        if staged:
+            block = buffer[:, : c1 - c0].copy_(block)
         key = _order_bits(torch.einsum("btrd,bcrd->btrc", q_r, block).div_(math.sqrt(Dr)))
         if packed:
             key = key.long().mul_(1 << 32).add_(cidx)
