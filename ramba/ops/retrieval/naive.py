@@ -157,10 +157,12 @@ def select_chunks_naive(
     with torch.no_grad():
         scores = chunk_scores(q_r, landmarks)
         visible = (torch.arange(C, device=dev) + 1) * chunk_size <= pos[:, :, None]  # [B, T, C]
-        scores = scores.masked_fill(~visible[:, :, None, :], -math.inf)
         # ties go to the more recent chunk: reverse the chunk axis so that a stable sort keeps
-        # equal scores in recent-first order
-        order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices[..., :K]
+        # equal scores in recent-first order; a second stable sort then puts every visible chunk
+        # before every invisible one (a visible score may be -inf too)
+        order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices
+        seen = visible.flip(-1)[:, :, None, :].expand_as(scores).gather(-1, order).to(torch.uint8)
+        order = order.gather(-1, torch.sort(seen, dim=-1, descending=True, stable=True).indices)[..., :K]
         top = C - 1 - order  # [B, T, R, min(K, C)]
         n_valid = visible.sum(-1).clamp(max=K)[:, :, None, None]
         top = torch.where(torch.arange(top.shape[-1], device=dev) < n_valid, top, -1)

@@ -1,9 +1,9 @@
 """Streaming chunk selection (docs/design.md §2): never builds the ``T × C`` score matrix.
 
 Tokens are processed in blocks; for each token block, chunks are scored one block at a time
-and merged into a running top-K. The selected scores are then recomputed by an autograd
-function that gathers only the K chosen landmarks per token, one token block at a time, in the
-forward and the backward, so peak memory is O(T·K + T_block·(C_block + K) + T_block·K·Dr).
+and merged into a running top-K (``topk`` of tie-free integer keys, see :func:`_running_topk`).
+The selected scores are then recomputed by an autograd function that gathers only the K chosen
+landmarks per token, one token block at a time, in the forward and the backward, so peak memory is O(T·K + T_block·(C_block + K) + T_block·K·Dr).
 """
 
 from __future__ import annotations
@@ -19,6 +19,13 @@ from ramba.ops.retrieval.naive import NORMALISERS, check_inputs, resolve_positio
 DEFAULT_BLOCK_CHUNKS = 1024
 # elements in one tile (scores of a token block × chunk block, or gathered landmarks): 16 MiB in float32
 TILE_ELEMENTS = 1 << 22
+# elements in one block of landmarks in the compute dtype on a GPU: 64 MiB in float32 (fewer blocks, fewer
+# kernel launches); on the CPU a block stays within a tile, which converts bf16 faster (cache, allocator)
+LANDMARK_BLOCK_ELEMENTS = 1 << 24
+# sort key of an invisible chunk or an empty slot: below every score's key
+MASKED = torch.iinfo(torch.int64).min
+# float dtype -> (integer dtype of its bits, bits of +inf)
+_ORDER_BITS = {torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
 
 
 def _flat_index(indices: torch.Tensor, C: int) -> torch.Tensor:
@@ -84,45 +91,74 @@ class _SelectedScores(torch.autograd.Function):
         return dq, dlm, None, None, None
 
 
+def _order_bits(s: torch.Tensor) -> torch.Tensor:
+    """Scores -> integers in the same order: float32 ``[...]`` -> int32 ``[...]``, float64 -> int64.
+
+    Sign-magnitude to two's complement, so ``-0.0`` and ``0.0`` both map to 0 and ties stay ties; every NaN
+    maps to one value above ``+inf`` (``torch.sort`` ranks NaNs highest and equal); ``-inf`` maps above the
+    integer minimum, which marks invisible chunks.
+    """
+    bits_dtype, inf = _ORDER_BITS[s.dtype]
+    magnitude = (s.view(bits_dtype) & torch.iinfo(bits_dtype).max).clamp_max_(inf + 1)
+    return torch.where(s < 0, -magnitude, magnitude)
+
+
 def _running_topk(
     q_r: torch.Tensor,
     landmarks: torch.Tensor,
     n_vis: torch.Tensor,
     K: int,
     block_chunks: int,
-    max_visible: int | None = None,
+    visible: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Top-K visible chunks of one token block, streamed over chunk blocks.
+
+    Each chunk gets an integer key ordered like (score, chunk id), invisible chunks the minimum
+    ``MASKED``, so ties go to the more recent chunk. float32 scores: the key packs the score's
+    order bits above the chunk id in one int64, so ``topk`` of (running top-K + block) is exact.
+    float64 scores leave no room for the id: a stable sort of the order bits over the candidates in
+    descending chunk order breaks the ties instead. Chunk ids must be below ``2**32``.
 
     Args:
         q_r: ``[B, t, R, Dr]`` in the compute dtype; landmarks ``[B, C, R, Dr]``;
         n_vis: ``[B, t]`` visible chunks per token (chunks ``0 .. n_vis - 1``);
-        max_visible: ``n_vis.max()`` when the caller knows it (saves a device-to-host sync), else None.
+        visible: ``(n_vis.min(), n_vis.max())`` when the caller knows them (saves a device-to-host sync),
+            else None.
     Returns:
         ``[B, t, R, K]`` int64 chunk ids, most recent first, empty slots ``-1`` last.
     """
     B, t, R, Dr = q_r.shape
-    C, dev = landmarks.shape[1], q_r.device
-    run_s = torch.full((B, t, R, K), -math.inf, dtype=q_r.dtype, device=dev)
-    run_i = torch.full((B, t, R, K), -1, dtype=torch.long, device=dev)
-    # chunks at or beyond the block's largest visible count are masked for every token: skip them
-    if max_visible is None:
-        max_visible = int(n_vis.max()) if n_vis.numel() else 0
-    for c0 in range(0, max_visible, block_chunks):
-        c1 = min(C, c0 + block_chunks)
+    dev, packed = q_r.device, q_r.dtype == torch.float32
+    if visible is None:
+        visible = torch.stack([n_vis.min(), n_vis.max()]).tolist() if n_vis.numel() else (0, 0)
+    lo, hi = visible
+    run = torch.full((B, t, R, K), MASKED, dtype=torch.long, device=dev)
+    run_i = None if packed else torch.full((B, t, R, K), -1, dtype=torch.long, device=dev)
+    # low-precision landmarks are converted into one reused buffer (fresh large host tensors page-fault)
+    staged = landmarks.dtype != q_r.dtype
+    buffer = torch.empty(B, min(block_chunks, hi), R, Dr, dtype=q_r.dtype, device=dev) if staged and hi else None
+    # chunks at or beyond the largest visible count are masked for every token: skip them
+    for c0 in range(0, hi, block_chunks):
+        c1 = min(hi, c0 + block_chunks)
         cidx = torch.arange(c0, c1, device=dev)
-        block = landmarks[:, c0:c1].to(dev, non_blocking=True).to(q_r.dtype)  # streamed in from host landmarks
-        s = torch.einsum("btrd,bcrd->btrc", q_r, block) / math.sqrt(Dr)
-        s = s.masked_fill(~(cidx < n_vis[:, :, None])[:, :, None, :], -math.inf)
-        # candidates in descending chunk order (the block reversed, then the running top-K, whose
-        # chunks are all older and whose ties are already recent-first): a stable sort then breaks
-        # score ties towards the more recent chunk, as the reference does
-        cand_s = torch.cat([s.flip(-1), run_s], dim=-1)
-        cand_i = torch.cat([cidx.flip(0).expand(B, t, R, c1 - c0), run_i], dim=-1)
-        sorted_s, order = torch.sort(cand_s, dim=-1, descending=True, stable=True)
-        run_s, run_i = sorted_s[..., :K], cand_i.gather(-1, order[..., :K])
-    n_valid = n_vis.clamp(max=K)[:, :, None, None]
-    run_i = torch.where(torch.arange(K, device=dev) < n_valid, run_i, -1)
+        block = landmarks[:, c0:c1].to(dev, non_blocking=True)  # streamed in from host landmarks, in their dtype
+        if staged:
+            block = buffer[:, : c1 - c0].copy_(block)
+        key = _order_bits(torch.einsum("btrd,bcrd->btrc", q_r, block).div_(math.sqrt(Dr)))
+        if packed:
+            key = key.long().mul_(1 << 32).add_(cidx)
+        if c1 > lo:  # some token does not see the whole block
+            key = key.masked_fill_((cidx >= n_vis[:, :, None])[:, :, None, :], MASKED)
+        if packed:
+            top = key.topk(min(K, c1 - c0), dim=-1, sorted=False).values
+            run = torch.cat([run, top], dim=-1).topk(K, dim=-1, sorted=False).values
+        else:
+            # candidates in descending chunk order (the block reversed, then the older running top-K)
+            cand = torch.cat([key.flip(-1), run], dim=-1)
+            cand_i = torch.cat([cidx.flip(0).expand(B, t, R, c1 - c0), run_i], dim=-1)
+            run, order = torch.sort(cand, dim=-1, descending=True, stable=True)
+            run, run_i = run[..., :K], cand_i.gather(-1, order[..., :K])
+    run_i = torch.where(run > MASKED, run & 0xFFFFFFFF if packed else run_i, -1)
     return torch.sort(run_i, dim=-1, descending=True).values
 
 
@@ -163,8 +199,9 @@ def select_chunks_streaming(
     first_block = min(block_chunks or DEFAULT_BLOCK_CHUNKS, max(C, 1))
     tokens_topk = block_tokens or max(1, TILE_ELEMENTS // (BR * (first_block + K)))
     # few tokens (decoding) score many chunks per tile, but a block of landmarks in the compute dtype stays
-    # within a tile too (decoding at 256M tokens would otherwise convert 4 GiB of landmarks at once)
-    wide = min(TILE_ELEMENTS // (BR * min(tokens_topk, max(T, 1))) - K, TILE_ELEMENTS // (BR * Dr))
+    # bounded too (decoding at 256M tokens would otherwise convert 4 GiB of landmarks at once)
+    lm_block = TILE_ELEMENTS if dev.type == "cpu" else LANDMARK_BLOCK_ELEMENTS
+    wide = min(TILE_ELEMENTS // (BR * min(tokens_topk, max(T, 1))) - K, lm_block // (BR * Dr))
     block_chunks = block_chunks or max(DEFAULT_BLOCK_CHUNKS, wide)
     tokens_gather = block_tokens or max(1, TILE_ELEMENTS // (BR * K * Dr))
     n_vis = resolve_positions(positions, B, T, dev).div(chunk_size, rounding_mode="floor").clamp(0, C)
@@ -172,8 +209,9 @@ def select_chunks_streaming(
     with torch.no_grad():
         for t0 in range(0, T, tokens_topk):
             t1 = min(T, t0 + tokens_topk)
-            # default positions: the block's last token sees the most chunks, known without asking the device
-            known = None if positions is not None else min(C, (t1 - 1) // chunk_size)
+            # default positions: the block's first and last tokens see the fewest and the most chunks, known
+            # without asking the device
+            known = None if positions is not None else (min(C, t0 // chunk_size), min(C, (t1 - 1) // chunk_size))
             indices[:, t0:t1] = _running_topk(q_r[:, t0:t1].to(acc), landmarks, n_vis[:, t0:t1], K, block_chunks, known)
     valid = indices >= 0
     indices = indices.clamp_min(0)
