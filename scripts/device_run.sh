@@ -35,7 +35,8 @@
 #                LONG_SECONDS bounds it (default 590)
 #   bench-long[:LENGTHS]
 #                issue 16: bench_inference.py (tiny preset, ramba, fast mode, offload, segments of 65536) at LENGTHS
-#                (default 4k,64k,1m,16m,64m,256m); bench_inference_long.json/.png
+#                (default 4k,64k,1m,16m,64m,256m); bench_inference_long.json/.png; LANDMARKS=device keeps the
+#                landmarks on the GPU (bench_inference_long-landmarks-device.json)
 #   disk-tier[:LENGTH[:BUDGET]]
 #                issue 16: the same passkey at LENGTH (default 128m), depth 0.5, with the disk tier (--offload-dir
 #                /tmp/ramba-disk, --host-budget BUDGET, default 8g), then bench_inference.py at LENGTH with the same
@@ -222,7 +223,7 @@ section() {
             IFS=: read -r _ lengths <<<"$1"
             timeout 590 python3 -m ramba bench inference --preset tiny --architectures ramba \
                 --lengths "${lengths:-4k,64k,1m,16m,64m,256m}" --decode-tokens 16 --segment-len 65536 --mode fast --offload \
-                --out "$OUT" --name bench_inference_long ;;
+                --landmarks "${LANDMARKS:-host}" --out "$OUT" --name "bench_inference_long${LANDMARKS:+-landmarks-$LANDMARKS}" ;;
         disk-tier)
             local length budget
             IFS=: read -r _ length budget <<<"$1"
