@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Packs what scripts/device_run.sh needs on a GPU machine that has no internet into git-ignored folders,
-# to be named in the device call's carry list: .whl/ (the fla-core and einops wheels, and mamba-ssm's built
+# to be named in the device call's carry list: .whl/ (the fla-core, liger-kernel and einops wheels, and mamba-ssm's built
 # as pure Python: its Triton SSD kernels without the CUDA extensions) and .carry/corpus/
 # (corpora from scripts/get_corpus.sh's ./corpus, compressed). A call carries at most 64 MiB with the
 # working tree (~12 MB) and any kernel-cache parts (~21 MB): pack only the corpora the call uses, e.g.
@@ -28,6 +28,9 @@ if ! compgen -G ".whl/mamba_ssm-*.whl" > /dev/null; then
     MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl "$tmp"/mamba_ssm-*/
     "$PY" -m pip download -q --no-deps -d .whl einops==0.8.2
     rm -rf "$tmp"
+fi
+if ! compgen -G ".whl/liger_kernel-*.whl" > /dev/null; then  # pure Python (Triton kernels): the fused loss
+    "$PY" -m pip download -q --no-deps -d .whl liger-kernel==0.8.5
 fi
 for c in "$@"; do
     case "$c" in

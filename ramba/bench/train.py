@@ -95,6 +95,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "option cuda_graph) and replay it every step; the optimizer step stays eager",
     )
     p.add_argument(
+        "--fused-loss",
+        action="store_true",
+        help="the LM head and cross-entropy as liger-kernel's fused kernel (the training option fused_loss)",
+    )
+    p.add_argument(
         "--profile", metavar="DIR", help="profile the timed steps; one table per model into DIR (slows them)"
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
@@ -116,6 +121,7 @@ def measure(
     profile_path: Path | None = None,
     compile_glue: bool | None = None,
     cuda_graph: bool = False,
+    fused_loss: bool = False,
 ) -> dict:
     """Times `steps` training steps on `[batch, length]` random tokens; returns tokens/s and memory.
     With `profile_path`, the timed steps run under torch.profiler (slower) and its table of kernels by
@@ -125,6 +131,7 @@ def measure(
     if grad_checkpointing:
         model.gradient_checkpointing_enable()
     set_compile_glue(model, compile_glue)
+    model.loss_backend = "liger" if fused_loss else None
     n_params = sum(p.numel() for p in model.parameters())
     flops = flops_per_token(model, length)["total"]
     # the step of `ramba train` with its defaults (AdamW groups, clipping at 1.0, token-mean loss), at a fixed lr
@@ -223,6 +230,7 @@ def measure_fitting(
                 profile,
                 args.compile_glue,
                 args.cuda_graph,
+                args.fused_loss,
             )
             return {**row, "grad_checkpointing": checkpointing}
         except torch.OutOfMemoryError as exc:

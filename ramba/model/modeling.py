@@ -16,6 +16,7 @@ from ramba.layers.mamba2 import Mamba2Mixer
 from ramba.layers.norm import GatedRMSNorm, RMSNorm
 from ramba.model.cache import RambaCache
 from ramba.model.config import RambaConfig
+from ramba.ops.loss import linear_cross_entropy
 
 # The name of the cache in model inputs and outputs: ``cache`` in current transformers, ``past_key_values`` before.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -163,6 +164,9 @@ class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = RambaModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # with labels: None computes the logits and F.cross_entropy; "liger" the fused LM head + cross-entropy
+        # (ramba.ops.linear_cross_entropy), which returns no logits
+        self.loss_backend: str | None = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -191,7 +195,7 @@ class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """``input_ids [B, T]`` -> ``logits [B, T, V]``; with ``labels [B, T]`` also the mean next-token loss
-        (labels are shifted inside; -100 is ignored).
+        (labels are shifted inside; -100 is ignored); with ``loss_backend`` set, the loss alone (logits None).
 
         ``attention_mask [B, T_total]`` with zeros marks left padding: each row then runs on its own tokens
         only (its own cache row), so rows of different lengths give what they give alone.
@@ -209,6 +213,10 @@ class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
             hidden, cache = out.last_hidden_state, getattr(out, CACHE_FIELD)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
+        if labels is not None and self.loss_backend is not None:
+            h, y = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
+            loss = linear_cross_entropy(h, self.lm_head.weight, y, backend=self.loss_backend)
+            return CausalLMOutputWithPast(loss=loss, logits=None, **{CACHE_FIELD: cache})
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:

@@ -4,10 +4,11 @@
 - ``"torch"``: the fast plain-PyTorch path (blocked, chunked or streaming; any device);
 - ``"triton"``: ramba's own Triton kernels (CUDA);
 - ``"fla"``: fla-core's Triton kernels (CUDA);
-- ``"mamba_ssm"``: mamba_ssm's Triton kernels (CUDA).
+- ``"mamba_ssm"``: mamba_ssm's Triton kernels (CUDA);
+- ``"liger"``: liger-kernel's Triton kernels (CUDA).
 
 Each op supports a subset (``hsa``: reference, torch, triton; ``ssd``: reference, torch, fla, mamba_ssm;
-``nsa``: torch, fla); ``None`` lets the op pick the fastest one for its inputs.
+``nsa``: torch, fla; ``linear_cross_entropy``: torch, liger); ``None`` lets the op pick the fastest one for its inputs.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 
 __all__ = ["BACKENDS", "CUDA_BACKENDS", "check_backend"]
 
-BACKENDS = ("reference", "torch", "triton", "fla", "mamba_ssm")
-CUDA_BACKENDS = ("triton", "fla", "mamba_ssm")
+BACKENDS = ("reference", "torch", "triton", "fla", "mamba_ssm", "liger")
+CUDA_BACKENDS = ("triton", "fla", "mamba_ssm", "liger")
 
 
 def check_backend(op: str, backend: str | None, supported: tuple[str, ...], device: torch.device | None = None) -> None:

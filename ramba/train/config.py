@@ -204,6 +204,11 @@ class TrainConfig:
         "step). Needs one CUDA process, fixed shapes and no gradient checkpointing; the first step also runs its "
         "micro-batch twice eagerly before the capture (autotuning and compilation happen there).",
     )
+    fused_loss: bool = _f(
+        False,
+        "Compute the LM head and the cross-entropy together with liger-kernel's fused kernel (needs liger-kernel "
+        "and CUDA), a block of rows at a time, so the [tokens, vocab] logits are never held; loss_average token only.",
+    )
     loss_average: Literal["token", "sequence"] = _f(
         "token",
         "token: the loss is the mean over every labelled token of the batch. sequence: the mean over sequences of "
@@ -328,6 +333,10 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError(f"config key 'data.holdout': expected a fraction in [0, 1), got {cfg.data.holdout}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"config key 'optim.betas': expected two numbers, got {cfg.optim.betas}")
+    if cfg.fused_loss and cfg.loss_average != "token":
+        raise ConfigError(
+            "config keys 'fused_loss' and 'loss_average': the fused loss is the token mean; set loss_average: token"
+        )
     if cfg.cuda_graph and cfg.grad_checkpointing:
         raise ConfigError("config keys 'cuda_graph' and 'grad_checkpointing': not supported together; turn one off")
     if not cfg.data.sources:

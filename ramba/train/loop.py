@@ -332,6 +332,7 @@ class Trainer:
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
         set_compile_glue(model, cfg.compile_glue)
+        model.loss_backend = "liger" if cfg.fused_loss else None
         self.flops_per_token = flops_per_token(model, cfg.data.seq_len)["total"]
         self.model = wrap_model(model, info, cfg.distributed.strategy)
         o = cfg.optim
