@@ -14,7 +14,8 @@
 #   train[:PRESETS[:ARCHS[:LENGTHS]]]
 #                ramba bench train (default the 370m and tiny layouts, RAMba, Mamba-2 and Transformer, 4K and
 #                16K; gradient checkpointing where one sequence does not fit); environment: BENCH_TOKENS tokens a step
-#                (default 16384), BENCH_STEPS timed steps (default 15), BENCH_NAME results file stem (default bench_train)
+#                (default 16384), BENCH_STEPS timed steps (default 15), BENCH_NAME results file stem (default bench_train),
+#                BENCH_FLAGS more options (e.g. --fused-loss)
 #   train-eager[:PRESETS[:ARCHS[:LENGTHS]]]
 #                the same with --no-compile-glue (the mixers' element-wise work in eager PyTorch; bench_train-eager)
 #   train-graph[:PRESETS[:ARCHS[:LENGTHS]]]
@@ -208,7 +209,7 @@ section() {
             timeout 300 python3 -m ramba bench train --presets "${presets:-370m,tiny}" \
                 --architectures "${archs:-ramba,mamba2,transformer}" --lengths "${lengths:-4096,16384}" \
                 --batch-tokens "${BENCH_TOKENS:-16384}" --steps "${BENCH_STEPS:-15}" --warmup 2 --checkpoint-fallback \
-                "${mode[@]}" --out "$OUT" --name "${BENCH_NAME:-bench_$name}" ;;
+                "${mode[@]}" ${BENCH_FLAGS:-} --out "$OUT" --name "${BENCH_NAME:-bench_$name}" ;;
         profile)
             IFS=: read -r _ preset archs length <<<"$1"
             timeout 300 python3 -m ramba bench train --presets "$preset" --architectures "$archs" --lengths "$length" \
