@@ -334,6 +334,7 @@ class Trainer:
         set_compile_glue(model, cfg.compile_glue)
         model.loss_backend = "liger" if cfg.fused_loss else None
         self.flops_per_token = flops_per_token(model, cfg.data.seq_len)["total"]
+        self.peak_flops = peak_flops(info.device)
         self.model = wrap_model(model, info, cfg.distributed.strategy)
         o = cfg.optim
         self.optimizer = make_optimizer(self.model, o.lr, o.weight_decay, o.betas, o.eps)
@@ -425,9 +426,8 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "tokens": self.examples * self.cfg.data.seq_len,
         }
-        peak = peak_flops(self.info.device)
-        if peak is not None:  # model FLOPs utilisation against the data sheet's dense bf16 peak of every rank's GPU
-            out["mfu"] = tokens_per_s * self.flops_per_token / (peak * self.info.world_size)
+        if self.peak_flops is not None:  # model FLOPs utilisation against the data sheet's bf16 peak of every GPU
+            out["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.info.world_size)
         return out
 
     def start(self, resume=None) -> None:

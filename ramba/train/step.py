@@ -131,9 +131,8 @@ class TrainStep:
         return loss_sum, grad_norm
 
     def _clip(self) -> torch.Tensor:
-        grads = [p.grad for p in self.params if p.grad is not None]
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         else:
-            norm = torch.nn.utils.get_total_norm(grads)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -3,25 +3,10 @@
 import torch
 
 from ramba import RambaConfig, RambaForCausalLM
+from small_models import SMALL
 
-TINY = dict(
-    vocab_size=260,
-    d_model=32,
-    n_heads=2,
-    n_kv_heads=1,
-    head_dim=16,
-    retrieval_dim=16,
-    d_state=8,
-    ssm_head_dim=16,
-    chunk_size=16,
-    topk=2,
-    n_lower_layers=1,
-    n_upper_layers=2,
-    mamba_per_hsa=1,
-    window=8,
-    mlp_hidden=64,
-    ssm_chunk_size=16,
-)
+# small_models.SMALL with the byte vocabulary and its default special ids
+TINY = {**{k: v for k, v in SMALL.items() if not k.endswith("_token_id")}, "vocab_size": 260}
 # The same tiny shapes as `--set` overrides for the benchmark scripts.
 TINY_SET = [x for k, v in TINY.items() if k != "vocab_size" for x in ("--set", f"{k}={v}")]
 

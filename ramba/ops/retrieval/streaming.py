@@ -3,7 +3,8 @@
 Tokens are processed in blocks; for each token block, chunks are scored one block at a time
 and merged into a running top-K (``topk`` of tie-free integer keys, see :func:`_running_topk`).
 The selected scores are then recomputed by an autograd function that gathers only the K chosen
-landmarks per token, one token block at a time, in the forward and the backward, so peak memory is O(T·K + T_block·(C_block + K) + T_block·K·Dr).
+landmarks per token, one token block at a time, in the forward and the backward, so peak memory
+is O(T·K + T_block·(C_block + K) + T_block·K·Dr).
 """
 
 from __future__ import annotations
