@@ -11,15 +11,17 @@
 #                git show 9efe38d:ramba/ops/hsa/triton.py > .carry/hsa_triton_v2.py)
 #   hsa-sweep    ramba bench kernels --sweep: the other supported shapes (beside the same baseline)
 #   ssd[:KEXPR]  the GPU tests of the SSD fast paths but the slow ones (those pytest -k KEXPR selects)
-#   train[:PRESETS[:ARCHS[:LENGTHS]]]
+#   train[:PRESETS[:ARCHS[:LENGTHS[:FLAGS]]]]
 #                ramba bench train (default the 370m and tiny layouts, RAMba, Mamba-2 and Transformer, 4K and
-#                16K; gradient checkpointing where one sequence does not fit); environment: BENCH_TOKENS tokens a step
+#                16K; gradient checkpointing where one sequence does not fit); FLAGS: more options, comma-separated
+#                (e.g. --fused-loss; the results file stem gets them); environment: BENCH_TOKENS tokens a step
 #                (default 16384), BENCH_STEPS timed steps (default 15), BENCH_NAME results file stem (default bench_train),
 #                BENCH_FLAGS more options (e.g. --fused-loss)
-#   train-eager[:PRESETS[:ARCHS[:LENGTHS]]]
+#   train-eager[:PRESETS[:ARCHS[:LENGTHS[:FLAGS]]]]
 #                the same with --no-compile-glue (the mixers' element-wise work in eager PyTorch; bench_train-eager)
-#   train-graph[:PRESETS[:ARCHS[:LENGTHS]]]
+#   train-graph[:PRESETS[:ARCHS[:LENGTHS[:FLAGS]]]]
 #                the same with --cuda-graph (forward + backward replayed from a CUDA graph; bench_train-graph)
+#   pytest:FILES the GPU tests of FILES (space-separated test paths), bounded by TESTS_SECONDS (default 300)
 #   tests-graph  the GPU tests of the CUDA-graph training step (tests/gpu/test_cuda_graph_gpu.py)
 #   tests-nsa    the GPU tests of the NSA baseline (fla's kernels vs the torch path; tests/gpu/test_nsa_gpu.py)
 #   profile:PRESET:ARCHS:LENGTH
@@ -182,6 +184,7 @@ section() {
             python3 -m ramba eval ranks --model "$(passkey_model "$arch")" --lengths "$lengths" --depths 0,0.5,1 \
                 --mode fast --segment-len 65536 --haystack data/python-doc --out "$OUT" --name "ranks-$arch" --no-progress ;;
         tests) timeout "${TESTS_SECONDS:-300}" python3 -m pytest -m "gpu and not slow" tests/gpu -q -rfE --tb=short --show-capture=no -p no:cacheprovider ;;
+        pytest) timeout "${TESTS_SECONDS:-300}" python3 -m pytest -m gpu ${1#pytest:} -q -rfE --tb=short -p no:cacheprovider ;;
         tests-graph) timeout 400 python3 -m pytest -m gpu tests/gpu/test_cuda_graph_gpu.py -q -rfE -p no:cacheprovider ;;
         tests-nsa) timeout 300 python3 -m pytest -m gpu tests/gpu/test_nsa_gpu.py -v -rfEs --durations=5 -p no:cacheprovider ;;
         tests-model) timeout 400 python3 -m pytest -m "gpu and not slow" tests/gpu/test_model_gpu.py -q -rfE -p no:cacheprovider ;;
@@ -202,14 +205,15 @@ section() {
             timeout 200 python3 -m pytest -m "gpu and not slow" tests/gpu/test_ssd_gpu.py -q -rfEs -p no:cacheprovider \
                 ${select:+-k "${select#:}"} ;;
         train|train-eager|train-graph)
-            local presets archs mode=()
-            IFS=: read -r _ presets archs lengths <<<"$1"
+            local presets archs flags mode=()
+            IFS=: read -r _ presets archs lengths flags <<<"$1"
             [ "$name" != train-eager ] || mode=(--no-compile-glue)
             [ "$name" != train-graph ] || mode=(--cuda-graph)
             timeout 300 python3 -m ramba bench train --presets "${presets:-370m,tiny}" \
                 --architectures "${archs:-ramba,mamba2,transformer}" --lengths "${lengths:-4096,16384}" \
                 --batch-tokens "${BENCH_TOKENS:-16384}" --steps "${BENCH_STEPS:-15}" --warmup 2 --checkpoint-fallback \
-                "${mode[@]}" ${BENCH_FLAGS:-} --out "$OUT" --name "${BENCH_NAME:-bench_$name}" ;;
+                "${mode[@]}" ${BENCH_FLAGS:-} ${flags//,/ } --out "$OUT" \
+                --name "${BENCH_NAME:-bench_$name${flags:+-${flags//[^a-z0-9]/}}}" ;;
         profile)
             IFS=: read -r _ preset archs length <<<"$1"
             timeout 300 python3 -m ramba bench train --presets "$preset" --architectures "$archs" --lengths "$length" \

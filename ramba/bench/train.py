@@ -392,6 +392,8 @@ def save(result: dict, out: str, name: str, seed: int) -> tuple[Path, Path]:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if args.cuda_graph and args.fused_loss:
+        parser.error("--cuda-graph and --fused-loss: liger's fused loss synchronises with the host; use one")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # the results so far are written after every model, so that a run cut short keeps them

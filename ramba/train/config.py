@@ -207,7 +207,8 @@ class TrainConfig:
     fused_loss: bool = _f(
         False,
         "Compute the LM head and the cross-entropy together with liger-kernel's fused kernel (needs liger-kernel "
-        "and CUDA), a block of rows at a time, so the [tokens, vocab] logits are never held; loss_average token only.",
+        "and CUDA), a block of rows at a time, so the [tokens, vocab] logits are never held; loss_average token only, "
+        "no cuda_graph (the kernel synchronises with the host).",
     )
     loss_average: Literal["token", "sequence"] = _f(
         "token",
@@ -339,6 +340,11 @@ def _check(cfg: TrainConfig) -> None:
         )
     if cfg.cuda_graph and cfg.grad_checkpointing:
         raise ConfigError("config keys 'cuda_graph' and 'grad_checkpointing': not supported together; turn one off")
+    if cfg.cuda_graph and cfg.fused_loss:
+        raise ConfigError(
+            "config keys 'cuda_graph' and 'fused_loss': liger's fused loss reads a count back to the host, which a "
+            "CUDA graph cannot capture; turn one off"
+        )
     if not cfg.data.sources:
         raise ConfigError("config key 'data.sources': give at least one token file (path) or task")
     for i, s in enumerate(cfg.data.sources):

@@ -83,6 +83,8 @@ class TrainStep:
             raise ValueError(f"loss_average: expected one of {LOSS_AVERAGES}, got {loss_average!r}")
         if not isinstance(grad_accum, int) or grad_accum < 1:
             raise ValueError(f"grad_accum: expected a positive int, got {grad_accum!r}")
+        if cuda_graph and getattr(model, "loss_backend", None) == "liger":
+            raise ValueError("cuda_graph: liger's fused loss synchronises with the host, so it cannot be captured")
         self.model, self.optimizer = model, optimizer
         self.grad_accum, self.grad_clip, self.loss_average = grad_accum, grad_clip, loss_average
         self.params = [p for p in model.parameters() if p.requires_grad]

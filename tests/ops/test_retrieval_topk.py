@@ -125,3 +125,15 @@ def test_host_landmarks_decode(lm_dtype):
     positions = torch.tensor([[C * S + 3], [1234 * S]])
     for block_chunks in (97, None):
         _same(q, lm, block_chunks, None, chunk_size=S, topk=K, positions=positions)
+
+
+def test_selection_under_bf16_autocast_matches_no_autocast():
+    """Autocast (bf16 on a GPU, here on the CPU) must not reach the top-K keys: same chunks, weights to bf16 rounding."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 300, 2, 16, generator=g).bfloat16()
+    landmarks = torch.randn(2, 300 // 32, 2, 16, generator=g).bfloat16()
+    want_idx, want_w = select_chunks(q, landmarks, 32, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx, w = select_chunks(q, landmarks, 32, 4)
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(w.float(), want_w.float(), atol=1e-2, rtol=0)

@@ -95,6 +95,7 @@ def test_wrong_types(patch, key, expected):
         ({**BASE, "max_steps": 0}, "max_steps"),
         ({"data": {"holdout": 1.0, "sources": [{"task": "passkey"}]}}, "holdout"),
         ({**BASE, "cuda_graph": True, "grad_checkpointing": True}, "'cuda_graph' and 'grad_checkpointing'"),
+        ({**BASE, "cuda_graph": True, "fused_loss": True}, "'cuda_graph' and 'fused_loss'"),
         ({**BASE, "fused_loss": True, "loss_average": "sequence"}, "'fused_loss' and 'loss_average'"),
         ({**BASE, "data": {**BASE["data"], "workers": -1}}, "data.workers"),
     ],

@@ -96,6 +96,9 @@ def test_step_refuses_a_wrong_number_of_micro_batches_and_bad_settings():
         TrainStep(m, make_optimizer(m, 1e-3, 0.0), loss_average="mean")
     with pytest.raises(ValueError, match="grad_accum"):
         TrainStep(m, make_optimizer(m, 1e-3, 0.0), grad_accum=0)
+    m.loss_backend = "liger"
+    with pytest.raises(ValueError, match="cannot be captured"):
+        TrainStep(m, make_optimizer(m, 1e-3, 0.0), cuda_graph=True)
 
 
 def test_make_optimizer_decays_matrices_only_and_picks_foreach_off_cuda():
@@ -124,6 +127,12 @@ def test_the_benchmark_times_the_training_step(monkeypatch):
     torch.manual_seed(0)
     assert row["flops_per_token"] == flops_per_token(RambaForCausalLM(config), 32)["total"]
     assert "mfu" not in row  # no GPU peak on the CPU
+
+
+def test_the_benchmark_refuses_a_graph_with_the_fused_loss(capsys):
+    with pytest.raises(SystemExit):
+        bench_train.main(["--cuda-graph", "--fused-loss"])
+    assert "--cuda-graph and --fused-loss" in capsys.readouterr().err
 
 
 def _non_linear_params(model):
@@ -158,3 +167,19 @@ def test_mean_keys_matches_counting():
         T, W = rng.randint(1, 300), rng.randint(1, 400)
         assert _mean_keys(T, W) == pytest.approx(sum(min(t + 1, W) for t in range(T)) / T)
     assert peak_flops(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("architecture", ["ramba", "mamba2", "transformer", "mamba2-swa"])
+def test_step_under_bf16_autocast_matches_float32(architecture):
+    """The step under bf16 autocast (as on a GPU) runs every layout and lands near the float32 step: autocast
+    hands the ops bf16 tensors they must accept (chunk selection once failed on bf16 scores)."""
+    losses = []
+    for autocast in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model = RambaForCausalLM(RambaConfig(**{**SMALL, "architecture": architecture})).train()
+        opt = make_optimizer(model, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8)
+        step = TrainStep(model, opt, grad_accum=1, grad_clip=1.0, autocast_dtype=autocast)
+        loss, norm = step(_batches(7, 1), 1e-3)
+        assert torch.isfinite(loss) and torch.isfinite(norm)
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=0.02)

@@ -145,7 +145,8 @@ def _running_topk(
         block = landmarks[:, c0:c1].to(dev, non_blocking=True)  # streamed in from host landmarks, in their dtype
         if staged:
             block = buffer[:, : c1 - c0].copy_(block)
-        key = _order_bits(torch.einsum("btrd,bcrd->btrc", q_r, block).div_(math.sqrt(Dr)))
+        with torch.autocast(dev.type, enabled=False):  # keys need the compute dtype's bits, not autocast's bf16
+            key = _order_bits(torch.einsum("btrd,bcrd->btrc", q_r, block).div_(math.sqrt(Dr)))
         if packed:
             key = key.long().mul_(1 << 32).add_(cidx)
         if c1 > lo:  # some token does not see the whole block
