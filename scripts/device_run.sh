@@ -38,14 +38,15 @@
 #                LONG_SECONDS bounds it (default 590)
 #   bench-long[:LENGTHS]
 #                issue 16: bench_inference.py (tiny preset, ramba, fast mode, offload, segments of 65536) at LENGTHS
-#                (default 4k,64k,1m,16m,64m,256m); bench_inference_long.json/.png; LANDMARKS=device keeps the
-#                landmarks on the GPU (bench_inference_long-landmarks-device.json)
+#                (default 4k,64k,1m,16m,64m,256m); bench_inference_long.json/.png; LANDMARKS=host|device keeps the
+#                landmarks in host memory only or on the GPU (default: host memory, an int8 sketch on the GPU for
+#                decoding; bench_inference_long-landmarks-LANDMARKS.json)
 #   disk-tier[:LENGTH[:BUDGET]]
 #                issue 16: the same passkey at LENGTH (default 128m), depth 0.5, with the disk tier (--offload-dir
 #                /tmp/ramba-disk, --host-budget BUDGET, default 8g), then bench_inference.py at LENGTH with the same
 #   save-cache   the Triton kernel cache as $OUT/triton-cache.tgz.part-* (copy them into .carry/ for the
 #                next fresh machine: the kernels of the last run then need no compiling or autotuning)
-#   corpus       unpack the corpora carried in .carry/corpus/ and prepare their token files under data/
+#   corpus[:NAME] unpack the corpora carried in .carry/corpus/ (only NAME's) and prepare their token files under data/
 #   passkey-train:ARCH:STAGE:STEPS[:SECONDS[:INIT]]
 #                train stage 1, 2, 3 or 4 (recipes/tiny-passkey-1k.yaml, tiny-passkey.yaml, tiny-passkey-distractors.yaml,
 #                tiny-passkey-hard.yaml; each stage from the one before: this call's run, else the carried model)
@@ -73,6 +74,9 @@
 #                issue 17: `ramba train recipes/tiny-gpu.yaml` (run corpus first) for STEPS steps with the overrides
 #                SETTINGS (comma-separated KEY=VALUE, e.g. model.preset=370m,micro_batch=4), no evaluation, one
 #                checkpoint at the end; train-run-NAME.metrics.jsonl (tokens_per_s and mfu per logged step)
+#   train-run-old:NAME:STEPS[:SETTINGS]
+#                the same with the code carried in .carry/old (git archive REV ramba recipes | tar -x -C .carry/old):
+#                an earlier version's rate on the same machine; train-run-old-NAME.metrics.jsonl
 #   drop:GLOB    delete $OUT/GLOB (models a later stage of the same call superseded)
 # Carried wheels in .whl/ (fla-core, mamba-ssm built with MAMBA_SKIP_CUDA_BUILD=TRUE, einops) are installed first. At most 8 files come back from $OUT.
 # The carried folder .carry/ (git-ignored; name it and .whl in the device call's carry list) holds the
@@ -123,9 +127,11 @@ section() {
     echo "== $1 $(date -u +%FT%TZ)"
     case "$name" in
         corpus)
+            local only=
+            [[ $1 != corpus:* ]] || only=${1#corpus:}
             mkdir -p corpus data
-            for f in .carry/corpus/*.tgz; do tar -xzf "$f" -C corpus; done
-            for f in .carry/corpus/*.txt.gz; do [ -e "$f" ] && zcat "$f" > "corpus/$(basename "$f" .gz)"; done
+            for f in .carry/corpus/$only*.tgz; do [ -e "$f" ] && tar -xzf "$f" -C corpus; done
+            for f in .carry/corpus/$only*.txt.gz; do [ -e "$f" ] && zcat "$f" > "corpus/$(basename "$f" .gz)"; done
             for src in corpus/*; do
                 python3 -m ramba prepare "$src" -o "data/$(basename "$src" .txt)" --overwrite --no-progress || return 1
             done ;;
@@ -228,7 +234,7 @@ section() {
             IFS=: read -r _ lengths <<<"$1"
             timeout 590 python3 -m ramba bench inference --preset tiny --architectures ramba \
                 --lengths "${lengths:-4k,64k,1m,16m,64m,256m}" --decode-tokens 16 --segment-len 65536 --mode fast --offload \
-                --landmarks "${LANDMARKS:-host}" --out "$OUT" --name "bench_inference_long${LANDMARKS:+-landmarks-$LANDMARKS}" ;;
+                --landmarks "${LANDMARKS:-sketch}" --out "$OUT" --name "bench_inference_long${LANDMARKS:+-landmarks-$LANDMARKS}" ;;
         disk-tier)
             local length budget
             IFS=: read -r _ length budget <<<"$1"
@@ -265,13 +271,14 @@ section() {
             python3 -m ramba train recipes/tiny-gpu.yaml --set "out_dir=runs/multigpu-$name-2" "${args[@]}" \
                 --set "max_steps=$((steps + 10))" --resume || return 1
             cp "runs/multigpu-$name-2/metrics.jsonl" "$OUT/multigpu-$name-resumed.metrics.jsonl" ;;
-        train-run)
-            local name sets args=()
+        train-run|train-run-old)
+            local name sets tree=. args=()
             IFS=: read -r _ name steps sets <<<"$1"
             for kv in ${sets//,/ }; do args+=(--set "$kv"); done
+            [ "${1%%:*}" = train-run ] || { tree=.carry/old; ln -sfn "$PWD/data" .carry/old/data; name=old-$name; }
             rm -rf "runs/train-run-$name"
-            timeout 500 python3 -m ramba train recipes/tiny-gpu.yaml --set "out_dir=runs/train-run-$name" \
-                --set "max_steps=$steps" --set log.progress=false --set eval.every=0 --set log.every=5 "${args[@]}"
+            (cd "$tree" && timeout 500 python3 -m ramba train recipes/tiny-gpu.yaml --set "out_dir=$OLDPWD/runs/train-run-$name" \
+                --set "max_steps=$steps" --set log.progress=false --set eval.every=0 --set log.every=5 "${args[@]}")
             local rc=$?
             cp "runs/train-run-$name/metrics.jsonl" "$OUT/train-run-$name.metrics.jsonl" 2>/dev/null
             return $rc ;;

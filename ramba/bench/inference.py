@@ -38,6 +38,7 @@ from ramba.eval.measure import free_memory, parse_overrides, peak_rss_bytes, rss
 from ramba.eval.plots import Panel, line_plots
 from ramba.eval.results import format_length, parse_lengths, write_results
 from ramba.layers.mamba2 import Mamba2Mixer, set_compile_glue
+from ramba.model.chunk_store import LANDMARK_PLACES, Offload
 
 logger = logging.getLogger("bench_inference")
 GIB = 2**30
@@ -83,9 +84,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--landmarks",
-        choices=["host", "device"],
-        default="host",
-        help="offloaded landmarks in pinned host memory (default) or on the GPU",
+        choices=list(LANDMARK_PLACES),
+        default="sketch",
+        help="offloaded landmarks: in pinned host memory with an int8 sketch on the GPU for decoding (default), "
+        "in host memory only, or on the GPU",
     )
     p.add_argument(
         "--ssd-backend",
@@ -112,7 +114,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def offload_spec(args):
     """The ``offload`` argument of ``prefill`` for these settings."""
     from ramba.cli.offload import parse_size
-    from ramba.model.chunk_store import Offload
 
     if args.offload_dir is not None:
         budget = parse_size(args.host_budget) if args.host_budget else None

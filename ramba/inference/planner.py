@@ -133,6 +133,11 @@ def _needs(config, batch: int, tokens: int, segment_len: int, offload: Offload, 
             needs[("device" if offload.tier == "device" else "pinned", "chunk pages")] = pages * page_bytes
         landmarks = batch * -(-tokens // config.chunk_size) * config.retrieval_heads * config.retrieval_dim * elem
         needs[("pinned" if offload.landmarks_on_host else "device", "landmarks")] = landmarks
+        if offload.tier != "device" and offload.landmarks == "sketch":  # made after the prefill, in its memory
+            sketch = landmarks // (config.retrieval_dim * elem) * (config.retrieval_dim + 12)
+            needs[("device", "decoding's landmark sketch beyond the activations")] = max(
+                0, sketch - needs[("device", "activations")]
+            )
         needs[("device", "fetch and selection")] = 2 * FETCH_BYTES + SELECTION_BYTES
         if offload.tier != "device":
             needs[("pinned", "fetch staging")] = 2 * FETCH_BYTES

@@ -193,11 +193,12 @@ class RetrievalLayer(RambaLayer):
         return self.q_proj(self.norm(hidden)).view(B, T, self.retrieval_heads, self.retrieval_dim)
 
     def select(
-        self, hidden: torch.Tensor, landmarks: torch.Tensor, positions: torch.Tensor | None = None
+        self, hidden: torch.Tensor, landmarks: torch.Tensor, positions: torch.Tensor | None = None, sketch=None
     ) -> ChunkSelection:
-        """``hidden [B, T, d]``, ``landmarks [B, C, R, Dr]``, ``positions [T]`` (None: 0 .. T-1) -> :class:`ChunkSelection`."""
+        """``hidden [B, T, d]``, ``landmarks [B, C, R, Dr]``, ``positions [T]`` (None: 0 .. T-1) -> :class:`ChunkSelection`
+        (``sketch``: the store's landmark sketch for decoding, see ``select_chunks``)."""
         indices, weights = select_chunks(
-            self.queries(hidden), landmarks, self.chunk_size, self.topk, positions, self.weight_norm
+            self.queries(hidden), landmarks, self.chunk_size, self.topk, positions, self.weight_norm, sketch=sketch
         )
         return ChunkSelection(indices, weights)
 
@@ -209,7 +210,7 @@ class RetrievalLayer(RambaLayer):
         if store is None:
             # without a cache the positions are 0 .. T-1, select_chunks' default, which it bounds without a sync
             return hidden, ctx.replace(selection=self.select(hidden, ctx.memory.landmarks))
-        selection = self.select(hidden, store.landmarks, ctx.positions)
+        selection = self.select(hidden, store.landmarks, ctx.positions, store.landmark_sketch(hidden.shape[1]))
         if store.fetch_tokens(selection) >= hidden.shape[1]:  # one fetch serves every HSA layer of the group
             memory, selection = store.fetch(selection)
             return hidden, ctx.replace(memory=memory, selection=selection)

@@ -30,6 +30,8 @@ import torch
 
 from ramba.errors import RambaUserError
 from ramba.layers.base import ChunkMemory, ChunkSelection
+from ramba.ops.retrieval.sketch import LandmarkSketch
+from ramba.ops.retrieval.streaming import SKETCH_TOKENS
 
 # The most chunk-memory bytes one fetch may gather, were every selected chunk distinct: a long segment attends
 # block by block (see ChunkMemoryStore.fetch_tokens), so the GPU memory a prefill needs does not grow with
@@ -38,6 +40,7 @@ FETCH_BYTES = 64 * 2**20
 # Bytes of keys and values per page (a power of two for the usual shapes: the pinned allocator rounds up to one).
 PAGE_BYTES = 64 * 2**20
 TIERS = ("device", "host", "disk")
+LANDMARK_PLACES = ("sketch", "host", "device")
 
 
 class OffloadError(RambaUserError, RuntimeError):
@@ -66,20 +69,22 @@ class Offload:
             under ``path``).
         path: the disk tier's folder. host_budget: bytes of host pages before the disk tier (None: half the
             host memory available when the cache is made).
-        landmarks: where offloaded landmarks live, "host" (GPU memory flat in the context length; selection
-            streams them in) or "device" (faster selection; ``B * C * R * Dr`` elements on the GPU).
+        landmarks: where offloaded landmarks live: "sketch" (the default: in host memory, and decoding selects
+            through an int8 sketch of them on the device, ``B * C * R * (Dr + 12)`` bytes, made when decoding
+            starts and freed when a long input comes), "host" (in host memory only: GPU memory flat in the
+            context length, every selection streams them in) or "device" (``B * C * R * Dr`` elements on the GPU).
     """
 
     tier: str = "device"
     path: str | None = None
     host_budget: int | None = None
-    landmarks: str = "host"
+    landmarks: str = "sketch"
 
     def __post_init__(self):
         if self.tier not in TIERS:
             raise OffloadError(f"offload: tier must be one of {TIERS}, got {self.tier!r}")
-        if self.landmarks not in ("host", "device"):
-            raise OffloadError(f"offload: landmarks must be 'host' or 'device', got {self.landmarks!r}")
+        if self.landmarks not in LANDMARK_PLACES:
+            raise OffloadError(f"offload: landmarks must be one of {LANDMARK_PLACES}, got {self.landmarks!r}")
         if (self.tier == "disk") != (self.path is not None):
             raise OffloadError("offload: the disk tier needs a folder (offload='disk:PATH'), and only it takes one")
         if self.host_budget is not None and self.host_budget < 0:
@@ -100,7 +105,7 @@ class Offload:
 
     @property
     def landmarks_on_host(self) -> bool:
-        return self.tier != "device" and self.landmarks == "host"
+        return self.tier != "device" and self.landmarks != "device"
 
     def resolved(self) -> Offload:
         """This spec with the disk tier's default host budget filled in."""
@@ -197,6 +202,7 @@ class ChunkMemoryStore:
             device="cpu" if on_host else self.device,
             pin_memory=on_host and self._pin,
         )
+        self._sketch: LandmarkSketch | None = None
 
     @property
     def landmarks(self) -> torch.Tensor:
@@ -209,7 +215,21 @@ class ChunkMemoryStore:
         for tier in self.page_tiers:
             out["pinned" if tier == "host" else tier] += self.page_bytes
         out["device" if self._landmarks.device.type != "cpu" else "pinned"] += self._landmarks.nbytes
+        out["device"] += self._sketch.nbytes() if self._sketch is not None else 0
         return out
+
+    def landmark_sketch(self, tokens: int) -> LandmarkSketch | None:
+        """For selecting ``tokens`` tokens a row at once: the device sketch of the host landmarks, brought up to
+        date, when they are placed ``"sketch"`` and ``tokens <= SKETCH_TOKENS`` (decoding); else None, and a
+        sketch made for earlier decoding is freed (a long input's activations get its memory)."""
+        if self.placement.tier == "device" or self.placement.landmarks != "sketch" or tokens > SKETCH_TOKENS:
+            self._sketch = None
+            return None
+        if self._sketch is None:
+            B, _, R, Dr = self._landmarks.shape
+            self._sketch = LandmarkSketch(B, R, Dr, self.dtype, self.device)
+        self._sketch.append(self.landmarks[:, self._sketch.n_chunks :])
+        return self._sketch
 
     def _host_pages_allowed(self) -> int:
         if self.placement.tier == "disk":

@@ -21,3 +21,30 @@ def test_host_landmarks_with_device_query():
         idx, w = select_chunks(q.cuda(), lm, positions=positions.cuda(), block_chunks=block_chunks, **kw)
         assert torch.equal(idx.cpu(), ref_idx)
         torch.testing.assert_close(w.cpu(), ref_w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_sketch_on_the_gpu_selects_what_streaming_selects(tf32, monkeypatch):
+    """Decoding through the int8 sketch (CUDA, host landmarks in pinned memory, 300K chunks of the tiny preset's
+    width, TF32 and bf16 autocast as a training script may leave them) picks the streaming path's chunks."""
+    from ramba.ops.retrieval.sketch import LandmarkSketch
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    g = torch.Generator().manual_seed(6)
+    B, R, Dr, K, S, C = 1, 1, 256, 8, 64, 300_000
+    lm = torch.randn(B, C, R, Dr, generator=g).bfloat16().pin_memory()
+    sketch = LandmarkSketch(B, R, Dr, lm.dtype, "cuda")
+    sketch.append(lm[:, : C // 3])
+    sketch.append(lm[:, C // 3 :])
+    answered = []
+    real = LandmarkSketch.topk
+    monkeypatch.setattr(LandmarkSketch, "topk", lambda self, *a: answered.append(real(self, *a)) or answered[-1])
+    for trial in range(4):
+        q = torch.randn(B, 1 + trial % 2, R, Dr, generator=g).cuda()
+        positions = torch.full((q.shape[1],), C * S - trial * 1000, device="cuda")
+        want = select_chunks(q, lm, S, K, positions)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=trial >= 2):
+            got = select_chunks(q, lm, S, K, positions, sketch=sketch)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1])
+    assert len(answered) == 4 and all(a is not None for a in answered)

@@ -23,6 +23,8 @@ TILE_ELEMENTS = 1 << 22
 # elements in one block of landmarks in the compute dtype on a GPU: 64 MiB in float32 (fewer blocks, fewer
 # kernel launches); on the CPU a block stays within a tile, which converts bf16 faster (cache, allocator)
 LANDMARK_BLOCK_ELEMENTS = 1 << 24
+# a sketch serves selections of at most this many tokens at a time (decoding)
+SKETCH_TOKENS = 4
 # sort key of an invisible chunk or an empty slot: below every score's key
 MASKED = torch.iinfo(torch.int64).min
 # float dtype -> (integer dtype of its bits, bits of +inf)
@@ -173,6 +175,7 @@ def select_chunks_streaming(
     norm: str = "stick_breaking",
     block_chunks: int | None = None,
     block_tokens: int | None = None,
+    sketch=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk selection streamed over blocks of tokens and chunks; same function as the reference.
 
@@ -186,6 +189,9 @@ def select_chunks_streaming(
         norm: ``"stick_breaking"`` or ``"softmax"``.
         block_chunks: chunks scored at once (default: at least 1024, more when few tokens fill a tile).
         block_tokens: tokens per block (default: sized so a tile holds about ``TILE_ELEMENTS``).
+        sketch: a :class:`~ramba.ops.retrieval.sketch.LandmarkSketch` of ``landmarks`` on ``q_r``'s device
+            (decoding over host landmarks): the top-K of up to ``SKETCH_TOKENS`` tokens at a time comes from it,
+            the same chunks, without copying the landmarks in; None: stream them.
     Returns:
         indices ``[B, T, R, K]`` int64, most recent chunk first, empty slots (index 0) last;
         weights ``[B, T, R, K]`` float32 (float64 for float64 inputs), 0 on empty slots.
@@ -208,13 +214,24 @@ def select_chunks_streaming(
     tokens_gather = block_tokens or max(1, TILE_ELEMENTS // (BR * K * Dr))
     n_vis = resolve_positions(positions, B, T, dev).div(chunk_size, rounding_mode="floor").clamp(0, C)
     indices = torch.empty(B, T, R, K, dtype=torch.long, device=dev)
+    if sketch is not None and (sketch.n_chunks != C or (sketch.batch, sketch.heads, sketch.dim) != (B, R, Dr)):
+        raise ValueError(
+            f"select_chunks: the sketch holds {sketch.n_chunks} chunks of other landmarks than [{B}, {C}, {R}, {Dr}]"
+        )
+    use_sketch = sketch is not None and C > 0
+    if use_sketch:
+        tokens_topk = SKETCH_TOKENS
     with torch.no_grad():
         for t0 in range(0, T, tokens_topk):
             t1 = min(T, t0 + tokens_topk)
-            # default positions: the block's first and last tokens see the fewest and the most chunks, known
-            # without asking the device
-            known = None if positions is not None else (min(C, t0 // chunk_size), min(C, (t1 - 1) // chunk_size))
-            indices[:, t0:t1] = _running_topk(q_r[:, t0:t1].to(acc), landmarks, n_vis[:, t0:t1], K, block_chunks, known)
+            q_block = q_r[:, t0:t1].to(acc)
+            found = sketch.topk(q_block, landmarks, n_vis[:, t0:t1], K) if use_sketch else None
+            if found is None:
+                # default positions: the block's first and last tokens see the fewest and the most chunks, known
+                # without asking the device
+                known = None if positions is not None else (min(C, t0 // chunk_size), min(C, (t1 - 1) // chunk_size))
+                found = _running_topk(q_block, landmarks, n_vis[:, t0:t1], K, block_chunks, known)
+            indices[:, t0:t1] = found
     valid = indices >= 0
     indices = indices.clamp_min(0)
     selected = _SelectedScores.apply(q_r, landmarks, indices, valid, tokens_gather)

@@ -1,0 +1,149 @@
+"""Exact decoding-time top-K over host landmarks from an int8 sketch on the device (docs/design.md §2).
+
+Decoding one token over landmarks held in host memory would copy all of them to the device every step (2 GiB a
+token at 256M tokens of the tiny preset). A :class:`LandmarkSketch` keeps on the device, per (row, chunk, head),
+the landmark's int8 codes ``c = round(l / s)`` with ``s = max|l| / 127``, and the norms ``||l||`` and
+``||l - s·c||``: ``Dr + 3·4`` bytes instead of ``Dr·2`` (bf16). A query's own codes ``q̂ = s_q·round(q / s_q)``
+make ``q̂ · s·c`` an exact integer dot product (float32 holds every partial sum: ``Dr·127² < 2**24``), and
+
+    |q·l - q̂·s·c| <= ||q - q̂||·||l|| + ||q̂||·||l - s·c||        (Cauchy-Schwarz)
+
+bounds every chunk's score in ``[lb, ub]`` (widened for the rounding of the exact score). Every visible chunk
+whose ``ub`` reaches the K-th largest ``lb`` is a candidate, so no other chunk can be in the top K; the
+candidates' exact scores, from their host landmarks, are ranked with the streaming path's keys (ties to the more
+recent chunk). When the bounds leave more than ``MAX_CANDIDATES`` candidates in a row, or a value is not finite,
+:meth:`LandmarkSketch.topk` returns None and the caller streams instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ramba.ops.retrieval.streaming import MASKED, _gather, _order_bits
+
+# chunks a sketch block holds: appending adds blocks, never copies one
+BLOCK_CHUNKS = 1 << 16
+# chunks converted and quantised at once when appending (bounds the transient device memory)
+APPEND_CHUNKS = 1 << 14
+MAX_CANDIDATES = 4096
+_UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+
+
+def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., D]`` float -> codes ``[..., D]`` (integers in [-127, 127], x's dtype) and scale ``[...]``."""
+    scale = x.abs().amax(-1) / 127
+    codes = torch.round(x / scale[..., None]).clamp_(-127, 127)
+    return torch.where(scale[..., None] > 0, codes, 0.0), scale
+
+
+def _bounds(q_r: torch.Tensor, sketch: LandmarkSketch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate scores and their error bounds ``[B, t, R, C]`` (before the ``1/sqrt(Dr)`` scaling)."""
+    Dr, acc = q_r.shape[-1], q_r.dtype
+    q_codes, q_scale = _quantize(q_r)
+    q_hat = q_scale[..., None] * q_codes
+    q_err, q_hat_norm, q_norm = (q_r - q_hat).norm(dim=-1), q_hat.norm(dim=-1), q_r.norm(dim=-1)
+    # integer-valued operands: the product is exact in float32 (even as TF32) while the sums stay below 2**24
+    mm = torch.float32 if Dr * 127 * 127 < 2**24 else torch.float64
+    rescore = 2 * Dr * _UNIT_ROUNDOFF[acc]  # the exact score's own rounding, relative to ||q||·||l||
+    approx, err = [], []
+    for i, (codes, stats) in enumerate(sketch.blocks):
+        n = min(sketch.block_chunks, sketch.n_chunks - i * sketch.block_chunks)
+        dot = torch.einsum("btrd,brnd->btrn", q_codes.to(mm), codes[:, :, :n].to(mm)).to(acc)
+        scale, l_norm, residual = (x[:, None] for x in stats[:, :, :n].to(acc).unbind(-1))  # [B, 1, R, n]
+        approx.append(dot * q_scale[..., None] * scale)
+        err.append((q_err + rescore * q_norm)[..., None] * l_norm + q_hat_norm[..., None] * residual)
+    return torch.cat(approx, dim=-1), torch.cat(err, dim=-1)
+
+
+class LandmarkSketch:
+    """The int8 sketch of a growing landmark buffer ``[B, C, R, Dr]`` on ``device`` (see the module docstring).
+
+    Block ``i`` holds chunks ``i·block_chunks ..``: ``codes [B, R, block_chunks, Dr]`` int8 and ``stats
+    [B, R, block_chunks, 3]`` (scale, ``||l||``, ``||l - scale·codes||``) in float32 (float64 for float64
+    landmarks); ``n_chunks`` of them are filled.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        block_chunks: int = BLOCK_CHUNKS,
+    ):
+        self.batch, self.heads, self.dim = batch, heads, dim
+        self.stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.device, self.block_chunks = torch.device(device), block_chunks
+        self.blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.n_chunks = 0
+
+    def nbytes(self) -> int:
+        return sum(codes.nbytes + stats.nbytes for codes, stats in self.blocks)
+
+    @torch.no_grad()
+    def append(self, landmarks: torch.Tensor) -> None:
+        """Add ``landmarks [B, c, R, Dr]`` (on any device; copied over ``APPEND_CHUNKS`` chunks at a time)."""
+        B, R, Dr = self.batch, self.heads, self.dim
+        done, c = 0, landmarks.shape[1]
+        while done < c:
+            block, slot = divmod(self.n_chunks, self.block_chunks)
+            if block == len(self.blocks):
+                self.blocks.append(
+                    (
+                        torch.empty(B, R, self.block_chunks, Dr, dtype=torch.int8, device=self.device),
+                        torch.empty(B, R, self.block_chunks, 3, dtype=self.stats_dtype, device=self.device),
+                    )
+                )
+            n = min(c - done, self.block_chunks - slot, APPEND_CHUNKS)
+            part = landmarks[:, done : done + n].to(self.device, non_blocking=True)
+            lm = part.to(self.stats_dtype).transpose(1, 2)  # [B, R, n, Dr]
+            codes, scale = _quantize(lm)
+            residual = (lm - scale[..., None] * codes).norm(dim=-1)
+            block_codes, block_stats = self.blocks[block]
+            block_codes[:, :, slot : slot + n] = codes.to(torch.int8)
+            block_stats[:, :, slot : slot + n] = torch.stack((scale, lm.norm(dim=-1), residual), dim=-1)
+            done += n
+            self.n_chunks += n
+
+    @torch.no_grad()
+    def topk(self, q_r: torch.Tensor, landmarks: torch.Tensor, n_vis: torch.Tensor, K: int) -> torch.Tensor | None:
+        """Top-K chunks by the exact score, found through the sketch; the same chunks as the streaming top-K.
+
+        Args:
+            q_r: ``[B, t, R, Dr]`` queries in the compute dtype (float32 or float64), on the sketch's device.
+            landmarks: ``[B, C, R, Dr]`` the sketched landmarks (``C = n_chunks``; host or device memory).
+            n_vis: ``[B, t]`` visible chunks per token (chunks ``0 .. n_vis - 1``).
+        Returns:
+            ``[B, t, R, K]`` int64 chunk ids, most recent first, empty slots ``-1`` last; or None (too many
+            candidates, or a value not finite: stream instead).
+        """
+        B, t, R, Dr = q_r.shape
+        C, acc = self.n_chunks, q_r.dtype
+        with torch.autocast(q_r.device.type, enabled=False):  # integer-exact products need float32, not bf16
+            approx, err = _bounds(q_r, self)
+        slack = (Dr + 16) * 4 * _UNIT_ROUNDOFF[acc]  # the rounding of the norms and of the bounds' own arithmetic
+        err = err.mul_(1 + slack).add_(approx.abs().mul_(slack))
+        visible = torch.arange(C, device=q_r.device) < n_vis[:, :, None, None]  # [B, t, 1, C]
+        lower = (approx - err).div_(math.sqrt(Dr)).masked_fill_(~visible, -math.inf)
+        upper = (approx + err).div_(math.sqrt(Dr))
+        kth = lower.topk(min(K, C), dim=-1).values[..., -1:]
+        candidate = visible & (upper >= kth)
+        finite = torch.isfinite(approx).all() & torch.isfinite(err).all() & torch.isfinite(q_r).all()
+        most, ok = torch.stack([candidate.sum(-1).amax(), finite.long()]).tolist()
+        if not ok or most > MAX_CANDIDATES:
+            return None
+        if most == 0:
+            return torch.full((B, t, R, K), -1, dtype=torch.long, device=q_r.device)
+        ids = upper.masked_fill_(~candidate, -math.inf).topk(most, dim=-1).indices  # [B, t, R, most]
+        exact = (q_r[..., None, :] * _gather(landmarks, ids).to(acc)).sum(-1).div_(math.sqrt(Dr))
+        key = _order_bits(exact).long().masked_fill_(~candidate.gather(-1, ids), MASKED)
+        # rank by (score, chunk id): sort by id descending, then a stable sort by score keeps the later chunk first
+        ids, order = ids.sort(dim=-1, descending=True)
+        key, order = key.gather(-1, order).sort(dim=-1, descending=True, stable=True)
+        top = torch.where(key[..., :K] > MASKED, ids.gather(-1, order[..., :K]), -1)
+        if top.shape[-1] < K:
+            top = torch.cat([top, top.new_full((B, t, R, K - top.shape[-1]), -1)], dim=-1)
+        return top.sort(dim=-1, descending=True).values
