@@ -22,7 +22,7 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 def _sketch(landmarks, rng, block_chunks=None):
     """A sketch of ``landmarks`` appended in random pieces."""
     B, C, R, Dr = landmarks.shape
-    sketch = LandmarkSketch(B, R, Dr, landmarks.dtype, "cpu", block_chunks or rng.choice([7, 64, 1 << 16]))
+    sketch = LandmarkSketch(B, R, Dr, landmarks.dtype, "cpu", block_chunks or rng.choice([7, 64, None]))
     done = 0
     while done < C:
         n = rng.randint(1, 50)

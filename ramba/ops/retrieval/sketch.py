@@ -23,8 +23,9 @@ import torch
 
 from ramba.ops.retrieval.streaming import MASKED, _gather, _order_bits
 
-# chunks a sketch block holds: appending adds blocks, never copies one
-BLOCK_CHUNKS = 1 << 16
+# int8 code bytes of a sketch block (appending adds blocks, never copies one); scoring converts one block at a time
+# to float32, 4x this (fewer, larger blocks launch fewer kernels a decoding step)
+BLOCK_BYTES = 1 << 25
 # chunks converted and quantised at once when appending (bounds the transient device memory)
 APPEND_CHUNKS = 1 << 14
 MAX_CANDIDATES = 4096
@@ -60,9 +61,9 @@ def _bounds(q_r: torch.Tensor, sketch: LandmarkSketch) -> tuple[torch.Tensor, to
 class LandmarkSketch:
     """The int8 sketch of a growing landmark buffer ``[B, C, R, Dr]`` on ``device`` (see the module docstring).
 
-    Block ``i`` holds chunks ``i·block_chunks ..``: ``codes [B, R, block_chunks, Dr]`` int8 and ``stats
-    [B, R, block_chunks, 3]`` (scale, ``||l||``, ``||l - scale·codes||``) in float32 (float64 for float64
-    landmarks); ``n_chunks`` of them are filled.
+    Block ``i`` holds chunks ``i·block_chunks ..`` (default: ``BLOCK_BYTES`` of codes): ``codes [B, R,
+    block_chunks, Dr]`` int8 and ``stats [B, R, block_chunks, 3]`` (scale, ``||l||``, ``||l - scale·codes||``) in
+    float32 (float64 for float64 landmarks); ``n_chunks`` of them are filled.
     """
 
     def __init__(
@@ -72,11 +73,12 @@ class LandmarkSketch:
         dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
-        block_chunks: int = BLOCK_CHUNKS,
+        block_chunks: int | None = None,
     ):
         self.batch, self.heads, self.dim = batch, heads, dim
         self.stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        self.device, self.block_chunks = torch.device(device), block_chunks
+        self.device = torch.device(device)
+        self.block_chunks = block_chunks or max(1, BLOCK_BYTES // (batch * heads * dim))
         self.blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.n_chunks = 0
 
