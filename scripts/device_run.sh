@@ -14,7 +14,7 @@
 #   train[:PRESETS[:ARCHS[:LENGTHS[:FLAGS]]]]
 #                ramba bench train (default the 370m and tiny layouts, RAMba, Mamba-2 and Transformer, 4K and
 #                16K; gradient checkpointing where one sequence does not fit); FLAGS: more options, comma-separated
-#                (e.g. --fused-loss; the results file stem gets them); environment: BENCH_TOKENS tokens a step
+#                (e.g. --fused-loss; the results file stem gets them and LENGTHS); environment: BENCH_TOKENS tokens a step
 #                (default 16384), BENCH_STEPS timed steps (default 15), BENCH_NAME results file stem (default bench_train),
 #                BENCH_FLAGS more options (e.g. --fused-loss)
 #   train-eager[:PRESETS[:ARCHS[:LENGTHS[:FLAGS]]]]
@@ -219,7 +219,7 @@ section() {
                 --architectures "${archs:-ramba,mamba2,transformer}" --lengths "${lengths:-4096,16384}" \
                 --batch-tokens "${BENCH_TOKENS:-16384}" --steps "${BENCH_STEPS:-15}" --warmup 2 --checkpoint-fallback \
                 "${mode[@]}" ${BENCH_FLAGS:-} ${flags//,/ } --out "$OUT" \
-                --name "${BENCH_NAME:-bench_$name${flags:+-${flags//[^a-z0-9]/}}}" ;;
+                --name "${BENCH_NAME:-bench_$name${lengths:+-${lengths//,/_}}${flags:+-${flags//[^a-z0-9]/}}}" ;;
         profile)
             IFS=: read -r _ preset archs length <<<"$1"
             timeout 300 python3 -m ramba bench train --presets "$preset" --architectures "$archs" --lengths "$length" \

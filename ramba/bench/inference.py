@@ -17,7 +17,8 @@ prefill ends, and the process's peak RSS so far (a running maximum over the whol
 lengths go up); the chunk store's bytes by tier (pinned host pages and landmarks, disk-tier pages,
 device) and the memory planner's estimate (`plan`) beside them. `--offload-dir PATH --host-budget 8g`
 runs the disk tier. Random weights are fine for speed: nothing here depends on what the model says.
-A short warm-up call per architecture comes first (kernel compilation). A configuration that fails
+A warm-up call per architecture comes first (kernel compilation: a prompt of the first length, as many
+new tokens as a measurement). A configuration that fails
 (e.g. out of memory) is recorded with its error, and longer lengths of that architecture are skipped.
 
 Writes <out>/<name>.json (machine, date, versions, settings, every number) and <out>/<name>.png.
@@ -192,8 +193,19 @@ def run(args: argparse.Namespace) -> dict:
         try:
             from ramba.inference import generate
 
-            warm = torch.zeros(args.batch, min(lengths[0], 2 * args.segment_len), dtype=torch.long, device=device)
-            generate(model, warm, 2, segment_len=args.segment_len, mode=args.mode, offload=offload_spec(args))
+            # random tokens and as many new tokens as a measurement: every kernel a row runs is compiled here
+            # (all-zero tokens select other chunk counts, and Triton specialises kernels on such integers)
+            gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+            shape = (args.batch, min(lengths[0], 2 * args.segment_len))
+            warm = torch.randint(0, model.config.vocab_size, shape, generator=gen).to(device)
+            generate(
+                model,
+                warm,
+                args.decode_tokens,
+                segment_len=args.segment_len,
+                mode=args.mode,
+                offload=offload_spec(args),
+            )
         except Exception as exc:
             failed = f"warm-up: {type(exc).__name__}: {exc}"[:500]
             logger.warning("%s: warm-up failed, every length skipped", label, exc_info=True)

@@ -21,7 +21,14 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from ramba.errors import RambaUserError
-from ramba.model.chunk_store import FETCH_BYTES, PAGE_BYTES, Offload, available_host_bytes, unwritable_folder
+from ramba.model.chunk_store import (
+    FETCH_BYTES,
+    PAGE_BYTES,
+    SKETCH_MIN_BYTES,
+    Offload,
+    available_host_bytes,
+    unwritable_folder,
+)
 from ramba.ops.retrieval.streaming import TILE_ELEMENTS
 
 logger = logging.getLogger(__name__)
@@ -133,7 +140,8 @@ def _needs(config, batch: int, tokens: int, segment_len: int, offload: Offload, 
             needs[("device" if offload.tier == "device" else "pinned", "chunk pages")] = pages * page_bytes
         landmarks = batch * -(-tokens // config.chunk_size) * config.retrieval_heads * config.retrieval_dim * elem
         needs[("pinned" if offload.landmarks_on_host else "device", "landmarks")] = landmarks
-        if offload.tier != "device" and offload.landmarks == "sketch":  # made after the prefill, in its memory
+        if offload.tier != "device" and offload.landmarks == "sketch" and landmarks >= SKETCH_MIN_BYTES:
+            # made when decoding starts, in the memory the prefill's activations had
             sketch = landmarks // (config.retrieval_dim * elem) * (config.retrieval_dim + 12)
             needs[("device", "decoding's landmark sketch beyond the activations")] = max(
                 0, sketch - needs[("device", "activations")]

@@ -40,6 +40,8 @@ FETCH_BYTES = 64 * 2**20
 # Bytes of keys and values per page (a power of two for the usual shapes: the pinned allocator rounds up to one).
 PAGE_BYTES = 64 * 2**20
 TIERS = ("device", "host", "disk")
+# host landmark bytes from which decoding selects through a device sketch (Offload landmarks "sketch")
+SKETCH_MIN_BYTES = 16 * 2**20
 LANDMARK_PLACES = ("sketch", "host", "device")
 
 
@@ -71,7 +73,7 @@ class Offload:
             host memory available when the cache is made).
         landmarks: where offloaded landmarks live: "sketch" (the default: in host memory, and decoding selects
             through an int8 sketch of them on the device, ``B * C * R * (Dr + 12)`` bytes, made when decoding
-            starts and freed when a long input comes), "host" (in host memory only: GPU memory flat in the
+            starts once they hold ``SKETCH_MIN_BYTES`` and freed when a long input comes), "host" (in host memory only: GPU memory flat in the
             context length, every selection streams them in) or "device" (``B * C * R * Dr`` elements on the GPU).
     """
 
@@ -220,9 +222,15 @@ class ChunkMemoryStore:
 
     def landmark_sketch(self, tokens: int) -> LandmarkSketch | None:
         """For selecting ``tokens`` tokens a row at once: the device sketch of the host landmarks, brought up to
-        date, when they are placed ``"sketch"`` and ``tokens <= SKETCH_TOKENS`` (decoding); else None, and a
-        sketch made for earlier decoding is freed (a long input's activations get its memory)."""
-        if self.placement.tier == "device" or self.placement.landmarks != "sketch" or tokens > SKETCH_TOKENS:
+        date, when they are placed ``"sketch"``, ``tokens <= SKETCH_TOKENS`` (decoding) and they hold at least
+        ``SKETCH_MIN_BYTES`` (below that, streaming them in costs less than the sketch's bookkeeping); else None,
+        and a sketch made for earlier decoding is freed (a long input's activations get its memory)."""
+        if (
+            self.placement.tier == "device"
+            or self.placement.landmarks != "sketch"
+            or tokens > SKETCH_TOKENS
+            or self.landmarks.nbytes < SKETCH_MIN_BYTES
+        ):
             self._sketch = None
             return None
         if self._sketch is None:

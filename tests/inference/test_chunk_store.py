@@ -152,6 +152,22 @@ def test_planner_refuses_impossible_prefill(monkeypatch):
         prefill(model, torch.randint(3, 64, (1, 40)), segment_len=16, offload=True)
 
 
+def test_planner_counts_the_decoding_sketch_beyond_the_activations():
+    """The sketch is made after the prefill, in its activations' memory: the plan adds only what exceeds them."""
+    model = small_model()
+    c = model.config
+    key = "device: decoding's landmark sketch beyond the activations"
+    for tokens, segment in ((2**26, 64), (2**26, 2**20), (2**16, 64)):
+        plan = planner.plan_memory(model, 1, tokens, segment, offload=True)
+        landmarks = tokens // c.chunk_size * c.retrieval_heads * c.retrieval_dim * 4
+        sketch = landmarks // 4 * (c.retrieval_dim + 12) // c.retrieval_dim
+        activations = plan.parts["device: activations"]
+        want = sketch - activations if landmarks >= chunk_store.SKETCH_MIN_BYTES else 0
+        assert plan.parts.get(key, 0) == max(0, want)
+    assert planner.plan_memory(model, 1, 2**26, 64, offload=True).parts[key] > 0  # a short segment, many chunks
+    assert key not in planner.plan_memory(model, 1, 2**26, 64, offload=Offload("host", landmarks="host")).parts
+
+
 def test_unwritable_offload_folder_fails_before_work(tmp_path, monkeypatch):
     model = small_model()
     _forbid_forward(model, monkeypatch)

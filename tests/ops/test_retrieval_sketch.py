@@ -11,6 +11,7 @@ import torch
 import ramba.ops.retrieval.sketch as sketch_module
 from ramba.inference import prefill
 from ramba.layers.base import ChunkMemory
+from ramba.model import chunk_store
 from ramba.model.chunk_store import ChunkMemoryStore, Offload, OffloadError
 from ramba.ops.retrieval import select_chunks, select_chunks_naive
 from ramba.ops.retrieval.sketch import LandmarkSketch, _bounds
@@ -140,9 +141,13 @@ def _store(landmarks="sketch"):
     return ChunkMemoryStore(1, 4, 1, 8, 1, 8, torch.float32, "cpu", offload=Offload("host", landmarks=landmarks))
 
 
-def test_the_store_sketches_for_decoding_only():
+def test_the_store_sketches_for_decoding_only(monkeypatch):
+    monkeypatch.setattr(chunk_store, "SKETCH_MIN_BYTES", 10 * 8 * 4)  # ten chunks' landmarks
     store = _store()
     memory = ChunkMemory(torch.randn(1, 40, 1, 8), torch.randn(1, 40, 1, 8), torch.randn(1, 10, 1, 8))
+    store.append(ChunkMemory(memory.k[:, :36], memory.v[:, :36], memory.landmarks[:, :9]))
+    assert store.landmark_sketch(1) is None  # too few landmarks to be worth a sketch
+    store = _store()
     store.append(memory)
     sketch = store.landmark_sketch(1)
     assert sketch is not None and sketch.n_chunks == 10
@@ -155,9 +160,10 @@ def test_the_store_sketches_for_decoding_only():
         Offload("host", landmarks="gpu")
 
 
-def test_cached_decoding_with_offload_selects_through_the_sketch(answered):
+def test_cached_decoding_with_offload_selects_through_the_sketch(answered, monkeypatch):
     """Offloaded decoding (the default landmark placement) goes through the sketch and still gives the logits of
     one full forward (tests/inference/test_chunk_store.py checks every tier)."""
+    monkeypatch.setattr(chunk_store, "SKETCH_MIN_BYTES", 0)
     model = small_model()
     ids = torch.randint(3, 64, (2, 110), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

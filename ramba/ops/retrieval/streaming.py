@@ -4,7 +4,8 @@ Tokens are processed in blocks; for each token block, chunks are scored one bloc
 and merged into a running top-K (``topk`` of tie-free integer keys, see :func:`_running_topk`).
 The selected scores are then recomputed by an autograd function that gathers only the K chosen
 landmarks per token, one token block at a time, in the forward and the backward, so peak memory
-is O(T·K + T_block·(C_block + K) + T_block·K·Dr).
+is O(T·K + T_block·(C_block + K) + T_block·K·Dr). Decoding over host landmarks can take its top-K from a
+device sketch instead (``sketch=``, :mod:`ramba.ops.retrieval.sketch`): the same chunks, no landmarks copied in.
 """
 
 from __future__ import annotations
