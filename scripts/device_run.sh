@@ -41,6 +41,9 @@
 #                (default 4k,64k,1m,16m,64m,256m); bench_inference_long.json/.png; LANDMARKS=host|device keeps the
 #                landmarks in host memory only or on the GPU (default: host memory, an int8 sketch on the GPU for
 #                decoding; bench_inference_long-landmarks-LANDMARKS.json)
+#   profile-decode[:LENGTHS]
+#                the same with --profile: a table of the ops of decoding steps 2-16 per length under
+#                $OUT/profile-decode/ (bench_inference_profiled.json; the times are the profiler's, slower)
 #   disk-tier[:LENGTH[:BUDGET]]
 #                issue 16: the same passkey at LENGTH (default 128m), depth 0.5, with the disk tier (--offload-dir
 #                /tmp/ramba-disk, --host-budget BUDGET, default 8g), then bench_inference.py at LENGTH with the same
@@ -230,11 +233,14 @@ section() {
             timeout "${LONG_SECONDS:-590}" python3 -m ramba eval passkey --model tiny-ruler \
                 --lengths "$lengths" --depths "$depths" --samples 1 --mode fast --offload --segment-len 65536 \
                 --haystack data/python-doc --out "$OUT" --name "passkey-ramba-long-${lengths//,/_}-${depths//,/_}" --no-progress ;;
-        bench-long)
+        bench-long|profile-decode)
+            local profile=() stem=bench_inference_long
             IFS=: read -r _ lengths <<<"$1"
+            [ "$name" = bench-long ] || { profile=(--profile "$OUT/profile-decode"); stem=bench_inference_profiled; }
             timeout 590 python3 -m ramba bench inference --preset tiny --architectures ramba \
                 --lengths "${lengths:-4k,64k,1m,16m,64m,256m}" --decode-tokens 16 --segment-len 65536 --mode fast --offload \
-                --landmarks "${LANDMARKS:-sketch}" --out "$OUT" --name "bench_inference_long${LANDMARKS:+-landmarks-$LANDMARKS}" ;;
+                --landmarks "${LANDMARKS:-sketch}" "${profile[@]}" --out "$OUT" \
+                --name "$stem${LANDMARKS:+-landmarks-$LANDMARKS}" ;;
         disk-tier)
             local length budget
             IFS=: read -r _ length budget <<<"$1"

@@ -36,7 +36,7 @@ import torch
 
 from ramba import RambaConfig, RambaForCausalLM
 from ramba.eval.loading import load_model, resolve_device, resolve_dtype
-from ramba.eval.measure import free_memory, parse_overrides, peak_rss_bytes, rss_bytes, synchronized_time
+from ramba.eval.measure import free_memory, parse_overrides, peak_rss_bytes, profiled, rss_bytes, synchronized_time
 from ramba.eval.plots import Panel, line_plots
 from ramba.eval.results import format_length, parse_lengths, write_results
 from ramba.layers.mamba2 import Mamba2Mixer, set_compile_glue
@@ -109,6 +109,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="profile the decoding steps (after the first); one table of ops per model and length into DIR",
+    )
     p.add_argument("--name", default="bench_inference", help="file name stem (default bench_inference)")
     return p
 
@@ -123,9 +128,10 @@ def offload_spec(args):
     return Offload("host", landmarks=args.landmarks) if args.offload else False
 
 
-def measure(model, length: int, args, device: torch.device) -> dict:
+def measure(model, length: int, args, device: torch.device, profile: Path | None = None) -> dict:
     """A prefill of `[batch, length]` random tokens, then greedy decoding: prefill tokens/s, decode ms/token,
-    memory (GPU peak, host RSS, the chunk store's pinned / disk / device bytes) and the memory plan."""
+    memory (GPU peak, host RSS, the chunk store's pinned / disk / device bytes) and the memory plan. With
+    `profile`, the decoding steps after the first run under torch.profiler (slower) and its table goes there."""
     from ramba.inference import prefill
     from ramba.inference.planner import plan_memory
 
@@ -141,9 +147,16 @@ def measure(model, length: int, args, device: torch.device) -> dict:
     token = logits.argmax(-1)
     times = [synchronized_time(device)]
     rss_after_prefill = rss_bytes()
-    for _ in range(args.decode_tokens - 1):
+
+    def decode(token):
         token = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
         times.append(synchronized_time(device))
+        return token
+
+    token = decode(token)  # the first step also makes the landmark sketch
+    with profiled(device, profile):
+        for _ in range(args.decode_tokens - 2):
+            token = decode(token)
     prefill_s = times[0] - start
     held = cache.memory.nbytes() if cache.memory is not None else {}
     row = {
@@ -215,7 +228,10 @@ def run(args: argparse.Namespace) -> dict:
                 row["error"] = f"skipped ({failed})"
             else:
                 try:
-                    row.update(measure(model, length, args, device))
+                    profile = None
+                    if args.profile is not None:
+                        profile = Path(args.profile) / f"{label}-{format_length(length)}.decode.txt"
+                    row.update(measure(model, length, args, device, profile))
                     logger.info(
                         "%s %s: prefill %.0f tokens/s, decode %.2f ms/token",
                         label,

@@ -32,14 +32,13 @@ import statistics
 import sys
 import traceback
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ramba import RambaConfig, RambaForCausalLM
 from ramba.eval.loading import resolve_device
-from ramba.eval.measure import free_memory, parse_overrides, synchronized_time
+from ramba.eval.measure import free_memory, parse_overrides, profiled, synchronized_time
 from ramba.eval.plots import Panel, line_plots
 from ramba.eval.results import format_length, parse_lengths, write_results
 from ramba.layers.mamba2 import set_compile_glue
@@ -187,22 +186,6 @@ def measure(
 def _device_allocs(device: torch.device) -> int | None:
     """How many times the CUDA caching allocator has called cudaMalloc (None off CUDA or where not counted)."""
     return torch.cuda.memory_stats(device).get("num_device_alloc") if device.type == "cuda" else None
-
-
-@contextmanager
-def profiled(device: torch.device, path: Path | None):
-    """torch.profiler around the block when `path` is given; writes the top 40 ops by self device time there."""
-    if path is None:
-        yield
-        return
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        yield
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=80))
 
 
 def measure_fitting(

@@ -1,5 +1,5 @@
 """Measuring helpers shared by the benchmark scripts: wall clock synchronised with the GPU, host
-memory, config overrides from the command line."""
+memory, a profiler table, config overrides from the command line."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import os
 import resource
 import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from ramba.overrides import parse_overrides  # the one KEY=VALUE syntax, re-exported for the benchmark scripts
 
-__all__ = ["synchronized_time", "free_memory", "rss_bytes", "peak_rss_bytes", "parse_overrides"]
+__all__ = ["synchronized_time", "free_memory", "rss_bytes", "peak_rss_bytes", "profiled", "parse_overrides"]
 
 
 def synchronized_time(device: torch.device) -> float:
@@ -43,3 +45,19 @@ def peak_rss_bytes() -> int:
     """Largest resident set size of this process so far (bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+@contextmanager
+def profiled(device: torch.device, path: Path | None):
+    """torch.profiler around the block when `path` is given; writes the top 40 ops by self device time there."""
+    if path is None:
+        yield
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        yield
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=80))

@@ -215,8 +215,10 @@ def test_bench_train_and_inference(tmp_path, capsys):
             "--segment-len",
             "32",
             "--decode-tokens",
-            "3",
+            "4",
             "--no-offload",
+            "--profile",
+            str(out / "profile"),
             "--out",
             str(out),
         ]
@@ -235,6 +237,9 @@ def test_bench_train_and_inference(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "tokens/s" in printed and "decode ms/tok" in printed
+    tables = sorted(p.name for p in (out / "profile").iterdir())
+    assert tables == [f"{m}-{n}.decode.txt" for m in ("ramba", "transformer") for n in (40, 70)]
+    assert "aten::" in (out / "profile" / "ramba-70.decode.txt").read_text()  # the decoding steps' ops
 
 
 def test_bench_kernels_needs_cuda(capsys):
