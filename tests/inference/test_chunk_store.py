@@ -110,6 +110,7 @@ def test_tiers_give_full_forward_logits_across_pages(name, tmp_path, monkeypatch
     chunk_bytes = 2 * 2 * c.chunk_size * c.n_kv_heads * c.head_dim * 4
     monkeypatch.setattr(chunk_store, "PAGE_BYTES", 2 * chunk_bytes)
     monkeypatch.setattr(chunk_store, "FETCH_BYTES", 8 * c.topk * chunk_bytes)  # blocks of 8 tokens
+    monkeypatch.setattr(chunk_store, "SKETCH_MIN_BYTES", 0)  # offloaded decoding selects through the sketch
     ids = torch.randint(3, 64, (2, 130), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         full = model(input_ids=ids).logits
@@ -121,6 +122,7 @@ def test_tiers_give_full_forward_logits_across_pages(name, tmp_path, monkeypatch
                 torch.testing.assert_close(step, full[:, t], atol=2e-5, rtol=2e-5)
             store = cache.memory
             assert len(store.pages) == 4 and store.n_chunks == 8
+            assert store.nbytes()["device"] > 0  # resident pages, or (offloaded) the decoding sketch
             if isinstance(offload, Offload):  # the tiny host budget sent every page after the first to disk
                 assert store.page_tiers == ["host"] + ["disk"] * 3 and store.nbytes()["disk"] == 3 * store.page_bytes
 

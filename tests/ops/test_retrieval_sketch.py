@@ -44,7 +44,8 @@ def _case(seed, dyadic):
     else:
         landmarks = torch.randn(B, C, R, Dr, generator=g, dtype=torch.float64).to(dtype)
         q = torch.randn(B, T, R, Dr, generator=g, dtype=torch.float64).to(dtype)
-    positions = torch.tensor([rng.randint(0, (C + 1) * S) for _ in range(T)])
+    shape = rng.choice([(T,), (B, T)])  # one position per token, or per row and token
+    positions = torch.randint(0, (C + 1) * S + 1, shape, generator=g)
     return q, landmarks, positions, S, K, rng
 
 
