@@ -47,6 +47,7 @@ def prefill(
     offload: bool | str | Offload = False,
     cache: RambaCache | None = None,
     progress: Callable[[int], None] | None = None,
+    new_tokens: int = 0,
 ) -> tuple[torch.Tensor, RambaCache]:
     """Run a prompt through the model in segments of at most ``segment_len`` tokens, filling a cache.
 
@@ -64,6 +65,8 @@ def prefill(
     Args:
         model: a ``RambaForCausalLM``. input_ids: ``[B, T]`` with ``T >= 1``.
         progress: called with the number of tokens done after each segment.
+        new_tokens: tokens the caller will decode after the prompt: a fresh cache plans and reserves landmark
+            room for them too, so decoding never grows (copies) the landmark buffer.
     Returns:
         logits of the last position ``[B, V]`` (float32) and the cache.
     """
@@ -71,6 +74,8 @@ def prefill(
         raise ValueError(f"prefill: mode must be one of {PREFILL_MODES}, got {mode!r}")
     if segment_len < 1:
         raise ValueError(f"prefill: segment_len must be >= 1, got {segment_len}")
+    if new_tokens < 0:
+        raise ValueError(f"prefill: new_tokens must be >= 0, got {new_tokens}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"prefill: input_ids must be [B, T] with T >= 1, got {tuple(input_ids.shape)}")
     B, T = input_ids.shape
@@ -83,10 +88,10 @@ def prefill(
         )
     weight = model.get_input_embeddings().weight
     if cache is None:
-        plan_prefill(model, B, T, segment_len, offload)
+        plan_prefill(model, B, T + new_tokens, segment_len, offload)
         cache = RambaCache(model.config, B, weight.device, weight.dtype, offload=offload)
-        if cache.memory is not None:  # landmark room for the prompt (exactly: pinned buffers round up to 2^k bytes)
-            cache.memory.reserve(-(-T // model.config.chunk_size))
+        if cache.memory is not None:  # landmark room for the prompt and what follows (exactly: pinned buffers
+            cache.memory.reserve(-(-(T + new_tokens) // model.config.chunk_size))  # round up to 2^k bytes)
     logits = None
     ends = list(range(T, 0, -segment_len))[::-1]
     bar = _prefill_bar(T, segment_len)
@@ -150,7 +155,7 @@ def generate(
         raise InputError(f"generate: temperature must be > 0 when sampling, got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise InputError(f"generate: top_k must be None or an int >= 1, got {top_k!r}")
-    logits, cache = prefill(model, input_ids, segment_len, mode, offload)
+    logits, cache = prefill(model, input_ids, segment_len, mode, offload, new_tokens=max_new_tokens)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=logits.device)
     new_tokens = []
     for step in range(max_new_tokens):

@@ -248,3 +248,20 @@ def test_cli_refuses_before_the_first_cell(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "a prefill of 1,048,6" in err and "0.50 GiB available; it would fit with the disk tier" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_reserves_landmark_room_for_the_new_tokens(monkeypatch):
+    """Decoding across a chunk boundary must not regrow the landmark buffer (a copy of all of it, twice the
+    pinned memory at 256M tokens): generate() reserves for the prompt and the new tokens once."""
+    from ramba.inference import generate
+
+    model = small_model()
+    S = model.config.chunk_size
+    calls = []
+    real = chunk_store.ChunkMemoryStore.reserve
+    monkeypatch.setattr(chunk_store.ChunkMemoryStore, "reserve", lambda self, n: calls.append(n) or real(self, n))
+    prompt = torch.randint(3, 64, (1, 5 * S - 1), generator=torch.Generator().manual_seed(2))
+    generate(model, prompt, 2 * S, segment_len=32, offload=True)  # completes two chunks while decoding
+    assert calls == [-(-(prompt.shape[1] + 2 * S) // S)]
+    with pytest.raises(ValueError, match="new_tokens"):
+        prefill(model, prompt, new_tokens=-1)
