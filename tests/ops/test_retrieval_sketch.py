@@ -116,11 +116,13 @@ def test_sketch_refuses_other_landmarks():
         select_chunks(torch.randn(1, 1, 1, 8), landmarks, 4, 2, sketch=sketch)
 
 
-def test_appending_never_moves_a_block():
+def test_appending_never_moves_a_block(monkeypatch):
     g = torch.Generator().manual_seed(3)
     landmarks = torch.randn(2, 100, 1, 8, generator=g)
     one = LandmarkSketch(2, 1, 8, torch.float32, "cpu", block_chunks=16)
+    monkeypatch.setattr(sketch_module, "APPEND_ELEMENTS", 5 * 2 * 8)  # one call, quantised 5 chunks at a time
     one.append(landmarks)
+    monkeypatch.undo()
     pieces = _sketch(landmarks[:, :5], random.Random(0), block_chunks=16)
     first = pieces.blocks[0][0].data_ptr()
     pieces.append(landmarks[:, 5:])

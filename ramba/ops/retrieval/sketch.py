@@ -26,8 +26,9 @@ from ramba.ops.retrieval.streaming import MASKED, _gather, _order_bits
 # int8 code bytes of a sketch block (appending adds blocks, never copies one); scoring converts one block at a time
 # to float32, 4x this (fewer, larger blocks launch fewer kernels a decoding step)
 BLOCK_BYTES = 1 << 25
-# chunks converted and quantised at once when appending (bounds the transient device memory)
-APPEND_CHUNKS = 1 << 14
+# landmark elements converted and quantised at once when appending (64 MiB in float32: bounds the transient
+# device memory; the first decoding step at 256M tokens makes the whole sketch this way)
+APPEND_ELEMENTS = 1 << 24
 MAX_CANDIDATES = 4096
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
@@ -87,9 +88,9 @@ class LandmarkSketch:
 
     @torch.no_grad()
     def append(self, landmarks: torch.Tensor) -> None:
-        """Add ``landmarks [B, c, R, Dr]`` (on any device; copied over ``APPEND_CHUNKS`` chunks at a time)."""
+        """Add ``landmarks [B, c, R, Dr]`` (on any device; copied over ``APPEND_ELEMENTS`` at a time)."""
         B, R, Dr = self.batch, self.heads, self.dim
-        done, c = 0, landmarks.shape[1]
+        done, c, most = 0, landmarks.shape[1], max(1, APPEND_ELEMENTS // (B * R * Dr))
         while done < c:
             block, slot = divmod(self.n_chunks, self.block_chunks)
             if block == len(self.blocks):
@@ -99,7 +100,7 @@ class LandmarkSketch:
                         torch.empty(B, R, self.block_chunks, 3, dtype=self.stats_dtype, device=self.device),
                     )
                 )
-            n = min(c - done, self.block_chunks - slot, APPEND_CHUNKS)
+            n = min(c - done, self.block_chunks - slot, most)
             part = landmarks[:, done : done + n].to(self.device, non_blocking=True)
             lm = part.to(self.stats_dtype).transpose(1, 2)  # [B, R, n, Dr]
             codes, scale = _quantize(lm)
