@@ -49,14 +49,16 @@ def _bounds(q_r: torch.Tensor, sketch: LandmarkSketch) -> tuple[torch.Tensor, to
     # integer-valued operands: the product is exact in float32 (even as TF32) while the sums stay below 2**24
     mm = torch.float32 if Dr * 127 * 127 < 2**24 else torch.float64
     rescore = 2 * Dr * _UNIT_ROUNDOFF[acc]  # the exact score's own rounding, relative to ||q||·||l||
-    approx, err = [], []
-    for i, (codes, stats) in enumerate(sketch.blocks):
+    q_mm, dots, stats = q_codes.to(mm), [], []
+    for i, (block_codes, block_stats) in enumerate(sketch.blocks):  # two kernels a block; the rest on all chunks
         n = min(sketch.block_chunks, sketch.n_chunks - i * sketch.block_chunks)
-        dot = torch.einsum("btrd,brnd->btrn", q_codes.to(mm), codes[:, :, :n].to(mm)).to(acc)
-        scale, l_norm, residual = (x[:, None] for x in stats[:, :, :n].to(acc).unbind(-1))  # [B, 1, R, n]
-        approx.append(dot * q_scale[..., None] * scale)
-        err.append((q_err + rescore * q_norm)[..., None] * l_norm + q_hat_norm[..., None] * residual)
-    return torch.cat(approx, dim=-1), torch.cat(err, dim=-1)
+        dots.append(torch.einsum("btrd,brnd->btrn", q_mm, block_codes[:, :, :n].to(mm)))
+        stats.append(block_stats[:, :, :n])
+    dot = torch.cat(dots, dim=-1).to(acc)  # [B, t, R, C]
+    scale, l_norm, residual = (x[:, None] for x in torch.cat(stats, dim=2).to(acc).unbind(-1))  # [B, 1, R, C]
+    approx = dot.mul_(q_scale[..., None]).mul_(scale)
+    err = (q_err + rescore * q_norm)[..., None] * l_norm + q_hat_norm[..., None] * residual
+    return approx, err
 
 
 class LandmarkSketch:
