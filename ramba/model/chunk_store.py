@@ -13,7 +13,9 @@ on a worker thread (reading pinned or memory-mapped pages) and copied on a side 
 computes on the current one. On a CPU-only machine the same path runs without streams.
 
 The landmarks ``[B, C, R, Dr]`` are one buffer, on the device or (offloaded) in pinned host memory, where
-selection streams over it block by block; :meth:`ChunkMemoryStore.reserve` sizes it for a whole prompt at once.
+selection streams over it block by block; :meth:`ChunkMemoryStore.reserve` sizes it for a whole prompt at once
+(``prefill(new_tokens=)``: and what will be decoded). Decoding over offloaded landmarks selects through their
+int8 sketch on the device (:meth:`ChunkMemoryStore.landmark_sketch`, ``ramba.ops.retrieval.sketch``).
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ class Offload:
             host memory available when the cache is made).
         landmarks: where offloaded landmarks live: "sketch" (the default: in host memory, and decoding selects
             through an int8 sketch of them on the device, ``B * C * R * (Dr + 12)`` bytes, made when decoding
-            starts once they hold ``SKETCH_MIN_BYTES`` and freed when a long input comes), "host" (in host memory only: GPU memory flat in the
-            context length, every selection streams them in) or "device" (``B * C * R * Dr`` elements on the GPU).
+            starts once they hold ``SKETCH_MIN_BYTES`` and freed when a long input comes), "host" (in host memory
+            only: GPU memory flat in the context length, every selection streams them in) or "device"
+            (``B * C * R * Dr`` elements on the GPU).
     """
 
     tier: str = "device"
