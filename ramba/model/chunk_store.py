@@ -32,8 +32,7 @@ import torch
 
 from ramba.errors import RambaUserError
 from ramba.layers.base import ChunkMemory, ChunkSelection
-from ramba.ops.retrieval.sketch import LandmarkSketch
-from ramba.ops.retrieval.streaming import SKETCH_TOKENS
+from ramba.ops.retrieval.sketch import SKETCH_TOKENS, LandmarkSketch
 
 # The most chunk-memory bytes one fetch may gather, were every selected chunk distinct: a long segment attends
 # block by block (see ChunkMemoryStore.fetch_tokens), so the GPU memory a prefill needs does not grow with

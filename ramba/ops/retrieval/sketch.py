@@ -30,6 +30,10 @@ BLOCK_BYTES = 1 << 25
 # device memory; the first decoding step at 256M tokens makes the whole sketch this way)
 APPEND_ELEMENTS = 1 << 24
 MAX_CANDIDATES = 4096
+# a sketch serves selections of at most this many tokens at a time (decoding); longer ones stream the landmarks
+SKETCH_TOKENS = 4
+# bytes of one (row, chunk, head) beside its Dr int8 codes: scale, ||l||, ||l - s·c|| in float32
+STATS_BYTES = 3 * 4
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
 
@@ -68,6 +72,8 @@ class LandmarkSketch:
     block_chunks, Dr]`` int8 and ``stats [B, R, block_chunks, 3]`` (scale, ``||l||``, ``||l - scale·codes||``) in
     float32 (float64 for float64 landmarks); ``n_chunks`` of them are filled.
     """
+
+    max_tokens = SKETCH_TOKENS
 
     def __init__(
         self,

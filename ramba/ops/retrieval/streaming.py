@@ -24,8 +24,6 @@ TILE_ELEMENTS = 1 << 22
 # elements in one block of landmarks in the compute dtype on a GPU: 64 MiB in float32 (fewer blocks, fewer
 # kernel launches); on the CPU a block stays within a tile, which converts bf16 faster (cache, allocator)
 LANDMARK_BLOCK_ELEMENTS = 1 << 24
-# a sketch serves selections of at most this many tokens at a time (decoding)
-SKETCH_TOKENS = 4
 # sort key of an invisible chunk or an empty slot: below every score's key
 MASKED = torch.iinfo(torch.int64).min
 # float dtype -> (integer dtype of its bits, bits of +inf)
@@ -191,7 +189,7 @@ def select_chunks_streaming(
         block_chunks: chunks scored at once (default: at least 1024, more when few tokens fill a tile).
         block_tokens: tokens per block (default: sized so a tile holds about ``TILE_ELEMENTS``).
         sketch: a :class:`~ramba.ops.retrieval.sketch.LandmarkSketch` of ``landmarks`` on ``q_r``'s device
-            (decoding over host landmarks): the top-K of up to ``SKETCH_TOKENS`` tokens at a time comes from it,
+            (decoding over host landmarks): the top-K of up to ``sketch.max_tokens`` tokens at a time comes from it,
             the same chunks, without copying the landmarks in; None: stream them.
     Returns:
         indices ``[B, T, R, K]`` int64, most recent chunk first, empty slots (index 0) last;
@@ -221,7 +219,7 @@ def select_chunks_streaming(
         )
     use_sketch = sketch is not None and C > 0
     if use_sketch:
-        tokens_topk = SKETCH_TOKENS
+        tokens_topk = sketch.max_tokens
     with torch.no_grad():
         for t0 in range(0, T, tokens_topk):
             t1 = min(T, t0 + tokens_topk)
