@@ -13,14 +13,14 @@
 #   ssd[:KEXPR]  the GPU tests of the SSD fast paths but the slow ones (those pytest -k KEXPR selects)
 #   train[:PRESETS[:ARCHS[:LENGTHS[:FLAGS]]]]
 #                ramba bench train (default the 370m and tiny layouts, RAMba, Mamba-2 and Transformer, 4K and
-#                16K; gradient checkpointing where one sequence does not fit); FLAGS: more options, comma-separated
+#                16K; gradient checkpointing where one sequence does not fit; the CUDA graph unless --fused-loss); FLAGS: more options, comma-separated
 #                (e.g. --fused-loss; the results file stem gets them and LENGTHS); environment: BENCH_TOKENS tokens a step
 #                (default 16384), BENCH_STEPS timed steps (default 15), BENCH_NAME results file stem (default bench_train),
 #                BENCH_FLAGS more options (e.g. --fused-loss)
 #   train-eager[:PRESETS[:ARCHS[:LENGTHS[:FLAGS]]]]
 #                the same with --no-compile-glue (the mixers' element-wise work in eager PyTorch; bench_train-eager)
 #   train-graph[:PRESETS[:ARCHS[:LENGTHS[:FLAGS]]]]
-#                the same with --cuda-graph (forward + backward replayed from a CUDA graph; bench_train-graph)
+#                the same with --cuda-graph (the default since 2026-12-01; bench_train-graph)
 #   pytest:FILES the GPU tests of FILES (space-separated test paths), bounded by TESTS_SECONDS (default 300)
 #   tests-graph  the GPU tests of the CUDA-graph training step (tests/gpu/test_cuda_graph_gpu.py)
 #   tests-nsa    the GPU tests of the NSA baseline (fla's kernels vs the torch path; tests/gpu/test_nsa_gpu.py)
@@ -40,10 +40,8 @@
 #                issue 16: bench_inference.py (tiny preset, ramba, fast mode, offload, segments of 65536) at LENGTHS
 #                (default 4k,64k,1m,16m,64m,256m); bench_inference_long.json/.png; LANDMARKS=host|device keeps the
 #                landmarks in host memory only or on the GPU (default: host memory, an int8 sketch on the GPU for
-#                decoding; bench_inference_long-landmarks-LANDMARKS.json)
-#   profile-decode[:LENGTHS]
-#                the same with --profile: a table of the ops of decoding steps 2-16 per length under
-#                $OUT/profile-decode/ (bench_inference_profiled.json; the times are the profiler's, slower)
+#                decoding; bench_inference_long-landmarks-LANDMARKS.json); after the 16 timed decoding steps, 4 more
+#                under the profiler: a table of their ops per length under $OUT/profile-decode/
 #   disk-tier[:LENGTH[:BUDGET]]
 #                issue 16: the same passkey at LENGTH (default 128m), depth 0.5, with the disk tier (--offload-dir
 #                /tmp/ramba-disk, --host-budget BUDGET, default 8g), then bench_inference.py at LENGTH with the same
@@ -80,6 +78,10 @@
 #   train-run-old:NAME:STEPS[:SETTINGS]
 #                the same with the code carried in .carry/old (git archive REV ramba recipes | tar -x -C .carry/old):
 #                an earlier version's rate on the same machine; train-run-old-NAME.metrics.jsonl
+#   ddp-one-gpu[:STEPS]
+#                issue 17: recipes/tiny-gpu.yaml with 2 DDP ranks on the one GPU (torchrun, gloo, micro-batch 8) for
+#                STEPS steps (default 30) against one process at micro-batch 16, then the 2-rank run resumed in one
+#                process for 10 more; losses and checkpoint folders -> ddp-one-gpu.json (run corpus first)
 #   drop:GLOB    delete $OUT/GLOB (models a later stage of the same call superseded)
 # Carried wheels in .whl/ (fla-core, mamba-ssm built with MAMBA_SKIP_CUDA_BUILD=TRUE, einops) are installed first. At most 8 files come back from $OUT.
 # The carried folder .carry/ (git-ignored; name it and .whl in the device call's carry list) holds the
@@ -233,14 +235,12 @@ section() {
             timeout "${LONG_SECONDS:-590}" python3 -m ramba eval passkey --model tiny-ruler \
                 --lengths "$lengths" --depths "$depths" --samples 1 --mode fast --offload --segment-len 65536 \
                 --haystack data/python-doc --out "$OUT" --name "passkey-ramba-long-${lengths//,/_}-${depths//,/_}" --no-progress ;;
-        bench-long|profile-decode)
-            local profile=() stem=bench_inference_long
+        bench-long)
             IFS=: read -r _ lengths <<<"$1"
-            [ "$name" = bench-long ] || { profile=(--profile "$OUT/profile-decode"); stem=bench_inference_profiled; }
             timeout 590 python3 -m ramba bench inference --preset tiny --architectures ramba \
                 --lengths "${lengths:-4k,64k,1m,16m,64m,256m}" --decode-tokens 16 --segment-len 65536 --mode fast --offload \
-                --landmarks "${LANDMARKS:-sketch}" "${profile[@]}" --out "$OUT" \
-                --name "$stem${LANDMARKS:+-landmarks-$LANDMARKS}" ;;
+                --landmarks "${LANDMARKS:-sketch}" --profile "$OUT/profile-decode" --out "$OUT" \
+                --name "bench_inference_long${LANDMARKS:+-landmarks-$LANDMARKS}" ;;
         disk-tier)
             local length budget
             IFS=: read -r _ length budget <<<"$1"
@@ -288,6 +288,38 @@ section() {
             local rc=$?
             cp "runs/train-run-$name/metrics.jsonl" "$OUT/train-run-$name.metrics.jsonl" 2>/dev/null
             return $rc ;;
+        ddp-one-gpu)
+            # issue 17 item 5: 2 DDP ranks sharing the one GPU (gloo) against one process at twice the micro-batch,
+            # then the 2-rank run resumed in one process; losses, checkpoints -> $OUT/ddp-one-gpu.json
+            local common
+            IFS=: read -r _ steps <<<"$1"
+            steps=${steps:-30}
+            common=(--set log.progress=false --set eval.every=0 --set "checkpoint.every=$steps" --set log.every=1)
+            rm -rf runs/ddp-1 runs/ddp-2
+            timeout 200 python3 -m ramba train recipes/tiny-gpu.yaml --set out_dir=runs/ddp-1 --set micro_batch=16 \
+                --set "max_steps=$((steps + 10))" "${common[@]}" || return 1
+            timeout 200 torchrun --standalone --nproc_per_node 2 -m ramba train recipes/tiny-gpu.yaml \
+                --set out_dir=runs/ddp-2 --set micro_batch=8 --set "max_steps=$steps" "${common[@]}" || return 1
+            ls runs/ddp-2/checkpoints > runs/ddp-2-checkpoints-after-torchrun.txt
+            timeout 200 python3 -m ramba train recipes/tiny-gpu.yaml --set out_dir=runs/ddp-2 --set micro_batch=16 \
+                --set "max_steps=$((steps + 10))" "${common[@]}" --resume || return 1
+            python3 - "$OUT/ddp-one-gpu.json" <<'EOF'
+import json, os, sys
+def curve(run):
+    rows = [json.loads(line) for line in open(f"runs/{run}/metrics.jsonl")]
+    return {r["step"]: r for r in rows if "loss" in r}
+one, two = curve("ddp-1"), curve("ddp-2")
+rel = {s: abs(two[s]["loss"] - one[s]["loss"]) / one[s]["loss"] for s in sorted(one) if s in two}
+out = dict(
+    single={s: r["loss"] for s, r in one.items()}, ddp_then_resumed={s: r["loss"] for s, r in two.items()},
+    world_size={s: r.get("world_size") for s, r in two.items()}, max_rel_diff=max(rel.values()),
+    rel_diff=rel, checkpoints_after_torchrun=open("runs/ddp-2-checkpoints-after-torchrun.txt").read().split(),
+    checkpoints_after_resume=sorted(os.listdir("runs/ddp-2/checkpoints")),
+)
+json.dump(out, open(sys.argv[1], "w"), indent=1)
+print("ddp-one-gpu: max relative loss difference", out["max_rel_diff"], "checkpoints", out["checkpoints_after_resume"])
+EOF
+            ;;
         drop) rm -f "$OUT"/${1#drop:} ;;
         save-cache) tar -czf - -C "$TRITON_CACHE_DIR" . | split -b 15000000 - "$OUT/triton-cache.tgz.part-" && ls -la "$OUT" ;;
         *) echo "unknown section: $name"; return 2 ;;

@@ -11,7 +11,7 @@ For every (architecture, length): random prompt tokens `[batch, length]` go thro
 `ramba.inference.prefill`, then `decode_tokens` greedy tokens; the time to the first new token is the
 prefill (tokens/s = batch x length / seconds), the first decoding step is `first_decode_ms` (it also
 makes the landmark sketch of an offloaded store), the mean gap between later tokens is the decode time
-per token (ms). Peak GPU memory is torch.cuda.max_memory_allocated during that call (weights
+per token (ms; every gap in `decode_step_ms`, and the sketch's candidates per step in `sketch_candidates`). Peak GPU memory is torch.cuda.max_memory_allocated during that call (weights
 included; `gpu_weights_gib` says how much of it they are). Host memory: the process RSS when the
 prefill ends, and the process's peak RSS so far (a running maximum over the whole run, since the
 lengths go up); the chunk store's bytes by tier (pinned host pages and landmarks, disk-tier pages,
@@ -44,6 +44,7 @@ from ramba.model.chunk_store import LANDMARK_PLACES, Offload
 
 logger = logging.getLogger("bench_inference")
 GIB = 2**30
+PROFILED_STEPS = 4  # --profile: decoding steps profiled after the timed ones
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -112,7 +113,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--profile",
         metavar="DIR",
-        help="profile the decoding steps after the first (their times then include the profiler's cost); one "
+        help=f"after the timed decoding steps, profile {PROFILED_STEPS} more (the timed ones stay unprofiled); one "
         "table of ops per model and length into DIR",
     )
     p.add_argument("--name", default="bench_inference", help="file name stem (default bench_inference)")
@@ -132,7 +133,7 @@ def offload_spec(args):
 def measure(model, length: int, args, device: torch.device, profile: Path | None = None) -> dict:
     """A prefill of `[batch, length]` random tokens, then greedy decoding: prefill tokens/s, decode ms/token,
     memory (GPU peak, host RSS, the chunk store's pinned / disk / device bytes) and the memory plan. With
-    `profile`, the decoding steps after the first run under torch.profiler (slower) and its table goes there."""
+    `profile`, ``PROFILED_STEPS`` more decoding steps run under torch.profiler and its table goes there."""
     from ramba.inference import prefill
     from ramba.inference.planner import plan_memory
 
@@ -149,15 +150,22 @@ def measure(model, length: int, args, device: torch.device, profile: Path | None
     times = [synchronized_time(device)]
     rss_after_prefill = rss_bytes()
 
+    candidates = []
+
     def decode(token):
         token = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
         times.append(synchronized_time(device))
+        sketch = cache.memory.sketch if cache.memory is not None else None
+        candidates.append(sketch.candidates if sketch is not None else None)
         return token
 
-    token = decode(token)  # the first step also makes the landmark sketch
-    with profiled(device, profile):
-        for _ in range(args.decode_tokens - 2):
-            token = decode(token)
+    for _ in range(args.decode_tokens):  # the first step also makes the landmark sketch
+        token = decode(token)
+    steps_ms = [1e3 * (b - a) for a, b in zip(times[1:], times[2:])]
+    if profile is not None:  # more steps, after the timed ones, under the profiler
+        with profiled(device, profile):
+            for _ in range(PROFILED_STEPS):
+                token = decode(token)
     prefill_s = times[0] - start
     held = cache.memory.nbytes() if cache.memory is not None else {}
     row = {
@@ -165,7 +173,10 @@ def measure(model, length: int, args, device: torch.device, profile: Path | None
         "prefill_tokens_per_s": args.batch * length / prefill_s,
         # the first step also makes the landmark sketch (once per prefill): timed on its own
         "first_decode_ms": 1e3 * (times[1] - times[0]),
-        "decode_ms_per_token": 1e3 * (times[-1] - times[1]) / (len(times) - 2),
+        "decode_ms_per_token": sum(steps_ms) / len(steps_ms),
+        "decode_step_ms": steps_ms,
+        # the most candidates of a row the sketch left per step (None: no sketch, or that step streamed instead)
+        "sketch_candidates": candidates[: args.decode_tokens],
         "rss_after_prefill_gib": rss_after_prefill / GIB,
         "peak_rss_gib": peak_rss_bytes() / GIB,
         "store_pinned_gib": held.get("pinned", 0) / GIB,

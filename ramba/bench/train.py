@@ -11,8 +11,10 @@ recorded); `warmup` full training steps (forward + backward + optimizer) are run
 ones, each on its own, through `ramba.train.step.TrainStep`, the step `ramba train` runs (AdamW from
 `make_optimizer`, fused on CUDA; clipping at 1.0). tokens/s = tokens per step / the median step time (robust to
 the odd slow step; the mean-based rate and every step time are recorded too), and MFU against the GPU's dense
-bf16 peak (`ramba.train.flops`). bf16 autocast on CUDA (fp32 weights, as in training), fp32 on the CPU. With `--cuda-graph` the forward and backward are one CUDA graph, captured in the first
-warmup step (after two eager runs of its own). Peak GPU memory is torch.cuda.max_memory_allocated over the run of that model, alloc_retries
+bf16 peak (`ramba.train.flops`). bf16 autocast on CUDA (fp32 weights, as in training), fp32 on the CPU. As in
+`ramba train`, on CUDA the forward and backward are one CUDA graph by default (not with `--fused-loss` or
+gradient checkpointing; `--no-cuda-graph` runs them eagerly), captured in the first warmup step (after two eager
+runs of its own). Peak GPU memory is torch.cuda.max_memory_allocated over the run of that model, alloc_retries
 the times the caching allocator had to free its cache to allocate (each one slow and synchronising),
 device_allocs_timed its cudaMalloc calls during the timed steps;
 PYTORCH_CUDA_ALLOC_CONF is recorded. A configuration that fails (e.g. out of memory) is recorded with its
@@ -42,6 +44,7 @@ from ramba.eval.measure import free_memory, parse_overrides, profiled, synchroni
 from ramba.eval.plots import Panel, line_plots
 from ramba.eval.results import format_length, parse_lengths, write_results
 from ramba.layers.mamba2 import set_compile_glue
+from ramba.train.cuda_graph import graph_applies
 from ramba.train.flops import flops_per_token, peak_flops
 from ramba.train.step import TrainStep, make_optimizer
 
@@ -89,9 +92,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--cuda-graph",
-        action="store_true",
-        help="capture forward + backward in a CUDA graph (ramba.train.cuda_graph.GraphedLoss; the training "
-        "option cuda_graph) and replay it every step; the optimizer step stays eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="capture forward + backward in a CUDA graph (ramba.train.cuda_graph.GraphedLoss) and replay it every "
+        "step, or not; the optimizer step stays eager (default: as the training option cuda_graph, on with CUDA "
+        "unless --fused-loss or gradient checkpointing)",
     )
     p.add_argument(
         "--fused-loss",
@@ -119,10 +124,11 @@ def measure(
     seed: int,
     profile_path: Path | None = None,
     compile_glue: bool | None = None,
-    cuda_graph: bool = False,
+    cuda_graph: bool | None = None,
     fused_loss: bool = False,
 ) -> dict:
-    """Times `steps` training steps on `[batch, length]` random tokens; returns tokens/s and memory.
+    """Times `steps` training steps on `[batch, length]` random tokens; returns tokens/s and memory (`cuda_graph`
+    None: as `ramba train` decides, :func:`~ramba.train.cuda_graph.graph_applies`).
     With `profile_path`, the timed steps run under torch.profiler (slower) and its table of kernels by
     self device time goes to that file."""
     torch.manual_seed(seed)
@@ -136,6 +142,8 @@ def measure(
     # the step of `ramba train` with its defaults (AdamW groups, clipping at 1.0, token-mean loss), at a fixed lr
     optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.1)
     bf16 = torch.bfloat16 if device.type == "cuda" else None
+    if cuda_graph is None:
+        cuda_graph = graph_applies(device, grad_checkpointing=grad_checkpointing, fused_loss=fused_loss)
     step_fn = TrainStep(model, optimizer, grad_clip=1.0, autocast_dtype=bf16, cuda_graph=cuda_graph)
     ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
     if device.type == "cuda":
@@ -159,6 +167,7 @@ def measure(
         row = {
             "params": n_params,
             "batch": batch,
+            "cuda_graph": cuda_graph,
             "tokens_per_step": batch * length,
             "seconds": sum(step_seconds),
             "step_ms": 1e3 * median,
@@ -243,11 +252,13 @@ def run(args: argparse.Namespace, on_row: Callable[[dict], None] | None = None) 
     overrides = parse_overrides(args.overrides)
     configs = {(p, a): RambaConfig.preset(p, architecture=a, **overrides) for p in presets for a in archs}
 
+    graphed = args.cuda_graph if args.cuda_graph is not None else graph_applies(device, fused_loss=args.fused_loss)
+
     def summary(rows: list[dict]) -> dict:
         return {
             "device": str(device),
             "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-            "step": "CUDA graph" if args.cuda_graph else "eager",
+            "step": "CUDA graph" if graphed else "eager",  # rows that fell back to checkpointing: eager
             "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
             "rows": rows,
             "ratios": ratios(rows),

@@ -213,6 +213,11 @@ class ChunkMemoryStore:
         """``[B, C, R, Dr]`` of the complete chunks so far (in host memory when offloaded with host landmarks)."""
         return self._landmarks[:, : self.n_chunks]
 
+    @property
+    def sketch(self) -> LandmarkSketch | None:
+        """The landmark sketch decoding selects through (:meth:`landmark_sketch`), while one is held."""
+        return self._sketch
+
     def nbytes(self) -> dict[str, int]:
         """Bytes held now: ``device``, ``pinned`` (host pages and host landmarks) and ``disk``."""
         out = dict.fromkeys(("device", "pinned", "disk"), 0)

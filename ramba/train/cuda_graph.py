@@ -13,6 +13,14 @@ from collections.abc import Callable, Iterable
 import torch
 
 
+def graph_applies(
+    device: torch.device, world_size: int = 1, grad_checkpointing: bool = False, fused_loss: bool = False
+):
+    """Whether the training option ``cuda_graph: null`` turns the CUDA graph on: one CUDA process, without gradient
+    checkpointing (recomputation cannot be captured) and without liger's fused loss (it synchronises)."""
+    return device.type == "cuda" and world_size == 1 and not (grad_checkpointing or fused_loss)
+
+
 class GraphedLoss:
     """``loss_fn(*inputs)`` and its backward into the parameters' ``.grad``, as one CUDA graph.
 

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ramba.errors import ConfigError
+
 __all__ = [
     "DistInfo",
     "init_distributed",
@@ -43,26 +45,46 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(backend: str = "auto", device: str | None = None) -> DistInfo:
-    """Joins the torchrun process group when WORLD_SIZE > 1 and picks this rank's device.
+def rank_device(local_rank: int, device: str | None, gpus: int) -> torch.device:
+    """This rank's device: ``device`` (a bare "cuda" gets an index), else a GPU when there are ``gpus`` of them,
+    else the CPU. More ranks than GPUs on a node share them round-robin (``cuda:<LOCAL_RANK mod gpus>``)."""
+    if device is not None and device != "cuda":
+        return torch.device(device)
+    if device == "cuda" or gpus > 0:
+        return torch.device(f"cuda:{local_rank % max(gpus, 1)}")
+    return torch.device("cpu")
 
-    backend: 'auto' (nccl with CUDA, else gloo), 'nccl' or 'gloo'. device: None picks
-    cuda:<LOCAL_RANK> when CUDA is available, else cpu.
+
+def resolve_backend(backend: str, device: torch.device, local_world: int, gpus: int) -> str:
+    """'auto' -> nccl with one GPU a rank, gloo on the CPU or when ranks share a GPU (NCCL needs a GPU of its own
+    for every rank); an explicit nccl with shared GPUs is refused with the option that works."""
+    shared = device.type == "cuda" and local_world > gpus
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" and not shared else "gloo"
+    if backend == "nccl" and shared:
+        raise ConfigError(
+            f"config key 'distributed.backend': nccl: {local_world} ranks on this node share {gpus} GPU(s), and NCCL needs one GPU "
+            "a rank; set distributed.backend=gloo (or auto)"
+        )
+    return backend
+
+
+def init_distributed(backend: str = "auto", device: str | None = None) -> DistInfo:
+    """Joins the torchrun process group when WORLD_SIZE > 1 and picks this rank's device (:func:`rank_device`).
+
+    backend: 'auto' (see :func:`resolve_backend`), 'nccl' or 'gloo'. device: None picks cuda:<LOCAL_RANK> when
+    CUDA is available (ranks beyond the node's GPUs share them, with gloo), else cpu.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        dev = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    dev = rank_device(local_rank, device, gpus)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        if backend == "auto":
-            backend = "nccl" if dev.type == "cuda" else "gloo"
+        backend = resolve_backend(backend, dev, local_world, gpus)
         dist.init_process_group(backend=backend, device_id=dev if backend == "nccl" else None)
         logger.info("rank %d/%d joined the %s process group on %s", rank, world, backend, dev)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)

@@ -235,6 +235,9 @@ def test_bench_train_and_inference(tmp_path, capsys):
         r["prefill_tokens_per_s"] > 0 and r["decode_ms_per_token"] > 0 < r["first_decode_ms"] and r["peak_rss_gib"] > 0
         for r in data["rows"]
     )
+    for r in data["rows"]:  # every timed gap after the first step; no sketch without offload
+        assert len(r["decode_step_ms"]) == 3 and r["decode_ms_per_token"] == pytest.approx(sum(r["decode_step_ms"]) / 3)
+        assert r["sketch_candidates"] == [None] * 4
     printed = capsys.readouterr().out
     assert "tokens/s" in printed and "decode ms/tok" in printed
     tables = sorted(p.name for p in (out / "profile").iterdir())
@@ -282,3 +285,14 @@ def test_model_folder_checkpoint_or_run(model_dir, tmp_path):
     assert tok.vocab_size == 260 and not model.training
     with pytest.raises(ModelLoadError, match="not a model folder"):
         resolve_model_dir(tmp_path)
+
+
+def test_bench_inference_records_the_sketch_candidates(tmp_path, monkeypatch):
+    from ramba.model import chunk_store
+
+    monkeypatch.setattr(chunk_store, "SKETCH_MIN_BYTES", 0)  # sketch even these few landmarks
+    args = ["bench", "inference", "--preset", "tiny", *TINY_SET, "--architectures", "ramba", "--lengths", "300"]
+    args += ["--segment-len", "64", "--decode-tokens", "3", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    (row,) = _check_outputs(tmp_path, "bench_inference")["rows"]
+    assert len(row["sketch_candidates"]) == 3 and all(isinstance(n, int) and n >= 1 for n in row["sketch_candidates"])

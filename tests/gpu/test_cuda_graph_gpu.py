@@ -20,6 +20,7 @@ ARCHITECTURES = [
     dict(architecture="mamba2"),
     dict(architecture="mamba2-swa"),
     dict(architecture="transformer"),
+    dict(architecture="mamba2-nsa"),
 ]
 
 
@@ -134,7 +135,7 @@ def test_ramba_train_with_cuda_graph_matches_eager(tmp_path):
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
-    eager, graphed = run("eager"), run("graph", cuda_graph=True)
+    eager, graphed = run("eager", cuda_graph=False), run("graph", cuda_graph=True)
     assert sorted(graphed) == list(range(1, 7))
     for step, loss in eager.items():
         assert abs(graphed[step] - loss) < 2e-2 * loss, (step, graphed[step], loss)

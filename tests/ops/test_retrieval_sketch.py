@@ -78,15 +78,37 @@ def test_sketch_selects_what_streaming_selects(seed, dyadic, answered):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_bounds_hold(dtype):
+@pytest.mark.parametrize("shared", [0.0, 3.0])
+def test_bounds_hold(dtype, shared):
+    """The bounds hold for the centered scores ``q·(l - m)``; ``shared`` adds a common part to every landmark."""
     g = torch.Generator().manual_seed(1)
     for Dr in (8, 256):
+        common = shared * torch.randn(2, 1, 2, Dr, generator=g, dtype=dtype)
         landmarks = torch.randn(2, 500, 2, Dr, generator=g, dtype=dtype) * torch.rand(2, 500, 2, 1, generator=g) * 10
+        landmarks = landmarks + common * 10
         q = torch.randn(2, 3, 2, Dr, generator=g, dtype=dtype)
-        approx, err = _bounds(q, _sketch(landmarks, random.Random(0)))
-        exact = torch.einsum("btrd,bcrd->btrc", q.double(), landmarks.double())
+        sketch = _sketch(landmarks, random.Random(0))
+        approx, err = _bounds(q, sketch)
+        exact = torch.einsum("btrd,bcrd->btrc", q.double(), (landmarks - sketch.center[:, None]).double())
         assert ((exact - approx.double()).abs() <= err.double()).all()
-        assert err.mean() < 0.3 * exact.std()  # tight enough to leave few candidates
+        assert err.mean() < 0.15 * exact.std()  # tight enough to leave few candidates, however large the shared part
+
+
+def test_a_shared_part_leaves_few_candidates():
+    """Landmarks at cosine ~0.9 to their mean (as a random model's are): the centered bounds leave few candidates
+    among 20K chunks, and the selection is the streaming one."""
+    g = torch.Generator().manual_seed(5)
+    B, C, R, Dr, K = 1, 20_000, 1, 256, 8
+    landmarks = 2.0 * torch.randn(1, 1, 1, Dr, generator=g) + torch.randn(B, C, R, Dr, generator=g)
+    cosine = torch.nn.functional.cosine_similarity(landmarks, landmarks.mean(1, keepdim=True), dim=-1)
+    assert 0.85 < cosine.mean() < 0.95
+    sketch = _sketch(landmarks, random.Random(0), block_chunks=4096)
+    q = torch.randn(B, 2, R, Dr, generator=g)
+    positions = torch.tensor([C * 4, C * 4 - 1000])
+    got = select_chunks(q, landmarks, 4, K, positions, sketch=sketch)
+    assert sketch.candidates is not None and sketch.candidates < 60
+    want = select_chunks(q, landmarks, 4, K, positions)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_fallbacks_give_the_streaming_answer(monkeypatch, answered):
@@ -130,7 +152,7 @@ def test_appending_never_moves_a_block(monkeypatch):
     for (a, sa), (b, sb) in zip(one.blocks, pieces.blocks, strict=True):
         assert torch.equal(a[:, :, : 100 % 16 or 16], b[:, :, : 100 % 16 or 16])
         assert torch.equal(sa[:, :, :4], sb[:, :, :4])
-    assert one.nbytes() == 7 * 2 * 16 * (8 + 3 * 4)
+    assert one.nbytes() == 7 * 2 * 16 * (8 + 3 * 4) + 2 * 1 * 8 * 4  # blocks and the center
 
 
 def test_selection_through_a_sketch_under_bf16_autocast():

@@ -370,3 +370,20 @@ def test_empty_corpus_and_corrupt_checkpoint_via_cli(config_dict, tmp_path, caps
     assert (
         main(["train", str(config_file), "--resume", str(newest.parent / "step-00000001"), "--set", "max_steps=3"]) == 0
     )
+
+
+def test_ranks_beyond_the_gpus_share_them_through_gloo():
+    from ramba.errors import ConfigError
+    from ramba.train.distributed import rank_device, resolve_backend
+
+    assert [rank_device(r, None, 1) for r in range(3)] == [torch.device("cuda:0")] * 3
+    assert [rank_device(r, None, 2) for r in range(4)] == [torch.device(f"cuda:{r % 2}") for r in range(4)]
+    assert rank_device(3, None, 0) == torch.device("cpu") and rank_device(1, "cpu", 8) == torch.device("cpu")
+    assert rank_device(1, "cuda", 0) == torch.device("cuda:0") and rank_device(1, "cuda:5", 8) == torch.device("cuda:5")
+    gpu = torch.device("cuda:0")
+    assert resolve_backend("auto", gpu, local_world=2, gpus=2) == "nccl"
+    assert resolve_backend("auto", gpu, local_world=2, gpus=1) == "gloo"
+    assert resolve_backend("auto", torch.device("cpu"), local_world=2, gpus=0) == "gloo"
+    assert resolve_backend("gloo", gpu, local_world=4, gpus=1) == "gloo"
+    with pytest.raises(ConfigError, match="2 ranks on this node share 1 GPU.*distributed.backend=gloo"):
+        resolve_backend("nccl", gpu, local_world=2, gpus=1)

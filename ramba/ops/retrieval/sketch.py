@@ -2,17 +2,22 @@
 
 Decoding one token over landmarks held in host memory would copy all of them to the device every step (2 GiB a
 token at 256M tokens of the tiny preset). A :class:`LandmarkSketch` keeps on the device, per (row, chunk, head),
-the landmark's int8 codes ``c = round(l / s)`` with ``s = max|l| / 127``, and the norms ``||l||`` and
-``||l - s·c||``: ``Dr + 3·4`` bytes instead of ``Dr·2`` (bf16). A query's own codes ``q̂ = s_q·round(q / s_q)``
-make ``q̂ · s·c`` an exact integer dot product (float32 holds every partial sum: ``Dr·127² < 2**24``), and
+int8 codes of the landmark's offset from a center ``m`` (per row and head: the mean of the first landmarks it
+holds), ``d = l - m``, ``c = round(d / s)`` with ``s = max|d| / 127``, and the norms ``||l||`` and
+``||d - s·c||``: ``Dr + 3·4`` bytes instead of ``Dr·2`` (bf16). The query gets two levels of int8 codes,
+``q̂ = s1·c1 + s2·c2`` (the second quantises the first's error), so ``q̂ · s·c`` is a sum of two exact integer dot
+products (float32 holds every partial sum: ``Dr·127² < 2**24``), and
 
-    |q·l - q̂·s·c| <= ||q - q̂||·||l|| + ||q̂||·||l - s·c||        (Cauchy-Schwarz)
+    |q·d - q̂·s·c| <= ||q - q̂||·||d|| + ||q̂||·||d - s·c||        (Cauchy-Schwarz)
 
-bounds every chunk's score in ``[lb, ub]`` (widened for the rounding of the exact score). Every visible chunk
-whose ``ub`` reaches the K-th largest ``lb`` is a candidate, so no other chunk can be in the top K; the
-candidates' exact scores, from their host landmarks, are ranked with the streaming path's keys (ties to the more
-recent chunk). When the bounds leave more than ``MAX_CANDIDATES`` candidates in a row, or a value is not finite,
-:meth:`LandmarkSketch.topk` returns None and the caller streams instead.
+bounds every chunk's centered score in ``[lb, ub]`` (widened for the rounding of the exact score and of the
+centering). ``q·m`` is the same for every chunk of a row and head, so the centered scores rank the chunks as the
+scores do: landmarks that share a large common part (a random model's do: cosine ~0.85 to their mean) get bounds
+as tight as their spread, not as their norm. Every visible chunk whose ``ub`` reaches the K-th largest ``lb`` is a
+candidate, so no other chunk can be in the top K; the candidates' exact scores, from their host landmarks, are
+ranked with the streaming path's keys (ties to the more recent chunk). When the bounds leave more than
+``MAX_CANDIDATES`` candidates in a row, or a value is not finite, :meth:`LandmarkSketch.topk` returns None and the
+caller streams instead.
 """
 
 from __future__ import annotations
@@ -44,33 +49,49 @@ def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(scale[..., None] > 0, codes, 0.0), scale
 
 
+def _query_codes(q_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q_r [..., Dr]`` -> two levels of codes ``[..., 2, Dr]``, their scales ``[..., 2]`` and ``q̂ [..., Dr]``
+    (``q̂ = s1·c1 + s2·c2``; the second level quantises ``q_r - s1·c1``)."""
+    first, s1 = _quantize(q_r)
+    second, s2 = _quantize(q_r - s1[..., None] * first)
+    codes, scales = torch.stack((first, second), dim=-2), torch.stack((s1, s2), dim=-1)
+    return codes, scales, (scales[..., None] * codes).sum(-2)
+
+
 def _bounds(q_r: torch.Tensor, sketch: LandmarkSketch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Approximate scores and their error bounds ``[B, t, R, C]`` (before the ``1/sqrt(Dr)`` scaling)."""
+    """Approximate centered scores ``q·(l - m)`` and their error bounds ``[B, t, R, C]`` (before the ``1/sqrt(Dr)``
+    scaling); the bounds also cover the rounding of the exact score ``q·l`` and of the centering."""
     Dr, acc = q_r.shape[-1], q_r.dtype
-    q_codes, q_scale = _quantize(q_r)
-    q_hat = q_scale[..., None] * q_codes
-    q_err, q_hat_norm, q_norm = (q_r - q_hat).norm(dim=-1), q_hat.norm(dim=-1), q_r.norm(dim=-1)
+    u = _UNIT_ROUNDOFF[acc]
+    q_codes, q_scales, q_hat = _query_codes(q_r)
+    q_err, q_norm = (q_r - q_hat).norm(dim=-1), q_r.norm(dim=-1)
+    q_parts = (q_scales * q_codes.norm(dim=-1)).sum(-1)  # ||s1·c1|| + ||s2·c2||: the sums' rounding scales with it
     # integer-valued operands: the product is exact in float32 (even as TF32) while the sums stay below 2**24
     mm = torch.float32 if Dr * 127 * 127 < 2**24 else torch.float64
-    rescore = 2 * Dr * _UNIT_ROUNDOFF[acc]  # the exact score's own rounding, relative to ||q||·||l||
     q_mm, dots, stats = q_codes.to(mm), [], []
     for i, (block_codes, block_stats) in enumerate(sketch.blocks):  # two kernels a block; the rest on all chunks
         n = min(sketch.block_chunks, sketch.n_chunks - i * sketch.block_chunks)
-        dots.append(torch.einsum("btrd,brnd->btrn", q_mm, block_codes[:, :, :n].to(mm)))
+        dots.append(torch.einsum("btrld,brnd->btrln", q_mm, block_codes[:, :, :n].to(mm)))
         stats.append(block_stats[:, :, :n])
-    dot = torch.cat(dots, dim=-1).to(acc)  # [B, t, R, C]
+    dot = torch.cat(dots, dim=-1).to(acc)  # [B, t, R, 2, C]
     scale, l_norm, residual = (x[:, None] for x in torch.cat(stats, dim=2).to(acc).unbind(-1))  # [B, 1, R, C]
-    approx = dot.mul_(q_scale[..., None]).mul_(scale)
-    err = (q_err + rescore * q_norm)[..., None] * l_norm + q_hat_norm[..., None] * residual
+    approx = (dot * q_scales[..., None]).sum(-2).mul_(scale)
+    d_norm = l_norm + sketch.center.norm(dim=-1).to(acc)[:, None, :, None]  # >= ||l - m|| (and ||l||)
+    # the exact score's own rounding (relative to ||q||·||l||) and the centering's, relative to ||d||
+    rounding = (2 * Dr + 1) * u * (q_norm + q_err)
+    err = (q_err + rounding)[..., None] * d_norm + (q_norm + q_err)[..., None] * residual
+    err += (Dr + 16) * 4 * u * q_parts[..., None] * (d_norm + residual)  # the two levels' products and sum
     return approx, err
 
 
 class LandmarkSketch:
     """The int8 sketch of a growing landmark buffer ``[B, C, R, Dr]`` on ``device`` (see the module docstring).
 
-    Block ``i`` holds chunks ``i·block_chunks ..`` (default: ``BLOCK_BYTES`` of codes): ``codes [B, R,
-    block_chunks, Dr]`` int8 and ``stats [B, R, block_chunks, 3]`` (scale, ``||l||``, ``||l - scale·codes||``) in
-    float32 (float64 for float64 landmarks); ``n_chunks`` of them are filled.
+    ``center [B, R, Dr]``: ``m``, the mean of the (finite) landmarks of the first append. Block ``i`` holds chunks
+    ``i·block_chunks ..`` (default: ``BLOCK_BYTES`` of codes): ``codes [B, R, block_chunks, Dr]`` int8 and ``stats
+    [B, R, block_chunks, 3]`` (scale, ``||l||``, ``||l - m - scale·codes||``) in float32 (float64 for float64
+    landmarks); ``n_chunks`` of them are filled. ``candidates``: the most candidates of a row in the last
+    :meth:`topk` (None: it handed that selection back to streaming, or none yet).
     """
 
     max_tokens = SKETCH_TOKENS
@@ -90,9 +111,12 @@ class LandmarkSketch:
         self.block_chunks = block_chunks or max(1, BLOCK_BYTES // (batch * heads * dim))
         self.blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.n_chunks = 0
+        self.center: torch.Tensor | None = None
+        self.candidates: int | None = None
 
     def nbytes(self) -> int:
-        return sum(codes.nbytes + stats.nbytes for codes, stats in self.blocks)
+        center = self.center.nbytes if self.center is not None else 0
+        return center + sum(codes.nbytes + stats.nbytes for codes, stats in self.blocks)
 
     @torch.no_grad()
     def append(self, landmarks: torch.Tensor) -> None:
@@ -111,8 +135,11 @@ class LandmarkSketch:
             n = min(c - done, self.block_chunks - slot, most)
             part = landmarks[:, done : done + n].to(self.device, non_blocking=True)
             lm = part.to(self.stats_dtype).transpose(1, 2)  # [B, R, n, Dr]
-            codes, scale = _quantize(lm)
-            residual = (lm - scale[..., None] * codes).norm(dim=-1)
+            if self.center is None:
+                self.center = torch.nan_to_num(lm, nan=0.0, posinf=0.0, neginf=0.0).mean(dim=2)
+            offset = lm - self.center[:, :, None]
+            codes, scale = _quantize(offset)
+            residual = (offset - scale[..., None] * codes).norm(dim=-1)
             block_codes, block_stats = self.blocks[block]
             block_codes[:, :, slot : slot + n] = codes.to(torch.int8)
             block_stats[:, :, slot : slot + n] = torch.stack((scale, lm.norm(dim=-1), residual), dim=-1)
@@ -144,7 +171,8 @@ class LandmarkSketch:
         candidate = visible & (upper >= kth)
         finite = torch.isfinite(approx).all() & torch.isfinite(err).all() & torch.isfinite(q_r).all()
         most, ok = torch.stack([candidate.sum(-1).amax(), finite.long()]).tolist()
-        if not ok or most > MAX_CANDIDATES:
+        self.candidates = most if ok and most <= MAX_CANDIDATES else None
+        if self.candidates is None:
             return None
         if most == 0:
             return torch.full((B, t, R, K), -1, dtype=torch.long, device=q_r.device)

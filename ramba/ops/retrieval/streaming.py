@@ -39,10 +39,12 @@ def _flat_index(indices: torch.Tensor, C: int) -> torch.Tensor:
 
 
 def _gather(landmarks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``landmarks [B, C, R, Dr]``, ``indices [B, t, R, K]`` in ``[0, C)`` -> ``[B, t, R, K, Dr]``."""
-    B, C, R, Dr = landmarks.shape
-    flat = _flat_index(indices, C).reshape(-1).to(landmarks.device)
-    return landmarks.reshape(B * C * R, Dr).index_select(0, flat).to(indices.device).view(*indices.shape, Dr)
+    """``landmarks [B, C, R, Dr]``, ``indices [B, t, R, K]`` in ``[0, C)`` -> ``[B, t, R, K, Dr]`` on ``indices``'
+    device (only those rows read: a store's landmarks are a view of a larger buffer, never copied whole)."""
+    B, _, R, _ = landmarks.shape
+    b = torch.arange(B, device=landmarks.device)[:, None, None, None]
+    r = torch.arange(R, device=landmarks.device)[None, None, :, None]
+    return landmarks[b, indices.to(landmarks.device), r].to(indices.device)
 
 
 class _SelectedScores(torch.autograd.Function):
