@@ -10,16 +10,20 @@ Usage:
 For every (architecture, length): random prompt tokens `[batch, length]` go through
 `ramba.inference.prefill`, then `decode_tokens` greedy tokens; the time to the first new token is the
 prefill (tokens/s = batch x length / seconds), the first decoding step is `first_decode_ms` (it also
-makes the landmark sketch of an offloaded store), the mean gap between later tokens is the decode time
-per token (ms; every gap in `decode_step_ms`, and the sketch's candidates per step in `sketch_candidates`). Peak GPU memory is torch.cuda.max_memory_allocated during that call (weights
-included; `gpu_weights_gib` says how much of it they are). Host memory: the process RSS when the
-prefill ends, and the process's peak RSS so far (a running maximum over the whole run, since the
-lengths go up); the chunk store's bytes by tier (pinned host pages and landmarks, disk-tier pages,
-device) and the memory planner's estimate (`plan`) beside them. `--offload-dir PATH --host-budget 8g`
-runs the disk tier. Random weights are fine for speed: nothing here depends on what the model says.
-A warm-up call per architecture comes first (kernel compilation: a prompt of the first length, as many
-new tokens as a measurement). A configuration that fails
-(e.g. out of memory) is recorded with its error, and longer lengths of that architecture are skipped.
+makes the landmark sketch of an offloaded store), the mean of the later steps is the decode time per token
+(ms; every step in `decode_step_ms`, and the sketch's candidates per step in `sketch_candidates`). Each
+decoding step of a row is followed by one step of a reference cache (a prompt of the first length, at most
+2 x segment_len tokens, prefilled once per model; its memory counts in every row's peak):
+`decode_vs_reference` is the row's median step over the reference's median step in the same stretch of time,
+a ratio that host noise hits alike on both sides (the decoding steps of small models are bound by the host).
+The reference's prefill and as many decoding steps as a measurement are the warm-up (kernel compilation).
+Peak GPU memory is torch.cuda.max_memory_allocated during that call (weights included; `gpu_weights_gib` says
+how much of it they are). Host memory: the process RSS when the prefill ends, and the process's peak RSS so
+far (a running maximum over the whole run, since the lengths go up); the chunk store's bytes by tier (pinned
+host pages and landmarks, disk-tier pages, device) and the memory planner's estimate (`plan`) beside them.
+`--offload-dir PATH --host-budget 8g` runs the disk tier. Random weights are fine for speed: nothing here
+depends on what the model says. A configuration that fails (e.g. out of memory) is recorded with its error,
+and longer lengths of that architecture are skipped.
 
 Writes <out>/<name>.json (machine, date, versions, settings, every number) and <out>/<name>.png.
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 import traceback
 from pathlib import Path
@@ -130,10 +135,35 @@ def offload_spec(args):
     return Offload("host", landmarks=args.landmarks) if args.offload else False
 
 
-def measure(model, length: int, args, device: torch.device, profile: Path | None = None) -> dict:
-    """A prefill of `[batch, length]` random tokens, then greedy decoding: prefill tokens/s, decode ms/token,
-    memory (GPU peak, host RSS, the chunk store's pinned / disk / device bytes) and the memory plan. With
-    `profile`, ``PROFILED_STEPS`` more decoding steps run under torch.profiler and its table goes there."""
+class Reference:
+    """A short prompt's cache (``tokens`` random tokens), decoded once right after each timed decoding step of a
+    row: the decoding steps of small models are bound by the host, whose noise then hits both alike, so a row's
+    median step over the reference's median in the same stretch of time (``decode_vs_reference``) is steadier than
+    a ratio of two rows. Its prefill and first ``warm_steps`` decoding steps are the benchmark's warm-up."""
+
+    def __init__(self, model, tokens: int, args, device: torch.device, warm_steps: int):
+        from ramba.inference import prefill
+
+        gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+        ids = torch.randint(0, model.config.vocab_size, (args.batch, tokens), generator=gen)
+        logits, self.cache = prefill(model, ids, args.segment_len, args.mode, offload_spec(args))
+        self.model, self.device, self.tokens, self.token = model, device, tokens, logits.argmax(-1)
+        for _ in range(warm_steps):
+            self.step()
+
+    def step(self) -> float:
+        """One decoding step; its time in ms."""
+        start = synchronized_time(self.device)
+        logits = self.model(input_ids=self.token[:, None], past_key_values=self.cache, use_cache=True).logits
+        self.token = logits[:, -1].argmax(-1)
+        return 1e3 * (synchronized_time(self.device) - start)
+
+
+def measure(model, length: int, args, device: torch.device, reference: Reference, profile: Path | None = None) -> dict:
+    """A prefill of `[batch, length]` random tokens, then greedy decoding (each step followed by one of
+    `reference`): prefill tokens/s, decode ms/token, memory (GPU peak, host RSS, the chunk store's pinned / disk /
+    device bytes) and the memory plan. With `profile`, ``PROFILED_STEPS`` more decoding steps run under
+    torch.profiler and its table goes there."""
     from ramba.inference import prefill
     from ramba.inference.planner import plan_memory
 
@@ -147,34 +177,37 @@ def measure(model, length: int, args, device: torch.device, profile: Path | None
     start = synchronized_time(device)
     logits, cache = prefill(model, ids, segment_len=args.segment_len, mode=args.mode, offload=offload)
     token = logits.argmax(-1)
-    times = [synchronized_time(device)]
+    prefill_s = synchronized_time(device) - start
     rss_after_prefill = rss_bytes()
-
-    candidates = []
+    steps_ms, reference_ms, candidates = [], [], []
 
     def decode(token):
+        step_start = synchronized_time(device)
         token = model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
-        times.append(synchronized_time(device))
+        steps_ms.append(1e3 * (synchronized_time(device) - step_start))
         sketch = cache.memory.sketch if cache.memory is not None else None
         candidates.append(sketch.candidates if sketch is not None else None)
         return token
 
     for _ in range(args.decode_tokens):  # the first step also makes the landmark sketch
         token = decode(token)
-    steps_ms = [1e3 * (b - a) for a, b in zip(times[1:], times[2:])]
+        reference_ms.append(reference.step())
     if profile is not None:  # more steps, after the timed ones, under the profiler
         with profiled(device, profile):
             for _ in range(PROFILED_STEPS):
                 token = decode(token)
-    prefill_s = times[0] - start
     held = cache.memory.nbytes() if cache.memory is not None else {}
+    later, reference_later = steps_ms[1 : args.decode_tokens], reference_ms[1:]
     row = {
         "prefill_s": prefill_s,
         "prefill_tokens_per_s": args.batch * length / prefill_s,
         # the first step also makes the landmark sketch (once per prefill): timed on its own
-        "first_decode_ms": 1e3 * (times[1] - times[0]),
-        "decode_ms_per_token": sum(steps_ms) / len(steps_ms),
-        "decode_step_ms": steps_ms,
+        "first_decode_ms": steps_ms[0],
+        "decode_ms_per_token": statistics.mean(later),
+        "decode_step_ms": later,
+        "reference_tokens": reference.tokens,
+        "reference_step_ms": reference_later,
+        "decode_vs_reference": statistics.median(later) / statistics.median(reference_later),
         # the most candidates of a row the sketch left per step (None: no sketch, or that step streamed instead)
         "sketch_candidates": candidates[: args.decode_tokens],
         "rss_after_prefill_gib": rss_after_prefill / GIB,
@@ -214,23 +247,11 @@ def run(args: argparse.Namespace) -> dict:
                 module.backend = args.ssd_backend
         configs[label] = model.config.to_dict()
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        failed = None
+        failed, reference = None, None
         try:
-            from ramba.inference import generate
-
-            # random tokens and as many new tokens as a measurement, so that the first row does not compile (after a
-            # one-token warm-up on zeros, the 4K row's first decoding step took 11.6 s on an H200, 2026-12-01)
-            gen = torch.Generator(device="cpu").manual_seed(args.seed + 1)
-            shape = (args.batch, min(lengths[0], 2 * args.segment_len))
-            warm = torch.randint(0, model.config.vocab_size, shape, generator=gen).to(device)
-            generate(
-                model,
-                warm,
-                args.decode_tokens,
-                segment_len=args.segment_len,
-                mode=args.mode,
-                offload=offload_spec(args),
-            )
+            # the warm-up: a short prompt and as many decoding steps as a measurement, so that the first row does not
+            # compile (after a one-token warm-up on zeros, the 4K row's first decoding step took 11.6 s on an H200)
+            reference = Reference(model, min(lengths[0], 2 * args.segment_len), args, device, args.decode_tokens)
         except Exception as exc:
             failed = f"warm-up: {type(exc).__name__}: {exc}"[:500]
             logger.warning("%s: warm-up failed, every length skipped", label, exc_info=True)
@@ -243,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
                     profile = None
                     if args.profile is not None:
                         profile = Path(args.profile) / f"{label}-{format_length(length)}.decode.txt"
-                    row.update(measure(model, length, args, device, profile))
+                    row.update(measure(model, length, args, device, reference, profile))
                     logger.info(
                         "%s %s: prefill %.0f tokens/s, decode %.2f ms/token",
                         label,
@@ -257,7 +278,7 @@ def run(args: argparse.Namespace) -> dict:
                     logger.warning("%s %s failed: %s", label, length, row["error"])
                     logger.debug("%s", traceback.format_exc())
             rows.append(row)
-        del model
+        del model, reference
         free_memory(device)
     return {
         "device": str(device),
@@ -270,7 +291,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def table(result: dict) -> str:
     lines = [
-        f"{'model':>12} {'length':>7} {'prefill tok/s':>14} {'decode ms/tok':>14} {'peak GPU GiB':>13} "
+        f"{'model':>12} {'length':>7} {'prefill tok/s':>14} {'decode ms/tok':>14} {'vs ref':>7} {'peak GPU GiB':>13} "
         f"{'RSS GiB':>8} {'pinned GiB':>10} {'disk GiB':>8}"
     ]
     for r in result["rows"]:
@@ -280,7 +301,7 @@ def table(result: dict) -> str:
         gpu = f"{r['peak_gpu_gib']:13.3f}" if "peak_gpu_gib" in r else f"{'-':>13}"
         lines.append(
             f"{r['model']:>12} {format_length(r['length']):>7} {r['prefill_tokens_per_s']:14.0f} "
-            f"{r['decode_ms_per_token']:14.2f} {gpu} {r['rss_after_prefill_gib']:8.2f} "
+            f"{r['decode_ms_per_token']:14.2f} {r['decode_vs_reference']:7.2f} {gpu} {r['rss_after_prefill_gib']:8.2f} "
             f"{r['store_pinned_gib']:10.2f} {r['store_disk_gib']:8.2f}"
         )
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Every command end to end on a tiny random model at tiny lengths: valid JSON with its metadata, PNGs that open."""
 
 import json
+import statistics
 
 import matplotlib.image
 import pytest
@@ -235,9 +236,12 @@ def test_bench_train_and_inference(tmp_path, capsys):
         r["prefill_tokens_per_s"] > 0 and r["decode_ms_per_token"] > 0 < r["first_decode_ms"] and r["peak_rss_gib"] > 0
         for r in data["rows"]
     )
-    for r in data["rows"]:  # every timed gap after the first step; no sketch without offload
+    for r in data["rows"]:  # every timed step after the first; no sketch without offload
         assert len(r["decode_step_ms"]) == 3 and r["decode_ms_per_token"] == pytest.approx(sum(r["decode_step_ms"]) / 3)
         assert r["sketch_candidates"] == [None] * 4
+        assert r["reference_tokens"] == 40 and len(r["reference_step_ms"]) == 3  # interleaved with the row's steps
+        ratio = statistics.median(r["decode_step_ms"]) / statistics.median(r["reference_step_ms"])
+        assert r["decode_vs_reference"] == pytest.approx(ratio) and ratio > 0
     printed = capsys.readouterr().out
     assert "tokens/s" in printed and "decode ms/tok" in printed
     tables = sorted(p.name for p in (out / "profile").iterdir())
