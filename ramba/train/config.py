@@ -218,7 +218,9 @@ class TrainConfig:
         "token: the loss is the mean over every labelled token of the batch. sequence: the mean over sequences of "
         "each sequence's mean, so a task sample whose loss is on a few answer tokens weighs as much as a text window.",
     )
-    device: str | None = _f(None, "Device ('cpu', 'cuda'); null picks cuda:LOCAL_RANK (modulo the node's GPUs) when available.")
+    device: str | None = _f(
+        None, "Device ('cpu', 'cuda'); null picks cuda:LOCAL_RANK (modulo the node's GPUs) when available."
+    )
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The model (see model.*)."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "The data (see data.*)."})
     optim: OptimConfig = field(
