@@ -34,8 +34,8 @@
 #   inference-long[:LENGTHS[:DEPTHS]]
 #                issue 16: the shipped model's passkey (fast mode, offload, segments of 65536, python-doc haystack: run
 #                corpus first) at LENGTHS (default 128m,256m) x DEPTHS (default 0,0.5,1), 1 sample;
-#                passkey-ramba-long-LENGTHS-DEPTHS.json/.png (about 100 s a sample at 128M, 200 s at 256M);
-#                LONG_SECONDS bounds it (default 590)
+#                passkey-ramba-long-LENGTHS-DEPTH.json/.png, one eval a depth (about 125 s a sample at 128M, 250 s at
+#                256M, plus the exit's unpinning); LONG_SECONDS bounds each (default 400)
 #   bench-long[:LENGTHS]
 #                issue 16: bench_inference.py (tiny preset, ramba, fast mode, offload, segments of 65536) at LENGTHS
 #                (default 4k,64k,1m,16m,64m,256m); bench_inference_long.json/.png; LANDMARKS=host|device keeps the
@@ -230,11 +230,17 @@ section() {
             timeout 300 python3 -m ramba bench train --presets "$preset" --architectures "$archs" --lengths "$length" \
                 --batch-tokens "${BENCH_TOKENS:-8192}" --steps 3 --warmup 2 --profile "$OUT/profile" --out "$OUT" --name "profile-$preset" ;;
         inference-long)
+            # one eval a depth, each with its own time limit and results file (a cut sample loses only itself)
+            local depth rc=0
             IFS=: read -r _ lengths depths <<<"$1"
             lengths=${lengths:-128m,256m} depths=${depths:-0,0.5,1}
-            timeout "${LONG_SECONDS:-590}" python3 -m ramba eval passkey --model tiny-ruler \
-                --lengths "$lengths" --depths "$depths" --samples 1 --mode fast --offload --segment-len 65536 \
-                --haystack data/python-doc --out "$OUT" --name "passkey-ramba-long-${lengths//,/_}-${depths//,/_}" --no-progress ;;
+            for depth in ${depths//,/ }; do
+                timeout "${LONG_SECONDS:-400}" python3 -m ramba eval passkey --model tiny-ruler \
+                    --lengths "$lengths" --depths "$depth" --samples 1 --mode fast --offload --segment-len 65536 \
+                    --haystack data/python-doc --out "$OUT" --name "passkey-ramba-long-${lengths//,/_}-$depth" \
+                    --no-progress || rc=1
+            done
+            return $rc ;;
         bench-long)
             IFS=: read -r _ lengths <<<"$1"
             timeout 590 python3 -m ramba bench inference --preset tiny --architectures ramba \
