@@ -250,7 +250,8 @@ def run(args: argparse.Namespace) -> dict:
         failed, reference = None, None
         try:
             # the warm-up: a short prompt and as many decoding steps as a measurement, so that the first row does not
-            # compile (after a one-token warm-up on zeros, the 4K row's first decoding step took 11.6 s on an H200)
+            # compile (H200, 2026-12-01: after generate() on GPU-resident ids as the warm-up, the 4K row's first two
+            # decoding steps still took 15.8 s and 4.0 s; the reference's ids stay on the CPU, as the rows' do)
             reference = Reference(model, min(lengths[0], 2 * args.segment_len), args, device, args.decode_tokens)
         except Exception as exc:
             failed = f"warm-up: {type(exc).__name__}: {exc}"[:500]
