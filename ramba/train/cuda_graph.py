@@ -15,7 +15,7 @@ import torch
 
 def graph_applies(
     device: torch.device, world_size: int = 1, grad_checkpointing: bool = False, fused_loss: bool = False
-):
+) -> bool:
     """Whether the training option ``cuda_graph: null`` turns the CUDA graph on: one CUDA process, without gradient
     checkpointing (recomputation cannot be captured) and without liger's fused loss (it synchronises)."""
     return device.type == "cuda" and world_size == 1 and not (grad_checkpointing or fused_loss)

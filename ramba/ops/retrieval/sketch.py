@@ -37,7 +37,7 @@ APPEND_ELEMENTS = 1 << 24
 MAX_CANDIDATES = 4096
 # a sketch serves selections of at most this many tokens at a time (decoding); longer ones stream the landmarks
 SKETCH_TOKENS = 4
-# bytes of one (row, chunk, head) beside its Dr int8 codes: scale, ||l||, ||l - s·c|| in float32
+# bytes of one (row, chunk, head) beside its Dr int8 codes: scale, ||l||, ||l - m - s·c|| in float32
 STATS_BYTES = 3 * 4
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
