@@ -13,7 +13,6 @@ mamba_ssm's ``Mamba2``), so ``backbone.layers.{i}.*`` weights load 1:1:
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ramba.layers.base import LayerContext, RambaLayer
-from ramba.layers.norm import GatedRMSNorm, RMSNorm, gated_rms_norm
+from ramba.layers.norm import GatedRMSNorm, RMSNorm, gated_rms_norm, glue
 from ramba.ops.precision import compute_dtype
 from ramba.ops.ssd import ssd, ssd_step
 
@@ -105,21 +104,13 @@ def skip_and_norm(
     return gated_rms_norm(h.flatten(-2), z, norm_weight, group_size, eps).to(dtype)
 
 
-@functools.cache
-def compiled(fn):
-    """``fn`` (:func:`conv_and_ssm_inputs` or :func:`skip_and_norm`) through ``torch.compile``: a few fused
-    kernels instead of dozens, and only the inputs kept for the backward instead of float32 intermediates
-    (for the tail, measured on the CPU: 12 KB instead of 49 KB per token for the 370m layout's widths)."""
-    return torch.compile(fn, dynamic=True)
-
-
 def set_compile_glue(model: nn.Module, enabled: bool | None = True) -> int:
-    """Set ``compile_glue`` (True, False or None: automatic) in every Mamba-2 mixer of ``model``; returns how
-    many there are."""
-    mixers = [m for m in model.modules() if isinstance(m, Mamba2Mixer)]
-    for m in mixers:
+    """Set ``compile_glue`` (True, False or None: automatic) in every Mamba-2 mixer and every RMSNorm of ``model``;
+    returns how many modules that is."""
+    modules = [m for m in model.modules() if isinstance(m, (Mamba2Mixer, RMSNorm))]
+    for m in modules:
         m.compile_glue = enabled
-    return len(mixers)
+    return len(modules)
 
 
 class Mamba2Mixer(nn.Module):
@@ -242,10 +233,7 @@ class Mamba2Mixer(nn.Module):
 
     def _glue(self, fn, hidden: torch.Tensor):
         """``fn`` itself, or compiled (see ``compile_glue``)."""
-        on = self.compile_glue
-        if on is None:
-            on = hidden.is_cuda and torch.is_grad_enabled()
-        return compiled(fn) if on else fn
+        return glue(fn, hidden, self.compile_glue)
 
     def _ssm_inputs(self, history: torch.Tensor, xBC: torch.Tensor, dt_raw: torch.Tensor):
         """:func:`conv_and_ssm_inputs` with this mixer's parameters; history ``[B, d_conv, conv_dim]``."""

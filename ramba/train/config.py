@@ -195,9 +195,9 @@ class TrainConfig:
     grad_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     compile_glue: bool | None = _f(
         None,
-        "Run the Mamba-2 layers' element-wise work around the scan (conv, SiLU, dt; D skip, gated RMSNorm) through "
-        "torch.compile: fewer kernels and less memory kept for the backward; the first step compiles (on the CPU "
-        "this needs a C++ compiler). null: on with CUDA, off on the CPU.",
+        "Run the Mamba-2 layers' element-wise work around the scan (conv, SiLU, dt; D skip, gated RMSNorm) and every "
+        "block's RMSNorm through torch.compile: fewer kernels and less memory kept for the backward; the first step "
+        "compiles (on the CPU this needs a C++ compiler). null: on with CUDA, off on the CPU.",
     )
     cuda_graph: bool | None = _f(
         None,
