@@ -14,7 +14,7 @@ from ramba.layers.base import ChunkMemory
 from ramba.model import chunk_store
 from ramba.model.chunk_store import ChunkMemoryStore, Offload, OffloadError
 from ramba.ops.retrieval import select_chunks, select_chunks_naive
-from ramba.ops.retrieval.sketch import LandmarkSketch, _bounds
+from ramba.ops.retrieval.sketch import LandmarkSketch, _bounds, _integer_dots
 from small_models import small_model
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -109,6 +109,22 @@ def test_a_shared_part_leaves_few_candidates():
     assert sketch.candidates is not None and sketch.candidates < 60
     want = select_chunks(q, landmarks, 4, K, positions)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_integer_dots_are_exact(seed):
+    """The int8 products (torch._int_mm where its shapes allow, float products of the codes otherwise) equal the
+    float64 products, for partial blocks, several rows and heads, and the largest codes."""
+    rng = random.Random(seed)
+    B, R, t, Dr = rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 4), rng.choice([8, 12, 64, 256])
+    block_chunks = rng.choice([16, 40, 300])
+    n = rng.randint(17, block_chunks) if block_chunks > 16 and seed % 3 else rng.randint(1, min(16, block_chunks))
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (B, R, block_chunks, Dr), generator=g, dtype=torch.int8)
+    codes[..., 0] = rng.choice([127, -127])
+    q = torch.randint(-127, 128, (B, t, R, 2, Dr), generator=g).to(torch.int8)
+    want = torch.einsum("btrld,brnd->btrln", q.double(), codes[:, :, :n].double())
+    assert torch.equal(_integer_dots(q, codes, n).double(), want)
 
 
 def test_fallbacks_give_the_streaming_answer(monkeypatch, answered):

@@ -6,7 +6,7 @@ int8 codes of the landmark's offset from a center ``m`` (per row and head: the m
 holds), ``d = l - m``, ``c = round(d / s)`` with ``s = max|d| / 127``, and the norms ``||l||`` and
 ``||d - s·c||``: ``Dr + 3·4`` bytes instead of ``Dr·2`` (bf16). The query gets two levels of int8 codes,
 ``q̂ = s1·c1 + s2·c2`` (the second quantises the first's error), so ``q̂ · s·c`` is a sum of two exact integer dot
-products (float32 holds every partial sum: ``Dr·127² < 2**24``), and
+products (int8 codes into int32 sums, :func:`_integer_dots`), and
 
     |q·d - q̂·s·c| <= ||q - q̂||·||d|| + ||q̂||·||d - s·c||        (Cauchy-Schwarz)
 
@@ -28,8 +28,8 @@ import torch
 
 from ramba.ops.retrieval.streaming import MASKED, _gather, _order_bits
 
-# int8 code bytes of a sketch block (appending adds blocks, never copies one); scoring converts one block at a time
-# to float32, 4x this (fewer, larger blocks launch fewer kernels a decoding step)
+# int8 code bytes of a sketch block (appending adds blocks, never copies one; fewer, larger blocks launch fewer
+# kernels a decoding step)
 BLOCK_BYTES = 1 << 25
 # landmark elements converted and quantised at once when appending (64 MiB in float32: bounds the transient
 # device memory; the first decoding step at 256M tokens makes the whole sketch this way)
@@ -58,6 +58,26 @@ def _query_codes(q_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return codes, scales, (scales[..., None] * codes).sum(-2)
 
 
+def _integer_dots(q_codes: torch.Tensor, block_codes: torch.Tensor, n: int) -> torch.Tensor:
+    """Exact dot products of integer codes in [-127, 127]: ``q_codes [B, t, R, L, Dr]`` (any dtype) with the first
+    ``n`` chunks of ``block_codes [B, R, block_chunks, Dr]`` int8 -> ``[B, t, R, L, n]``.
+
+    Through ``torch._int_mm`` (int8 in, int32 out; cuBLASLt's int8 GEMM on CUDA), one product a (row, head), where
+    its shape limits allow (more than 16 chunks, ``Dr`` a multiple of 8); else, and as its twin in the tests, float
+    products of the integer values (exact while the sums stay below 2**24, float64 beyond).
+    """
+    B, t, R, L, Dr = q_codes.shape
+    if n > 16 and Dr % 8 == 0:
+        queries = torch.zeros(B, R, -(-t * L // 8) * 8, Dr, dtype=torch.int8, device=block_codes.device)
+        queries[:, :, : t * L] = q_codes.permute(0, 2, 1, 3, 4).reshape(B, R, t * L, Dr)
+        out = torch.stack(
+            [torch.stack([torch._int_mm(block_codes[b, r, :n], queries[b, r].t()) for r in range(R)]) for b in range(B)]
+        )  # [B, R, n, columns]
+        return out[..., : t * L].unflatten(-1, (t, L)).permute(0, 3, 1, 4, 2)
+    mm = torch.float32 if Dr * 127 * 127 < 2**24 else torch.float64
+    return torch.einsum("btrld,brnd->btrln", q_codes.to(mm), block_codes[:, :, :n].to(mm))
+
+
 def _bounds(q_r: torch.Tensor, sketch: LandmarkSketch) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximate centered scores ``q·(l - m)`` and their error bounds ``[B, t, R, C]`` (before the ``1/sqrt(Dr)``
     scaling); the bounds also cover the rounding of the exact score ``q·l`` and of the centering."""
@@ -66,12 +86,10 @@ def _bounds(q_r: torch.Tensor, sketch: LandmarkSketch) -> tuple[torch.Tensor, to
     q_codes, q_scales, q_hat = _query_codes(q_r)
     q_err, q_norm = (q_r - q_hat).norm(dim=-1), q_r.norm(dim=-1)
     q_parts = (q_scales * q_codes.norm(dim=-1)).sum(-1)  # ||s1·c1|| + ||s2·c2||: the sums' rounding scales with it
-    # integer-valued operands: the product is exact in float32 (even as TF32) while the sums stay below 2**24
-    mm = torch.float32 if Dr * 127 * 127 < 2**24 else torch.float64
-    q_mm, dots, stats = q_codes.to(mm), [], []
-    for i, (block_codes, block_stats) in enumerate(sketch.blocks):  # two kernels a block; the rest on all chunks
+    q_int, dots, stats = q_codes.to(torch.int8), [], []
+    for i, (block_codes, block_stats) in enumerate(sketch.blocks):  # one product a block; the rest on all chunks
         n = min(sketch.block_chunks, sketch.n_chunks - i * sketch.block_chunks)
-        dots.append(torch.einsum("btrld,brnd->btrln", q_mm, block_codes[:, :, :n].to(mm)))
+        dots.append(_integer_dots(q_int, block_codes, n))
         stats.append(block_stats[:, :, :n])
     dot = torch.cat(dots, dim=-1).to(acc)  # [B, t, R, 2, C]
     scale, l_norm, residual = (x[:, None] for x in torch.cat(stats, dim=2).to(acc).unbind(-1))  # [B, 1, R, C]
@@ -108,7 +126,8 @@ class LandmarkSketch:
         self.batch, self.heads, self.dim = batch, heads, dim
         self.stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.device = torch.device(device)
-        self.block_chunks = block_chunks or max(1, BLOCK_BYTES // (batch * heads * dim))
+        # a multiple of 16 chunks: every (row, head) of a block starts 16-byte aligned, as the int8 GEMM wants
+        self.block_chunks = block_chunks or max(16, BLOCK_BYTES // (batch * heads * dim) // 16 * 16)
         self.blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.n_chunks = 0
         self.center: torch.Tensor | None = None
