@@ -94,9 +94,12 @@ def test_bounds_hold(dtype, shared):
         assert err.mean() < 0.15 * exact.std()  # tight enough to leave few candidates, however large the shared part
 
 
-def test_a_shared_part_leaves_few_candidates():
+@pytest.mark.parametrize("int8_gemm", [False, True])
+def test_a_shared_part_leaves_few_candidates(int8_gemm, monkeypatch):
     """Landmarks at cosine ~0.9 to their mean (as a random model's are): the centered bounds leave few candidates
-    among 20K chunks, and the selection is the streaming one."""
+    among 20K chunks, and the selection is the streaming one (with the products through torch._int_mm, as on CUDA,
+    or float products)."""
+    monkeypatch.setattr(sketch_module, "_int8_gemm_applies", lambda d, n, Dr: int8_gemm and n > 16)
     g = torch.Generator().manual_seed(5)
     B, C, R, Dr, K = 1, 20_000, 1, 256, 8
     landmarks = 2.0 * torch.randn(1, 1, 1, Dr, generator=g) + torch.randn(B, C, R, Dr, generator=g)
@@ -111,20 +114,26 @@ def test_a_shared_part_leaves_few_candidates():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_integer_dots_are_exact(seed):
-    """The int8 products (torch._int_mm where its shapes allow, float products of the codes otherwise) equal the
-    float64 products, for partial blocks, several rows and heads, and the largest codes."""
+@pytest.mark.parametrize("int8_gemm", [False, True])
+@pytest.mark.parametrize("seed", range(12))
+def test_integer_dots_are_exact(seed, int8_gemm, monkeypatch):
+    """The int8 products (torch._int_mm, as on CUDA where its shapes allow, here on the CPU; or float products of the
+    codes) equal the float64 products, for partial blocks, several rows and heads, and the largest codes."""
+    applies = sketch_module._int8_gemm_applies
+    monkeypatch.setattr(sketch_module, "_int8_gemm_applies", lambda d, n, Dr: applies(torch.device("cuda"), n, Dr))
+    if not int8_gemm:
+        monkeypatch.setattr(sketch_module, "_int8_gemm_applies", lambda d, n, Dr: False)
     rng = random.Random(seed)
     B, R, t, Dr = rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 4), rng.choice([8, 12, 64, 256])
     block_chunks = rng.choice([16, 40, 300])
-    n = rng.randint(17, block_chunks) if block_chunks > 16 and seed % 3 else rng.randint(1, min(16, block_chunks))
+    n = rng.randint(17, block_chunks) if block_chunks > 16 and seed % 4 else rng.randint(1, min(16, block_chunks))
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(-127, 128, (B, R, block_chunks, Dr), generator=g, dtype=torch.int8)
     codes[..., 0] = rng.choice([127, -127])
     q = torch.randint(-127, 128, (B, t, R, 2, Dr), generator=g).to(torch.int8)
     want = torch.einsum("btrld,brnd->btrln", q.double(), codes[:, :, :n].double())
     assert torch.equal(_integer_dots(q, codes, n).double(), want)
+    assert sketch_module._int8_gemm_applies(codes.device, n, Dr) == (int8_gemm and n > 16 and Dr % 8 == 0)
 
 
 def test_fallbacks_give_the_streaming_answer(monkeypatch, answered):

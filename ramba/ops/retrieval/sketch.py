@@ -58,16 +58,23 @@ def _query_codes(q_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return codes, scales, (scales[..., None] * codes).sum(-2)
 
 
+def _int8_gemm_applies(device: torch.device, n: int, Dr: int) -> bool:
+    """Whether :func:`_integer_dots` of ``n`` chunks of width ``Dr`` goes through ``torch._int_mm``: on CUDA
+    (cuBLASLt's int8 GEMM reads the codes as they are; on the CPU it ran 1.6x slower than the float products, one
+    thread, 1M chunks, 2026-12-01) within its shape limits (more than 16 rows, ``Dr`` a multiple of 8)."""
+    return device.type == "cuda" and n > 16 and Dr % 8 == 0
+
+
 def _integer_dots(q_codes: torch.Tensor, block_codes: torch.Tensor, n: int) -> torch.Tensor:
     """Exact dot products of integer codes in [-127, 127]: ``q_codes [B, t, R, L, Dr]`` (any dtype) with the first
     ``n`` chunks of ``block_codes [B, R, block_chunks, Dr]`` int8 -> ``[B, t, R, L, n]``.
 
-    Through ``torch._int_mm`` (int8 in, int32 out; cuBLASLt's int8 GEMM on CUDA), one product a (row, head), where
-    its shape limits allow (more than 16 chunks, ``Dr`` a multiple of 8); else, and as its twin in the tests, float
-    products of the integer values (exact while the sums stay below 2**24, float64 beyond).
+    Through ``torch._int_mm`` (int8 in, int32 out), one product a (row, head), where :func:`_int8_gemm_applies`;
+    else, and as its twin in the tests, float products of the integer values (exact while the sums stay below
+    2**24, float64 beyond).
     """
     B, t, R, L, Dr = q_codes.shape
-    if n > 16 and Dr % 8 == 0:
+    if _int8_gemm_applies(block_codes.device, n, Dr):
         queries = torch.zeros(B, R, -(-t * L // 8) * 8, Dr, dtype=torch.int8, device=block_codes.device)
         queries[:, :, : t * L] = q_codes.permute(0, 2, 1, 3, 4).reshape(B, R, t * L, Dr)
         out = torch.stack(
