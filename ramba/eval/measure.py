@@ -49,7 +49,8 @@ def peak_rss_bytes() -> int:
 
 @contextmanager
 def profiled(device: torch.device, path: Path | None):
-    """torch.profiler around the block when `path` is given; writes the top 40 ops by self device time there."""
+    """torch.profiler around the block when `path` is given; writes the top 40 ops by self device time and by
+    self host time there."""
     if path is None:
         yield
         return
@@ -58,6 +59,11 @@ def profiled(device: torch.device, path: Path | None):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         yield
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    keys = ["self_cuda_time_total", "self_cpu_time_total"] if device.type == "cuda" else ["self_cpu_time_total"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=80))
+    table = prof.key_averages()
+    path.write_text(
+        "\n".join(
+            f"top 40 by {key}\n" + table.table(sort_by=key, row_limit=40, max_name_column_width=80) for key in keys
+        )
+    )

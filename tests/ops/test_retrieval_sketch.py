@@ -99,7 +99,7 @@ def test_a_shared_part_leaves_few_candidates(int8_gemm, monkeypatch):
     """Landmarks at cosine ~0.9 to their mean (as a random model's are): the centered bounds leave few candidates
     among 20K chunks, and the selection is the streaming one (with the products through torch._int_mm, as on CUDA,
     or float products)."""
-    monkeypatch.setattr(sketch_module, "_int8_gemm_applies", lambda d, n, Dr: int8_gemm and n > 16)
+    monkeypatch.setattr(sketch_module, "_int8_gemm_applies", lambda d, rows, Dr: int8_gemm and rows > 16)
     g = torch.Generator().manual_seed(5)
     B, C, R, Dr, K = 1, 20_000, 1, 256, 8
     landmarks = 2.0 * torch.randn(1, 1, 1, Dr, generator=g) + torch.randn(B, C, R, Dr, generator=g)
@@ -118,22 +118,27 @@ def test_a_shared_part_leaves_few_candidates(int8_gemm, monkeypatch):
 @pytest.mark.parametrize("seed", range(12))
 def test_integer_dots_are_exact(seed, int8_gemm, monkeypatch):
     """The int8 products (torch._int_mm, as on CUDA where its shapes allow, here on the CPU; or float products of the
-    codes) equal the float64 products, for partial blocks, several rows and heads, and the largest codes."""
+    codes) equal the float64 products, over one to three blocks with a partial last one, several rows and heads,
+    and the largest codes."""
     applies = sketch_module._int8_gemm_applies
-    monkeypatch.setattr(sketch_module, "_int8_gemm_applies", lambda d, n, Dr: applies(torch.device("cuda"), n, Dr))
+    monkeypatch.setattr(
+        sketch_module, "_int8_gemm_applies", lambda d, rows, Dr: applies(torch.device("cuda"), rows, Dr)
+    )
     if not int8_gemm:
-        monkeypatch.setattr(sketch_module, "_int8_gemm_applies", lambda d, n, Dr: False)
+        monkeypatch.setattr(sketch_module, "_int8_gemm_applies", lambda d, rows, Dr: False)
     rng = random.Random(seed)
     B, R, t, Dr = rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 4), rng.choice([8, 12, 64, 256])
-    block_chunks = rng.choice([16, 40, 300])
-    n = rng.randint(17, block_chunks) if block_chunks > 16 and seed % 4 else rng.randint(1, min(16, block_chunks))
+    block_chunks, n_blocks = rng.choice([16, 40, 300]), rng.randint(1, 3)
+    n = (n_blocks - 1) * block_chunks + rng.randint(1, block_chunks)
     g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(-127, 128, (B, R, block_chunks, Dr), generator=g, dtype=torch.int8)
+    codes = torch.randint(-127, 128, (B, R, n_blocks * block_chunks, Dr), generator=g, dtype=torch.int8)
     codes[..., 0] = rng.choice([127, -127])
     q = torch.randint(-127, 128, (B, t, R, 2, Dr), generator=g).to(torch.int8)
     want = torch.einsum("btrld,brnd->btrln", q.double(), codes[:, :, :n].double())
-    assert torch.equal(_integer_dots(q, codes, n).double(), want)
-    assert sketch_module._int8_gemm_applies(codes.device, n, Dr) == (int8_gemm and n > 16 and Dr % 8 == 0)
+    assert torch.equal(_integer_dots(q, list(codes.split(block_chunks, dim=2)), n).double(), want)
+    assert sketch_module._int8_gemm_applies(codes.device, block_chunks, Dr) == (
+        int8_gemm and block_chunks > 16 and Dr % 8 == 0
+    )
 
 
 def test_fallbacks_give_the_streaming_answer(monkeypatch, answered):

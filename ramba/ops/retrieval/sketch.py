@@ -30,7 +30,7 @@ from ramba.ops.retrieval.streaming import MASKED, _gather, _order_bits
 
 # int8 code bytes of a sketch block (appending adds blocks, never copies one; fewer, larger blocks launch fewer
 # kernels a decoding step)
-BLOCK_BYTES = 1 << 25
+BLOCK_BYTES = 1 << 27
 # landmark elements converted and quantised at once when appending (64 MiB in float32: bounds the transient
 # device memory; the first decoding step at 256M tokens makes the whole sketch this way)
 APPEND_ELEMENTS = 1 << 24
@@ -58,31 +58,35 @@ def _query_codes(q_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return codes, scales, (scales[..., None] * codes).sum(-2)
 
 
-def _int8_gemm_applies(device: torch.device, n: int, Dr: int) -> bool:
-    """Whether :func:`_integer_dots` of ``n`` chunks of width ``Dr`` goes through ``torch._int_mm``: on CUDA
-    (cuBLASLt's int8 GEMM reads the codes as they are; on the CPU it ran 1.6x slower than the float products, one
-    thread, 1M chunks, 2026-12-01) within its shape limits (more than 16 rows, ``Dr`` a multiple of 8)."""
-    return device.type == "cuda" and n > 16 and Dr % 8 == 0
+def _int8_gemm_applies(device: torch.device, rows: int, Dr: int) -> bool:
+    """Whether :func:`_integer_dots` over blocks of ``rows`` chunks of width ``Dr`` goes through ``torch._int_mm``:
+    on CUDA (cuBLASLt's int8 GEMM reads the codes as they are; on the CPU it ran 1.6x slower than the float
+    products, one thread, 1M chunks, 2026-12-01) within its shape limits (more than 16 rows, ``Dr`` a multiple of 8)."""
+    return device.type == "cuda" and rows > 16 and Dr % 8 == 0
 
 
-def _integer_dots(q_codes: torch.Tensor, block_codes: torch.Tensor, n: int) -> torch.Tensor:
+def _integer_dots(q_codes: torch.Tensor, blocks: list[torch.Tensor], n: int) -> torch.Tensor:
     """Exact dot products of integer codes in [-127, 127]: ``q_codes [B, t, R, L, Dr]`` (any dtype) with the first
-    ``n`` chunks of ``block_codes [B, R, block_chunks, Dr]`` int8 -> ``[B, t, R, L, n]``.
+    ``n`` chunks held by ``blocks`` (int8 ``[B, R, block_chunks, Dr]`` each, chunks in order) -> ``[B, t, R, L, n]``.
 
-    Through ``torch._int_mm`` (int8 in, int32 out), one product a (row, head), where :func:`_int8_gemm_applies`;
-    else, and as its twin in the tests, float products of the integer values (exact while the sums stay below
-    2**24, float64 beyond).
+    Through ``torch._int_mm`` (int8 in, int32 out; one product a block and (row, head), whole blocks) where
+    :func:`_int8_gemm_applies`; else, and as its twin in the tests, float products of the integer values (exact
+    while the sums stay below 2**24, float64 beyond).
     """
     B, t, R, L, Dr = q_codes.shape
-    if _int8_gemm_applies(block_codes.device, n, Dr):
-        queries = torch.zeros(B, R, -(-t * L // 8) * 8, Dr, dtype=torch.int8, device=block_codes.device)
-        queries[:, :, : t * L] = q_codes.permute(0, 2, 1, 3, 4).reshape(B, R, t * L, Dr)
-        out = torch.stack(
-            [torch.stack([torch._int_mm(block_codes[b, r, :n], queries[b, r].t()) for r in range(R)]) for b in range(B)]
-        )  # [B, R, n, columns]
-        return out[..., : t * L].unflatten(-1, (t, L)).permute(0, 3, 1, 4, 2)
-    mm = torch.float32 if Dr * 127 * 127 < 2**24 else torch.float64
-    return torch.einsum("btrld,brnd->btrln", q_codes.to(mm), block_codes[:, :, :n].to(mm))
+    rows, columns = blocks[0].shape[2], t * L
+    if _int8_gemm_applies(blocks[0].device, rows, Dr):
+        queries = torch.zeros(B, R, -(-columns // 8) * 8, Dr, dtype=torch.int8, device=blocks[0].device)
+        queries[:, :, :columns] = q_codes.permute(0, 2, 1, 3, 4).reshape(B, R, columns, Dr)
+        per_head = [
+            [torch.cat([torch._int_mm(c[b, r], queries[b, r].t()) for c in blocks]) for r in range(R)] for b in range(B)
+        ]
+        out = torch.stack([torch.stack(heads) for heads in per_head])[..., :n, :columns]  # [B, R, n, t * L]
+    else:
+        mm = torch.float32 if Dr * 127 * 127 < 2**24 else torch.float64
+        queries = q_codes.to(mm).permute(0, 2, 4, 1, 3).reshape(B, R, Dr, columns)
+        out = torch.cat([codes.to(mm) @ queries for codes in blocks], dim=2)[:, :, :n]
+    return out.unflatten(-1, (t, L)).permute(0, 3, 1, 4, 2)
 
 
 def _bounds(q_r: torch.Tensor, sketch: LandmarkSketch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,13 +97,10 @@ def _bounds(q_r: torch.Tensor, sketch: LandmarkSketch) -> tuple[torch.Tensor, to
     q_codes, q_scales, q_hat = _query_codes(q_r)
     q_err, q_norm = (q_r - q_hat).norm(dim=-1), q_r.norm(dim=-1)
     q_parts = (q_scales * q_codes.norm(dim=-1)).sum(-1)  # ||s1·c1|| + ||s2·c2||: the sums' rounding scales with it
-    q_int, dots, stats = q_codes.to(torch.int8), [], []
-    for i, (block_codes, block_stats) in enumerate(sketch.blocks):  # one product a block; the rest on all chunks
-        n = min(sketch.block_chunks, sketch.n_chunks - i * sketch.block_chunks)
-        dots.append(_integer_dots(q_int, block_codes, n))
-        stats.append(block_stats[:, :, :n])
-    dot = torch.cat(dots, dim=-1).to(acc)  # [B, t, R, 2, C]
-    scale, l_norm, residual = (x[:, None] for x in torch.cat(stats, dim=2).to(acc).unbind(-1))  # [B, 1, R, C]
+    codes, stats = zip(*sketch.blocks)  # the products a block at a time; the rest on all chunks at once
+    dot = _integer_dots(q_codes.to(torch.int8), list(codes), sketch.n_chunks).to(acc)  # [B, t, R, 2, C]
+    stats = torch.cat(stats, dim=2)[:, :, : sketch.n_chunks].to(acc)
+    scale, l_norm, residual = (x[:, None] for x in stats.unbind(-1))  # [B, 1, R, C]
     approx = (dot * q_scales[..., None]).sum(-2).mul_(scale)
     d_norm = l_norm + sketch.center.norm(dim=-1).to(acc)[:, None, :, None]  # >= ||l - m|| (and ||l||)
     # the exact score's own rounding (relative to ||q||·||l||) and the centering's, relative to ||d||
@@ -133,8 +134,9 @@ class LandmarkSketch:
         self.batch, self.heads, self.dim = batch, heads, dim
         self.stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.device = torch.device(device)
-        # a multiple of 16 chunks: every (row, head) of a block starts 16-byte aligned, as the int8 GEMM wants
-        self.block_chunks = block_chunks or max(16, BLOCK_BYTES // (batch * heads * dim) // 16 * 16)
+        # a multiple of 16 chunks, more than 16: every (row, head) of a block starts 16-byte aligned and has the
+        # rows the int8 GEMM wants
+        self.block_chunks = block_chunks or max(32, BLOCK_BYTES // (batch * heads * dim) // 16 * 16)
         self.blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.n_chunks = 0
         self.center: torch.Tensor | None = None
