@@ -29,7 +29,7 @@ from ramba.model.chunk_store import (
     available_host_bytes,
     unwritable_folder,
 )
-from ramba.ops.retrieval.sketch import STATS_BYTES
+from ramba.ops.retrieval.sketch import LandmarkSketch
 from ramba.ops.retrieval.streaming import TILE_ELEMENTS
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,9 @@ def _needs(config, batch: int, tokens: int, segment_len: int, offload: Offload, 
         needs[("pinned" if offload.landmarks_on_host else "device", "landmarks")] = landmarks
         if offload.tier != "device" and offload.landmarks == "sketch" and landmarks >= SKETCH_MIN_BYTES:
             # made when decoding starts, in the memory the prefill's activations had
-            sketch = landmarks // (config.retrieval_dim * elem) * (config.retrieval_dim + STATS_BYTES)
+            sketch = LandmarkSketch.planned_bytes(
+                batch, config.retrieval_heads, config.retrieval_dim, -(-tokens // config.chunk_size), dtype
+            )
             needs[("device", "decoding's landmark sketch beyond the activations")] = max(
                 0, sketch - needs[("device", "activations")]
             )

@@ -3,6 +3,7 @@ offload failures that must happen before any work."""
 
 import errno
 import os
+import random
 import subprocess
 import tempfile
 
@@ -13,9 +14,11 @@ from hypothesis import strategies as st
 
 import ramba.inference.planner as planner
 import ramba.model.chunk_store as chunk_store
+import ramba.ops.retrieval.sketch as sketch_module
 from ramba.inference import MemoryPlanError, Offload, OffloadError, prefill
 from ramba.layers.hsa import ChunkMemory, ChunkSelection
 from ramba.model.chunk_store import ChunkMemoryStore
+from ramba.ops.retrieval.sketch import LandmarkSketch
 from small_models import small_model
 
 S, H, D, R, DR = 4, 2, 3, 1, 5
@@ -162,12 +165,29 @@ def test_planner_counts_the_decoding_sketch_beyond_the_activations():
     for tokens, segment in ((2**26, 64), (2**26, 2**20), (2**16, 64)):
         plan = planner.plan_memory(model, 1, tokens, segment, offload=True)
         landmarks = tokens // c.chunk_size * c.retrieval_heads * c.retrieval_dim * 4
-        sketch = landmarks // 4 * (c.retrieval_dim + 12) // c.retrieval_dim
+        sketch = LandmarkSketch.planned_bytes(
+            1, c.retrieval_heads, c.retrieval_dim, tokens // c.chunk_size, torch.float32
+        )
         activations = plan.parts["device: activations"]
         want = sketch - activations if landmarks >= chunk_store.SKETCH_MIN_BYTES else 0
         assert plan.parts.get(key, 0) == max(0, want)
     assert planner.plan_memory(model, 1, 2**26, 64, offload=True).parts[key] > 0  # a short segment, many chunks
     assert key not in planner.plan_memory(model, 1, 2**26, 64, offload=Offload("host", landmarks="host")).parts
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_planned_sketch_bytes_are_what_a_sketch_holds(seed, monkeypatch):
+    """The plan's sketch bytes equal what a sketch allocates (whole blocks, the center), over batch rows, heads,
+    widths, dtypes and chunk counts on both sides of a block boundary."""
+    monkeypatch.setattr(sketch_module, "BLOCK_BYTES", 4096)
+    rng = random.Random(seed)
+    B, R, Dr = rng.randint(1, 3), rng.randint(1, 2), rng.choice([8, 24, 64])
+    dtype = rng.choice([torch.float32, torch.bfloat16, torch.float64])
+    sketch = LandmarkSketch(B, R, Dr, dtype, "cpu")
+    assert LandmarkSketch.planned_bytes(B, R, Dr, 0, dtype) == sketch.nbytes() == 0
+    for c in (1, sketch.block_chunks - 1, 1, rng.randint(1, 3 * sketch.block_chunks)):
+        sketch.append(torch.randn(B, c, R, Dr).to(dtype))
+        assert LandmarkSketch.planned_bytes(B, R, Dr, sketch.n_chunks, dtype) == sketch.nbytes()
 
 
 def test_unwritable_offload_folder_fails_before_work(tmp_path, monkeypatch):

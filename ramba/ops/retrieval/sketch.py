@@ -37,8 +37,6 @@ APPEND_ELEMENTS = 1 << 24
 MAX_CANDIDATES = 4096
 # a sketch serves selections of at most this many tokens at a time (decoding); longer ones stream the landmarks
 SKETCH_TOKENS = 4
-# bytes of one (row, chunk, head) beside its Dr int8 codes: scale, ||l||, ||l - m - s·c|| in float32
-STATS_BYTES = 3 * 4
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
 
@@ -110,6 +108,17 @@ def _bounds(q_r: torch.Tensor, sketch: LandmarkSketch) -> tuple[torch.Tensor, to
     return approx, err
 
 
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a sketch's center and per-chunk stats for landmarks of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_chunks(batch: int, heads: int, dim: int) -> int:
+    """Chunks a block holds by default: ``BLOCK_BYTES`` of codes, a multiple of 16 chunks and more than 16 (every
+    (row, head) of a block starts 16-byte aligned and has the rows the int8 GEMM wants)."""
+    return max(32, BLOCK_BYTES // (batch * heads * dim) // 16 * 16)
+
+
 class LandmarkSketch:
     """The int8 sketch of a growing landmark buffer ``[B, C, R, Dr]`` on ``device`` (see the module docstring).
 
@@ -132,15 +141,22 @@ class LandmarkSketch:
         block_chunks: int | None = None,
     ):
         self.batch, self.heads, self.dim = batch, heads, dim
-        self.stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.stats_dtype = _stats_dtype(dtype)
         self.device = torch.device(device)
-        # a multiple of 16 chunks, more than 16: every (row, head) of a block starts 16-byte aligned and has the
-        # rows the int8 GEMM wants
-        self.block_chunks = block_chunks or max(32, BLOCK_BYTES // (batch * heads * dim) // 16 * 16)
+        self.block_chunks = block_chunks or _block_chunks(batch, heads, dim)
         self.blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.n_chunks = 0
         self.center: torch.Tensor | None = None
         self.candidates: int | None = None
+
+    @staticmethod
+    def planned_bytes(batch: int, heads: int, dim: int, n_chunks: int, dtype: torch.dtype) -> int:
+        """The device bytes a sketch of ``n_chunks`` chunks of ``dtype`` landmarks holds (:meth:`nbytes`: whole
+        default blocks, as :meth:`append` allocates them, and the center), for a memory plan."""
+        if n_chunks == 0:
+            return 0
+        stats, block_chunks = _stats_dtype(dtype).itemsize, _block_chunks(batch, heads, dim)
+        return batch * heads * (dim * stats + -(-n_chunks // block_chunks) * block_chunks * (dim + 3 * stats))
 
     def nbytes(self) -> int:
         center = self.center.nbytes if self.center is not None else 0
