@@ -87,17 +87,16 @@ def _memory_bytes() -> int | None:
         return None
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
+    """Output of ``git ARGS`` in this checkout, or None (not a git checkout, no git, or it failed)."""
     root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
         return None
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def _version(module: str) -> str | None:
@@ -121,6 +120,7 @@ def environment() -> dict:
                 {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 2), "sms": p.multi_processor_count}
             )
     mem = _memory_bytes()
+    status = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
@@ -139,7 +139,10 @@ def environment() -> dict:
             "transformers": _version("transformers"),
             "numpy": np.__version__,
             "ramba": ramba.__version__,
-            "git_commit": _git_commit(),
+            "git_commit": _git("rev-parse", "HEAD") or None,
+            # tracked files differ from that commit (uncommitted edits, a working tree copied over an older
+            # checkout): the code that ran is not the commit's
+            "git_dirty": None if status is None else bool(status),
         },
         "command": shlex.join(sys.argv),
     }

@@ -2,6 +2,9 @@
 
 import json
 import math
+import shutil
+import subprocess
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 from ramba.eval.plots import Panel, heatmap, line_plots
 from ramba.eval.results import (
     EvalError,
+    environment,
     format_grid,
     format_length,
     parse_depths,
@@ -17,6 +21,21 @@ from ramba.eval.results import (
     read_results,
     write_results,
 )
+
+
+def test_environment_records_the_commit_and_whether_the_tree_differs_from_it():
+    """git_commit is the checkout's HEAD and git_dirty whether tracked files differ from it (None outside git)."""
+    versions = environment()["versions"]
+    root = Path(__file__).resolve().parents[2]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        assert versions["git_commit"] is None and versions["git_dirty"] is None
+        return
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout
+
+    assert versions["git_commit"] == git("rev-parse", "HEAD").strip()
+    assert versions["git_dirty"] is bool(git("status", "--porcelain", "--untracked-files=no").strip())
 
 
 def test_parse_lengths():
