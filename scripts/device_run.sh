@@ -9,6 +9,7 @@
 #   tests-model  the GPU tests of the model (fast paths against the CPU paths, cache and offload, a training step)
 #   hsa          HSA GPU tests + ramba bench kernels (ramba/bench/hsa.py; beside .carry/hsa_triton_v2.py's kernels when carried:
 #                git show 9efe38d:ramba/ops/hsa/triton.py > .carry/hsa_triton_v2.py)
+#                HSA_BLOCK_TOKENS=1,2,8: the forward also timed with those tokens per tile (hsa_bt*_fwd_ms)
 #   hsa-sweep    ramba bench kernels --sweep: the other supported shapes (beside the same baseline)
 #   ssd[:KEXPR]  the GPU tests of the SSD fast paths but the slow ones (those pytest -k KEXPR selects)
 #   train[:PRESETS[:ARCHS[:LENGTHS[:FLAGS]]]]
@@ -208,7 +209,7 @@ section() {
             else
                 timeout 200 python3 -m pytest -m gpu tests/gpu/test_hsa_gpu.py -q -rfE --durations=5 -p no:cacheprovider
                 local rc=$?
-                timeout 300 python3 -m ramba bench kernels "$OUT" "${baseline[@]}" || return 1
+                timeout 300 python3 -m ramba bench kernels "$OUT" "${baseline[@]}" --block-tokens "${HSA_BLOCK_TOKENS:-}" || return 1
                 return $rc
             fi ;;
         ssd)

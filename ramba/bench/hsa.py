@@ -163,9 +163,9 @@ def time_fwd_bwd(row: dict, name: str, fwd, do, grads) -> None:
         traceback.print_exc()
 
 
-def main_table(out_dir: str, baseline) -> None:
+def main_table(out_dir: str, baseline, block_tokens: list[int]) -> None:
     from ramba.ops.hsa import hsa
-    from ramba.ops.hsa.triton import chunk_work_items, sorted_tile_chunks, work_item_pairs
+    from ramba.ops.hsa.triton import chunk_work_items, hsa_triton, sorted_tile_chunks, work_item_pairs
 
     try:
         from fla.ops.nsa import parallel_nsa
@@ -195,6 +195,12 @@ def main_table(out_dir: str, baseline) -> None:
             row["tile_sort_ms"] = bench(lambda: sorted_tile_chunks(idx, T // S, 4))
             row["work_items_ms"] = bench(lambda: chunk_work_items(idx, T // S, work_item_pairs(HQ // H)))
             time_fwd_bwd(row, "hsa", lambda: hsa(q, k, v, w, idx, S, backend="triton"), do, [q, k, v, w])
+            for bt in block_tokens:  # the forward with other token tiles (the backward does not tile tokens)
+                try:
+                    row[f"hsa_bt{bt}_fwd_ms"] = bench(lambda: hsa_triton(q, k, v, w, idx, S, scale, block_tokens=bt))
+                except Exception as exc:
+                    row[f"hsa_bt{bt}_error"] = repr(exc)
+                    traceback.print_exc()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             hsa(q, k, v, w, idx, S, backend="triton").backward(do)
@@ -285,7 +291,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--out", help="output folder, the same as OUT_DIR")
     ap.add_argument("--baseline", help="module file of an earlier ramba/ops/hsa/triton.py to time beside")
     ap.add_argument("--sweep", action="store_true", help="time the other supported shapes (SWEEP) instead")
+    ap.add_argument(
+        "--block-tokens",
+        default="",
+        metavar="LIST",
+        help="also time the forward with these tokens per tile (comma-separated powers of 2, e.g. 1,2,8)",
+    )
     args = ap.parse_args(argv)
+    try:
+        block_tokens = [int(x) for x in args.block_tokens.split(",") if x.strip()]
+    except ValueError:
+        raise EvalError(
+            f"bench kernels: --block-tokens takes comma-separated integers, got {args.block_tokens!r}"
+        ) from None
+    if any(bt < 1 or bt & (bt - 1) for bt in block_tokens):
+        raise EvalError(f"bench kernels: --block-tokens takes powers of 2, got {args.block_tokens!r}")
     if not torch.cuda.is_available():
         raise EvalError("bench kernels: the HSA kernel benchmark needs a CUDA GPU (none found)")
     if not args.sweep and not os.path.isfile(SELECTION):
@@ -296,7 +316,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     out_dir = args.out or args.out_dir or os.path.join("benchmarks", "results")
     os.makedirs(out_dir, exist_ok=True)
     baseline = load_baseline(args.baseline) if args.baseline else None
-    (sweep if args.sweep else main_table)(out_dir, baseline)
+    if args.sweep:
+        sweep(out_dir, baseline)
+    else:
+        main_table(out_dir, baseline, block_tokens)
     return 0
 
 

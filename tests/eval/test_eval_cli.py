@@ -258,6 +258,13 @@ def test_bench_kernels_needs_cuda(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bad", ["3", "0", "2,x"])
+def test_bench_kernels_refuses_bad_block_tokens(bad, capsys):
+    assert cli.main(["bench", "kernels", "--block-tokens", bad]) == 2
+    err = capsys.readouterr().err
+    assert "--block-tokens" in err and len(err.strip().splitlines()) == 1
+
+
 def test_bad_arguments_are_usage_errors(model_dir, capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "passkey", "--model", str(model_dir), "--lengths", "4x"])
