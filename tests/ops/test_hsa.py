@@ -236,7 +236,7 @@ _INTERPRET_SCRIPT = textwrap.dedent(
     from ramba.ops.hsa import triton as hsa_triton_module
     cases = json.loads(sys.argv[2])
     out = []
-    for B, T, HQ, H, D, S, K, C, sm_n, dtype, item_rows, block_rows in cases:
+    for B, T, HQ, H, D, S, K, C, sm_n, dtype, item_rows, block_rows, tiles in cases:
         hsa_triton_module._ITEM_ROWS = item_rows
         hsa_triton_module._BWD_ROWS_INTERPRETED = block_rows
         q, k, v, w, idx, do = make_inputs(B, T, HQ, H, D, S, K, C, dtype=getattr(torch, dtype), seed=B * 7 + T + HQ + K)
@@ -248,7 +248,9 @@ _INTERPRET_SCRIPT = textwrap.dedent(
         ref = forward_backward("reference", *[x.double() if x.is_floating_point() else x for x in inputs], S, sm_n)
         got = forward_backward("triton", *inputs, S, sm_n)
         unselected = torch.cat([got[2][:, (C - 2) * S:], got[3][:, (C - 2) * S:]])
+        tiled = [hsa_triton_module.hsa_triton(q, k, v, w, idx, S, D**-0.5, sm_n, block_tokens=bt) for bt in tiles]
         out.append({"rel": [rel(a, b) for a, b in zip(got, ref)],
+                    "tiles_rel": [rel(o, ref[0]) for o in tiled],
                     "dtypes": [str(a.dtype) for a in got],
                     "finite": all(bool(torch.isfinite(a).all()) for a in got),
                     "unselected_zero": bool((unselected == 0).all()),
@@ -257,22 +259,23 @@ _INTERPRET_SCRIPT = textwrap.dedent(
     """
 )
 
-# (B, T, HQ, H, D, S, K, C, sm_n, dtype, work-item rows, block rows): GQA ratios 1-16, D and S 16-128, K 1-32,
-# tiny grids; work items of 16 rows split a chunk's pairs over several programs (dk, dv added atomically);
-# blocks of 32 to 128 rows, as the GPU autotuner tries
+# (B, T, HQ, H, D, S, K, C, sm_n, dtype, work-item rows, block rows, other forward tiles): GQA ratios 1-16, D and
+# S 16-128, K 1-32, tiny grids; work items of 16 rows split a chunk's pairs over several programs (dk, dv added
+# atomically); blocks of 32 to 128 rows, as the GPU autotuner tries; the forward also with other tokens per tile
+# (block_tokens, as `ramba bench kernels --block-tokens` times them)
 INTERPRET_CASES = [
-    (1, 9, 4, 2, 16, 16, 3, 5, 0.0, "float32", 4096, 32),
-    (2, 7, 2, 2, 16, 16, 2, 6, 1.0, "float32", 16, 64),
-    (1, 5, 16, 1, 32, 16, 2, 4, 1.0, "float32", 16, 128),
-    (1, 6, 3, 3, 16, 32, 4, 4, 0.0, "float32", 4096, 64),
-    (1, 5, 12, 4, 16, 16, 1, 3, 1.0, "float32", 4096, 32),
-    (1, 4, 8, 1, 64, 16, 5, 4, 0.0, "float32", 16, 128),
-    (1, 3, 4, 1, 16, 64, 2, 3, 1.0, "float32", 4096, 64),
-    (1, 3, 2, 1, 16, 128, 2, 3, 0.0, "float32", 4096, 64),
-    (1, 3, 2, 1, 128, 16, 2, 3, 1.0, "float32", 16, 32),
-    (1, 4, 2, 1, 16, 16, 32, 12, 1.0, "float32", 4096, 128),
-    (1, 6, 4, 1, 16, 16, 3, 4, 0.0, "float16", 16, 64),  # numpy has no bf16: bf16 runs in tests/gpu
-    (1, 5, 16, 2, 32, 32, 4, 4, 1.0, "float16", 4096, 64),
+    (1, 9, 4, 2, 16, 16, 3, 5, 0.0, "float32", 4096, 32, [8]),
+    (2, 7, 2, 2, 16, 16, 2, 6, 1.0, "float32", 16, 64, []),
+    (1, 5, 16, 1, 32, 16, 2, 4, 1.0, "float32", 16, 128, [1, 2, 8]),
+    (1, 6, 3, 3, 16, 32, 4, 4, 0.0, "float32", 4096, 64, []),
+    (1, 5, 12, 4, 16, 16, 1, 3, 1.0, "float32", 4096, 32, []),
+    (1, 4, 8, 1, 64, 16, 5, 4, 0.0, "float32", 16, 128, [2]),
+    (1, 3, 4, 1, 16, 64, 2, 3, 1.0, "float32", 4096, 64, []),
+    (1, 3, 2, 1, 16, 128, 2, 3, 0.0, "float32", 4096, 64, []),
+    (1, 3, 2, 1, 128, 16, 2, 3, 1.0, "float32", 16, 32, []),
+    (1, 4, 2, 1, 16, 16, 32, 12, 1.0, "float32", 4096, 128, []),
+    (1, 6, 4, 1, 16, 16, 3, 4, 0.0, "float16", 16, 64, []),  # numpy has no bf16: bf16 runs in tests/gpu
+    (1, 5, 16, 2, 32, 32, 4, 4, 1.0, "float16", 4096, 64, [2]),
 ]
 
 
@@ -305,6 +308,8 @@ def test_triton_interpreted_matches_reference(interpreted, case):
     assert res["dtypes"] == [f"torch.{dtype}"] * 4 + ["torch.float32"]
     for name, r in zip(("o", "dq", "dk", "dv", "dw"), res["rel"]):
         assert r < tol, f"{name}: {r:.2e}"
+    for bt, r in zip(INTERPRET_CASES[case][12], res["tiles_rel"], strict=True):
+        assert r < tol, f"o with block_tokens={bt}: {r:.2e}"
 
 
 def _good(**over):
