@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ramba import RambaConfig, RambaForCausalLM
+from ramba.errors import InputError
 from ramba.eval.loading import load_model, resolve_device, resolve_dtype
 from ramba.eval.measure import free_memory, parse_overrides, peak_rss_bytes, profiled, rss_bytes, synchronized_time
 from ramba.eval.plots import Panel, line_plots
@@ -129,6 +130,8 @@ def offload_spec(args):
     """The ``offload`` argument of ``prefill`` for these settings."""
     from ramba.cli.offload import parse_size
 
+    if args.offload_dir is None and args.host_budget is not None:
+        raise InputError("--host-budget: only with --offload-dir (the disk tier)")
     if args.offload_dir is not None:
         budget = parse_size(args.host_budget) if args.host_budget else None
         return Offload("disk", args.offload_dir, budget, args.landmarks)
@@ -239,6 +242,7 @@ def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     lengths = sorted(parse_lengths(args.lengths))
+    offload_spec(args)  # bad offload options fail here, in one line, not as every row's recorded failure
     rows, configs = [], {}
     for label, model in _models(args, device, dtype):
         set_compile_glue(model, args.compile_glue)

@@ -258,6 +258,17 @@ def test_bench_kernels_needs_cuda(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "bad", [["--offload-dir", "DIR", "--host-budget", "8x"], ["--host-budget", "8g"]], ids=["bad size", "no disk tier"]
+)
+def test_bench_inference_refuses_bad_offload_options_before_work(bad, tmp_path, capsys):
+    """One line, exit 2 and no results file, instead of every row recorded as a failed warm-up."""
+    args = ["bench", "inference", "--preset", "tiny", "--lengths", "64", "--out", str(tmp_path / "out")]
+    assert cli.main(args + [str(tmp_path) if a == "DIR" else a for a in bad]) == 2
+    assert "--host-budget" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("bad", ["3", "0", "2,x"])
 def test_bench_kernels_refuses_bad_block_tokens(bad, capsys):
     assert cli.main(["bench", "kernels", "--block-tokens", bad]) == 2
