@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ramba import RambaConfig, RambaForCausalLM
+from ramba.cli.args import at_least
 from ramba.errors import InputError
 from ramba.eval.loading import load_model, resolve_device, resolve_dtype
 from ramba.eval.measure import free_memory, parse_overrides, peak_rss_bytes, profiled, rss_bytes, synchronized_time
@@ -72,9 +73,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="with --preset: comma-separated architectures (default ramba,mamba2,transformer)",
     )
     p.add_argument("--lengths", default="4k,64k,1m,16m", help="prompt lengths (default 4k,64k,1m,16m)")
-    p.add_argument("--batch", type=int, default=1, help="prompts per call (default 1)")
-    p.add_argument("--decode-tokens", type=int, default=32, help="new tokens per call (default 32)")
-    p.add_argument("--segment-len", type=int, default=2048, help="prefill segment length (default 2048)")
+    p.add_argument("--batch", type=at_least(1), default=1, help="prompts per call (default 1)")
+    p.add_argument("--decode-tokens", type=at_least(1), default=32, help="new tokens per call (default 32)")
+    p.add_argument("--segment-len", type=at_least(1), default=2048, help="prefill segment length (default 2048)")
     p.add_argument("--mode", choices=["exact", "fast"], default="exact", help="prefill mode (default exact)")
     p.add_argument(
         "--offload",

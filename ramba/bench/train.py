@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from ramba import RambaConfig, RambaForCausalLM
+from ramba.cli.args import at_least
 from ramba.eval.loading import resolve_device
 from ramba.eval.measure import free_memory, parse_overrides, profiled, synchronized_time
 from ramba.eval.plots import Panel, line_plots
@@ -66,9 +67,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--architectures", default="ramba,mamba2,transformer", help="comma-separated (default ramba,mamba2,transformer)"
     )
     p.add_argument("--lengths", default="4096,16384", help="context lengths, e.g. 4k,16k (default 4096,16384)")
-    p.add_argument("--batch-tokens", type=int, default=32768, help="tokens per step (default 32768)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--batch-tokens", type=at_least(1), default=32768, help="tokens per step (default 32768)")
+    p.add_argument("--steps", type=at_least(1), default=10, help="timed steps (default 10)")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps first (default 3)")
     p.add_argument(
         "--set",
         dest="overrides",

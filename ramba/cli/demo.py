@@ -14,6 +14,8 @@ import random
 import time
 from pathlib import Path
 
+from ramba.cli.args import at_least
+
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "pretrained" / "tiny-ruler.safetensors"
 SUITE = "niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking"
 
@@ -36,7 +38,7 @@ def add_parser(subparsers) -> None:
         help="context lengths of the grid (default 4k,16k,64k,256k; k = 1024)",
     )
     p.add_argument("--depths", type=_arg(parse_depths), default="0,0.5,1", help="needle depths (default 0,0.5,1)")
-    p.add_argument("--samples", type=int, default=1, help="trials per (length, depth) cell (default 1)")
+    p.add_argument("--samples", type=at_least(1), default=1, help="trials per (length, depth) cell (default 1)")
     p.add_argument(
         "--tasks", default=SUITE, help=f"comma-separated tasks of the suite (default {SUITE}); 'none' skips the suite"
     )
@@ -57,7 +59,7 @@ def add_parser(subparsers) -> None:
         default=None,
         help="token file whose text fills the haystack (default: the classic repeated grass-sky-sun text)",
     )
-    p.add_argument("--segment-len", type=int, default=4096, help="prefill segment length (default 4096)")
+    p.add_argument("--segment-len", type=at_least(1), default=4096, help="prefill segment length (default 4096)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     p.add_argument("--out", default="demo_results", help="folder for demo_tasks.json/.png and demo_passkey.json/.png")
     p.add_argument("--seed", type=int, default=0, help="seed of the trials")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ramba.cli.args import at_least
+
 ALL_TASKS = "niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking"
 HELD_OUT = ("debian-manuals",)  # as ramba.eval.tasks.HELD_OUT (not imported here: the parser stays light)
 
@@ -63,7 +65,7 @@ def _generation(p: argparse.ArgumentParser, depths: str) -> None:
     p.add_argument(
         "--depths", type=_arg(parse_depths), default=depths, help=f"needle depths in [0, 1] (default {depths})"
     )
-    p.add_argument("--samples", type=int, default=5, help="samples per (length, depth) cell (default 5)")
+    p.add_argument("--samples", type=at_least(1), default=5, help="samples per (length, depth) cell (default 5)")
     p.add_argument(
         "--mode",
         choices=["exact", "fast"],
@@ -73,17 +75,19 @@ def _generation(p: argparse.ArgumentParser, depths: str) -> None:
     from ramba.cli import offload
 
     offload.add_arguments(p)
-    p.add_argument("--segment-len", type=int, default=2048, help="prefill segment length in tokens (default 2048)")
-    p.add_argument("--batch-size", type=int, default=1, help="prompts generated together (default 1)")
+    p.add_argument(
+        "--segment-len", type=at_least(1), default=2048, help="prefill segment length in tokens (default 2048)"
+    )
+    p.add_argument("--batch-size", type=at_least(1), default=1, help="prompts generated together (default 1)")
     p.add_argument(
         "--extra-tokens",
-        type=int,
+        type=at_least(0),
         default=8,
         help="new tokens allowed beyond the reference answer's length (default 8)",
     )
     p.add_argument(
         "--long-samples",
-        type=int,
+        type=at_least(1),
         default=None,
         help="samples per cell at lengths above 1M (default: --samples; the protocol: --samples 2 --long-samples 1)",
     )
@@ -116,7 +120,7 @@ def add_parser(subparsers) -> None:
     pk = sub.add_parser("passkey", help="passkey retrieval accuracy over lengths x depths (heatmap)")
     _common(pk, "eval_results")
     _generation(pk, "0,0.25,0.5,0.75,1")
-    pk.add_argument("--digits", type=int, default=5, help="digits of the pass key (default 5)")
+    pk.add_argument("--digits", type=at_least(1), default=5, help="digits of the pass key (default 5)")
     pk.set_defaults(func=run_passkey)
 
     tk = sub.add_parser("tasks", help="needle-in-a-haystack / variable-tracking accuracy by length")
@@ -140,9 +144,11 @@ def add_parser(subparsers) -> None:
     rk = sub.add_parser("ranks", help="where the asked needle's chunk ranks among all chunks while the model answers")
     _common(rk, "eval_results")
     rk.add_argument("--depths", type=_arg(parse_depths), default="0,0.5,1", help="needle depths (default 0,0.5,1)")
-    rk.add_argument("--samples", type=int, default=1, help="samples per (length, depth) cell (default 1)")
+    rk.add_argument("--samples", type=at_least(1), default=1, help="samples per (length, depth) cell (default 1)")
     rk.add_argument("--mode", choices=["exact", "fast"], default="fast", help="prefill mode (default fast)")
-    rk.add_argument("--segment-len", type=int, default=2048, help="prefill segment length in tokens (default 2048)")
+    rk.add_argument(
+        "--segment-len", type=at_least(1), default=2048, help="prefill segment length in tokens (default 2048)"
+    )
     rk.add_argument(
         "--haystack", default=None, help="token file whose text fills the haystack (default: a repeated template)"
     )
@@ -156,11 +162,13 @@ def add_parser(subparsers) -> None:
     pp = sub.add_parser("ppl", help="perplexity by context length and by position")
     _common(pp, "eval_results")
     pp.add_argument("--data", required=True, help="token file (made by `ramba prepare`) to read the windows from")
-    pp.add_argument("--windows", type=int, default=4, help="windows per length, at evenly spaced offsets (default 4)")
-    pp.add_argument("--buckets", type=int, default=8, help="position buckets per length (default 8)")
+    pp.add_argument(
+        "--windows", type=at_least(1), default=4, help="windows per length, at evenly spaced offsets (default 4)"
+    )
+    pp.add_argument("--buckets", type=at_least(1), default=8, help="position buckets per length (default 8)")
     pp.add_argument("--bucket-scale", choices=["log", "linear"], default="log", help="bucket widths (default log)")
-    pp.add_argument("--batch-size", type=int, default=1, help="windows per forward (default 1)")
-    pp.add_argument("--segment-len", type=int, default=2048, help="tokens per forward segment (default 2048)")
+    pp.add_argument("--batch-size", type=at_least(1), default=1, help="windows per forward (default 1)")
+    pp.add_argument("--segment-len", type=at_least(1), default=2048, help="tokens per forward segment (default 2048)")
     pp.add_argument("--offload", action="store_true", help="keep the chunk memory in CPU pinned memory")
     pp.set_defaults(func=run_ppl)
 

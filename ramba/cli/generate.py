@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from ramba.cli.args import at_least
+
 
 class StreamDecoder:
     """Turns token ids into text as they arrive.
@@ -53,16 +55,18 @@ def add_parser(subparsers) -> None:
     src.add_argument("--prompt-file", help="file holding the prompt text ('-' reads stdin)")
     src.add_argument("--prompt", help="the prompt text itself")
     p.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer path (default: as for `ramba eval`)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256, help="tokens to generate at most (default 256)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (with --sample)")
+    p.add_argument(
+        "--top-k", type=at_least(1), default=None, help="sample from the k most likely tokens (with --sample)"
+    )
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
     p.add_argument("--mode", choices=["exact", "fast"], default="exact", help="prefill mode (default exact)")
     from ramba.cli import offload
 
     offload.add_arguments(p)
-    p.add_argument("--segment-len", type=int, default=2048, help="prefill segment length (default 2048)")
+    p.add_argument("--segment-len", type=at_least(1), default=2048, help="prefill segment length (default 2048)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     p.add_argument(
         "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU"
@@ -98,14 +102,8 @@ def run(args: argparse.Namespace) -> int:
     from ramba.eval.loading import load_model_tokenizer
     from ramba.inference import generate
 
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens: expected >= 1, got {args.max_new_tokens}")
-    if args.top_k is not None and args.top_k < 1:
-        raise InputError(f"--top-k: expected >= 1 (the number of most likely tokens to sample from), got {args.top_k}")
     if not args.temperature > 0:
         raise InputError(f"--temperature: expected > 0, got {args.temperature}")
-    if args.segment_len < 1:
-        raise InputError(f"--segment-len: expected >= 1, got {args.segment_len}")
     prompt = _read_prompt(args)
     torch.manual_seed(args.seed)
     model, tok = load_model_tokenizer(args.model, args.tokenizer, args.device, args.dtype, verify=not args.no_verify)
