@@ -323,28 +323,16 @@ def save(result: dict, out: str, name: str, seed: int) -> tuple[Path, Path]:
             for m in labels
         }
 
-    def from_zero(key, least):  # a y range from 0, so that noise does not look like a trend
-        return (0.0, 1.15 * max([least] + [r[key] for r in rows if r.get(key) is not None]))
-
     x = "context length (tokens)"
+
+    def from_zero(title, ylabel, key, least):  # a y range from 0, so that noise does not look like a trend
+        top = 1.15 * max([least] + [r[key] for r in rows if r.get(key) is not None])
+        return Panel(title, x, ylabel, series(key), length_axis=True, ylim=(0.0, top))
+
     panels = [
         Panel("prefill", x, "tokens/s", series("prefill_tokens_per_s"), length_axis=True, logy=True),
-        Panel(
-            "decode",
-            x,
-            "ms / token",
-            series("decode_ms_per_token"),
-            length_axis=True,
-            ylim=from_zero("decode_ms_per_token", 1.0),
-        ),
-        Panel(
-            "decode / a short prompt's step (same run)",
-            x,
-            "ratio of medians",
-            series("decode_vs_reference"),
-            length_axis=True,
-            ylim=from_zero("decode_vs_reference", 1.5),
-        ),
+        from_zero("decode", "ms / token", "decode_ms_per_token", 1.0),
+        from_zero("decode / a short prompt's step (same run)", "ratio of medians", "decode_vs_reference", 1.5),
     ]
     if result["device"].startswith("cuda"):
         panels.append(Panel("peak GPU memory", x, "GiB", series("peak_gpu_gib"), length_axis=True))
