@@ -31,6 +31,7 @@ Writes <out>/<name>.json (machine, date, versions, settings, every number) and <
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import statistics
 import sys
@@ -41,7 +42,6 @@ import torch
 
 from ramba import RambaConfig, RambaForCausalLM
 from ramba.cli.args import at_least
-from ramba.errors import InputError
 from ramba.eval.loading import load_model, resolve_device, resolve_dtype
 from ramba.eval.measure import free_memory, parse_overrides, peak_rss_bytes, profiled, rss_bytes, synchronized_time
 from ramba.eval.plots import Panel, line_plots
@@ -128,15 +128,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def offload_spec(args):
-    """The ``offload`` argument of ``prefill`` for these settings."""
-    from ramba.cli.offload import parse_size
+    """The ``offload`` argument of ``prefill`` for these settings: the placement `ramba eval` reads from the same
+    options (:func:`ramba.cli.offload.offload`, which also checks them), with ``--landmarks``."""
+    from ramba.cli.offload import offload
 
-    if args.offload_dir is None and args.host_budget is not None:
-        raise InputError("--host-budget: only with --offload-dir (the disk tier)")
-    if args.offload_dir is not None:
-        budget = parse_size(args.host_budget) if args.host_budget else None
-        return Offload("disk", args.offload_dir, budget, args.landmarks)
-    return Offload("host", landmarks=args.landmarks) if args.offload else False
+    spec = offload(args)  # False, True or the disk tier's Offload
+    if spec is False:
+        return False
+    return dataclasses.replace(Offload("host") if spec is True else spec, landmarks=args.landmarks)
 
 
 class Reference:

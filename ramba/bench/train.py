@@ -45,7 +45,7 @@ from ramba.eval.measure import free_memory, parse_overrides, profiled, synchroni
 from ramba.eval.plots import Panel, line_plots
 from ramba.eval.results import format_length, parse_lengths, write_results
 from ramba.layers.mamba2 import set_compile_glue
-from ramba.train.cuda_graph import graph_applies
+from ramba.train.cuda_graph import use_cuda_graph
 from ramba.train.flops import flops_per_token, peak_flops
 from ramba.train.step import TrainStep, make_optimizer
 
@@ -129,7 +129,7 @@ def measure(
     fused_loss: bool = False,
 ) -> dict:
     """Times `steps` training steps on `[batch, length]` random tokens; returns tokens/s and memory (`cuda_graph`
-    None: as `ramba train` decides, :func:`~ramba.train.cuda_graph.graph_applies`).
+    None: as `ramba train` decides, :func:`~ramba.train.cuda_graph.use_cuda_graph`).
     With `profile_path`, the timed steps run under torch.profiler (slower) and its table of kernels by
     self device time goes to that file."""
     torch.manual_seed(seed)
@@ -143,8 +143,7 @@ def measure(
     # the step of `ramba train` with its defaults (AdamW groups, clipping at 1.0, token-mean loss), at a fixed lr
     optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.1)
     bf16 = torch.bfloat16 if device.type == "cuda" else None
-    if cuda_graph is None:
-        cuda_graph = graph_applies(device, grad_checkpointing=grad_checkpointing, fused_loss=fused_loss)
+    cuda_graph = use_cuda_graph(cuda_graph, device, grad_checkpointing=grad_checkpointing, fused_loss=fused_loss)
     step_fn = TrainStep(model, optimizer, grad_clip=1.0, autocast_dtype=bf16, cuda_graph=cuda_graph)
     ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
     if device.type == "cuda":
@@ -253,7 +252,7 @@ def run(args: argparse.Namespace, on_row: Callable[[dict], None] | None = None) 
     overrides = parse_overrides(args.overrides)
     configs = {(p, a): RambaConfig.preset(p, architecture=a, **overrides) for p in presets for a in archs}
 
-    graphed = args.cuda_graph if args.cuda_graph is not None else graph_applies(device, fused_loss=args.fused_loss)
+    graphed = use_cuda_graph(args.cuda_graph, device, fused_loss=args.fused_loss)
 
     def summary(rows: list[dict]) -> dict:
         return {

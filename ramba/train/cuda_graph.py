@@ -13,11 +13,18 @@ from collections.abc import Callable, Iterable
 import torch
 
 
-def graph_applies(
-    device: torch.device, world_size: int = 1, grad_checkpointing: bool = False, fused_loss: bool = False
+def use_cuda_graph(
+    option: bool | None,
+    device: torch.device,
+    world_size: int = 1,
+    grad_checkpointing: bool = False,
+    fused_loss: bool = False,
 ) -> bool:
-    """Whether the training option ``cuda_graph: null`` turns the CUDA graph on: one CUDA process, without gradient
-    checkpointing (recomputation cannot be captured) and without liger's fused loss (it synchronises)."""
+    """The training option ``cuda_graph`` resolved: True or False as given; None (the default) turns the CUDA graph
+    on for one CUDA process without gradient checkpointing (recomputation cannot be captured) and without liger's
+    fused loss (it synchronises)."""
+    if option is not None:
+        return option
     return device.type == "cuda" and world_size == 1 and not (grad_checkpointing or fused_loss)
 
 

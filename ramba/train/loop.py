@@ -34,7 +34,7 @@ from ramba.files import check_output, write_text_atomic
 from ramba.layers.mamba2 import set_compile_glue
 from ramba.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ramba.train.config import TrainConfig
-from ramba.train.cuda_graph import graph_applies
+from ramba.train.cuda_graph import use_cuda_graph
 from ramba.train.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -347,9 +347,7 @@ class Trainer:
             if bf16
             else contextlib.nullcontext
         )
-        graph = cfg.cuda_graph
-        if graph is None:
-            graph = graph_applies(info.device, info.world_size, cfg.grad_checkpointing, cfg.fused_loss)
+        graph = use_cuda_graph(cfg.cuda_graph, info.device, info.world_size, cfg.grad_checkpointing, cfg.fused_loss)
         self.train_step = TrainStep(
             self.model, self.optimizer, cfg.grad_accum, o.grad_clip, cfg.loss_average, dtype, graph
         )

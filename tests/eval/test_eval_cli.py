@@ -269,6 +269,20 @@ def test_bench_inference_refuses_bad_offload_options_before_work(bad, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_bench_inference_offload_options_give_the_placement(tmp_path):
+    """The same options as `ramba eval` (shared parsing), plus where the offloaded landmarks live."""
+    from ramba.bench.inference import build_parser, offload_spec
+    from ramba.model.chunk_store import Offload
+
+    def spec(*argv):
+        return offload_spec(build_parser().parse_args(list(argv)))
+
+    assert spec() == Offload("host", landmarks="sketch") and spec("--no-offload") is False
+    assert spec("--landmarks", "device") == Offload("host", landmarks="device")
+    disk = spec("--offload-dir", str(tmp_path), "--host-budget", "1m", "--landmarks", "host")
+    assert disk == Offload("disk", str(tmp_path), 2**20, "host")
+
+
 @pytest.mark.parametrize("bad", ["3", "0", "2,x"])
 def test_bench_kernels_refuses_bad_block_tokens(bad, capsys):
     assert cli.main(["bench", "kernels", "--block-tokens", bad]) == 2

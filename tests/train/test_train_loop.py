@@ -387,3 +387,13 @@ def test_ranks_beyond_the_gpus_share_them_through_gloo():
     assert resolve_backend("gloo", gpu, local_world=4, gpus=1) == "gloo"
     with pytest.raises(ConfigError, match="2 ranks on this node share 1 GPU.*distributed.backend=gloo"):
         resolve_backend("nccl", gpu, local_world=2, gpus=1)
+
+
+def test_the_cuda_graph_default_is_one_cuda_process_without_checkpointing_or_fused_loss():
+    from ramba.train.cuda_graph import use_cuda_graph
+
+    gpu, cpu = torch.device("cuda:0"), torch.device("cpu")
+    assert use_cuda_graph(None, gpu) is True and use_cuda_graph(None, cpu) is False
+    assert not use_cuda_graph(None, gpu, world_size=2)
+    assert not use_cuda_graph(None, gpu, grad_checkpointing=True) and not use_cuda_graph(None, gpu, fused_loss=True)
+    assert use_cuda_graph(True, cpu) is True and use_cuda_graph(False, gpu) is False  # an explicit choice stands
