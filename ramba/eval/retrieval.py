@@ -9,7 +9,10 @@ answer's third value: the third value's needle; a variable tracking answer's var
 assigning it; a separator: the asked needle): the rank of the best-ranked chunk of that needle (0 = the
 top; selected when below K), its score, and the K-th best score (what the needle has to beat). Ranks
 that grow with the context length show distractors crowding the needle out, as the long-context
-failures of a model trained on short ones do.
+failures of a model trained on short ones do. Where the sample has other needles (other keys, values,
+chain links, near-miss distractors), also the best score among their chunks and whether it beats the
+wanted needle's: a model that finds needles but not the asked one (a multi-key miss answering another
+key's value) shows as "other needle ahead".
 """
 
 from __future__ import annotations
@@ -48,9 +51,11 @@ def answer_token_needles(sample: TaskSample, tokenizer) -> list[int]:
 
 def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str = "fast", tokenizer=None) -> list[dict]:
     """Per answer token of `sample` (the final eos excluded) and retrieval layer (its index among the model's
-    layers): `{"token", "layer", "needle", "rank" [R], "score" [R], "kth_score" [R], "selected" [R], "chunks"}`,
-    for the needle (an index into `sample.needles`) of the answer the next token belongs to (see
-    `answer_token_needles`; without `tokenizer`, always the asked needle `sample.target`)."""
+    layers): `{"token", "layer", "needle", "rank" [R], "score" [R], "kth_score" [R], "selected" [R], "chunks",
+    "other_score" [R] | None, "other_ahead" [R] | None}`, for the needle (an index into `sample.needles`) of the
+    answer the next token belongs to (see `answer_token_needles`; without `tokenizer`, always the asked needle
+    `sample.target`); `other_score` is the best score of the complete chunks of the other needles (those sharing
+    none of this needle's chunks), None when there are none."""
     from ramba.inference import prefill
 
     layers = [
@@ -83,14 +88,16 @@ def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str =
                 captured.clear()
                 model(input_ids=ids[None, t : t + 1].to(device), past_key_values=cache, use_cache=True)
                 needle = wanted[t + 1 - sample.prompt_len]  # the query at token t serves the prediction of t + 1
-                start, end = sample.needles[needle]
-                needle_chunks = torch.arange(start // S, (end - 1) // S + 1)
+                needle_chunks = _chunks_of(sample.needles[needle], S)
+                others = set().union(*(_chunks_of(n, S).tolist() for n in sample.needles)) - set(needle_chunks.tolist())
                 for index, scores in captured.items():
                     if int(needle_chunks.max()) >= scores.shape[0]:
                         continue  # the needle's chunk is still incomplete: the local mixer's part, not retrieval's
                     best = scores[needle_chunks].max(dim=0).values  # [R]
                     rank = (scores > best).sum(dim=0)  # chunks scoring strictly higher (ties in the needle's favour)
                     kth = scores.topk(min(K, scores.shape[0]), dim=0).values[-1]
+                    rivals = [c for c in sorted(others) if c < scores.shape[0]]
+                    other = scores[rivals].max(dim=0).values if rivals else None
                     rows.append(
                         {
                             "token": t - sample.prompt_len,
@@ -101,12 +108,20 @@ def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str =
                             "kth_score": kth.tolist(),
                             "selected": (rank < K).tolist(),
                             "chunks": int(scores.shape[0]),
+                            "other_score": None if other is None else other.tolist(),
+                            "other_ahead": None if other is None else (other > best).tolist(),
                         }
                     )
     finally:
         for h in handles:
             h.remove()
     return rows
+
+
+def _chunks_of(span: tuple[int, int], chunk_size: int) -> torch.Tensor:
+    """The chunk indices a token span `[start, end)` touches."""
+    start, end = span
+    return torch.arange(start // chunk_size, (end - 1) // chunk_size + 1)
 
 
 def evaluate_needle_ranks(
@@ -176,17 +191,22 @@ def _ranks(result: dict, length: int) -> list[int]:
 
 def ranks_table(result: dict) -> str:
     """A row per length, over its answer tokens and heads: median and worst rank of the needle, how often it
-    is selected, and the median margin (needle score - K-th best score; it shrinks as distractors multiply)."""
-    lines = [f"{'length':>8} | {'median rank':>11} | {'worst rank':>10} | {'selected':>8} | {'margin':>6}"]
+    is selected, the median margin (needle score - K-th best score; it shrinks as distractors multiply), and how
+    often another needle's chunk scores above it (- where the samples hold no other needle)."""
+    lines = [
+        f"{'length':>8} | {'median rank':>11} | {'worst rank':>10} | {'selected':>8} | {'margin':>6} | other needle ahead"
+    ]
     for n in result["lengths"]:
         rows, ranks = _rows(result, n), _ranks(result, n)
         if not ranks:
-            lines.append(f"{format_length(n):>8} | {'-':>11} | {'-':>10} | {'-':>8} | {'-':>6}")
+            lines.append(f"{format_length(n):>8} | {'-':>11} | {'-':>10} | {'-':>8} | {'-':>6} | -")
             continue
         chosen = np.mean([r < result["topk"] for r in ranks])
         margin = np.median([s - k for row in rows for s, k in zip(row["score"], row["kth_score"])])
+        ahead = [a for row in rows if row["other_ahead"] is not None for a in row["other_ahead"]]
         lines.append(
-            f"{format_length(n):>8} | {np.median(ranks):>11.0f} | {max(ranks):>10d} | {chosen:>8.0%} | {margin:>6.2f}"
+            f"{format_length(n):>8} | {np.median(ranks):>11.0f} | {max(ranks):>10d} | {chosen:>8.0%} | {margin:>6.2f} | "
+            + (f"{np.mean(ahead):.0%}" if ahead else "-")
         )
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ import ramba.cli.main as cli
 from eval_helpers import tiny_model
 from ramba.data import ByteTokenizer, make_task
 from ramba.eval.retrieval import answer_token_needles, needle_ranks
+from ramba.ops.retrieval import chunk_scores
 
 
 def test_ranks_agree_with_the_real_selection():
@@ -113,3 +114,30 @@ def test_eval_ranks_cli_for_variable_tracking(model_dir, tmp_path, capsys):
     assert data["task"] == "variable_tracking:num_hops=1" and cell["answer_needles"] and cell["rows"]
     assert {r["needle"] for r in cell["rows"]} <= set(cell["answer_needles"])  # the chain's own needles only
     assert "variable_tracking:num_hops=1: rank" in capsys.readouterr().out
+
+
+def test_ranks_report_when_another_needle_outscores_the_wanted_one():
+    tok = ByteTokenizer()
+    sample = make_task("niah_multikey", tok, distractors=1).generate(900, 0.5, seed=3)
+    model = tiny_model(seed=5, topk=3)
+    layer = next(m for k, m in zip(model.model.layer_kinds, model.model.layers) if k == "retrieval")
+    seen = []  # every call's scores of all complete chunks for the last token, computed here from the layer
+    handle = layer.register_forward_hook(
+        lambda m, a, out: seen.append(chunk_scores(m.queries(a[0][:, -1:]), a[1].store.landmarks)[0, 0, 0])
+    )
+    try:
+        rows = needle_ranks(model, sample, segment_len=64, mode="exact", tokenizer=tok)
+    finally:
+        handle.remove()
+    assert len(sample.needles) == 5 and rows  # 4 keys and a near-miss key
+    for row, scores in zip(rows, seen[-len(rows) :]):
+        start, end = sample.needles[row["needle"]]
+        own = {p // 16 for p in range(start, end)}
+        rivals = {p // 16 for s, e in sample.needles for p in range(s, e)} - own
+        rivals = [c for c in rivals if c < len(scores)]
+        assert (row["other_score"] is None) == (not rivals)
+        if rivals:
+            assert row["other_score"] == [max(float(scores[c]) for c in rivals)]
+            assert row["other_ahead"] == [row["other_score"][0] > row["score"][0]]
+    single = make_task("niah_single", tok).generate(900, 0.5, seed=3)
+    assert all(r["other_score"] is None for r in needle_ranks(model, single, 64, "exact", tok))
