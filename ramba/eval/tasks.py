@@ -40,6 +40,8 @@ __all__ = [
     "evaluate_tasks",
     "save_tasks",
     "tasks_tables",
+    "samples_per_length",
+    "interval_bound",
     "load_haystacks",
     "over_haystacks",
     "sample_record",
@@ -338,11 +340,29 @@ def task_length_matrix(result: dict) -> np.ndarray:
     return np.stack([_mean_by_length(r) for r in result["tasks"].values()])
 
 
+def samples_per_length(r: dict) -> list[int]:
+    """Samples behind each length's mean (over depths) in one haystack's `evaluate_tasks` result."""
+    cells = next(iter(r["tasks"].values()))["cells"]
+    return [sum(len(c["samples"]) for c in cells if c["length"] == int(n)) for n in r["lengths"]]
+
+
+def interval_bound(n: int) -> float:
+    """Half-width bound of a 95% normal interval for the mean of `n` independent scores in [0, 1]
+    (their standard deviation is at most 0.5)."""
+    return 1.96 * 0.5 / np.sqrt(max(n, 1))
+
+
 def tasks_tables(result: dict) -> str:
-    """A task x length table (mean over depths) per haystack of an `over_haystacks` result."""
+    """A task x length table (mean over depths) per haystack of an `over_haystacks` result; the title says how
+    many samples each table cell averages and the widest 95% interval that allows."""
     blocks = []
     for name, r in result["haystacks"].items():
-        title = f"haystack {name}{' (held out)' if r['held_out'] else ''}: mean score over {len(r['depths'])} depths"
+        n = samples_per_length(r)
+        count = str(min(n)) if min(n) == max(n) else f"{min(n)}-{max(n)}"
+        title = (
+            f"haystack {name}{' (held out)' if r['held_out'] else ''}: mean score over {len(r['depths'])} depths, "
+            f"n = {count} samples a table cell (95% interval within ±{interval_bound(min(n)):.2f})"
+        )
         lengths = [format_length(int(n)) for n in r["lengths"]]
         blocks.append(title + "\n" + format_table(task_length_matrix(r), list(r["tasks"]), lengths, corner="task"))
     return "\n\n".join(blocks)

@@ -20,9 +20,11 @@ from ramba.eval.tasks import (
     continue_prompts,
     evaluate_task,
     evaluate_tasks,
+    interval_bound,
     load_haystacks,
     over_haystacks,
     parse_task_spec,
+    samples_per_length,
     tasks_tables,
 )
 
@@ -166,6 +168,7 @@ def test_over_haystacks_names_each_and_the_held_out(monkeypatch, token_file):
     ]
     table = tasks_tables(result)
     assert f"haystack {token_file.path.name} (held out)" in table
+    assert table.count("n = 1 samples a table cell (95% interval within ±0.98)") == 2
     assert [line.split() for line in table.splitlines() if line.strip().startswith("niah_single")] == [
         ["niah_single", "|", "1.000", "0.000", "|", "0.500"]
     ] * 2
@@ -216,3 +219,20 @@ def test_task_specs_take_every_option_type():
     assert s.metadata == {"key_format": "number", "value_format": "word", "digits": 7, "phrasing": 3}
     with pytest.raises(EvalError, match="key_format: expected one of"):
         build_task("niah_single:key_format=hex", TOK)
+
+
+def test_samples_per_length_and_the_interval_bound(monkeypatch):
+    """Lengths with different sample counts (as --long-samples gives above 1M) show as a range; the bound is
+    1.96 x the largest standard error of a mean of n scores in [0, 1] (0.5 / sqrt(n))."""
+    specs = ["niah_single"]
+    task = make_task("niah_single", TOK)
+    lengths = [520, 700]
+    samples = _samples(task, lengths, [0.0, 1.0], 3)
+    monkeypatch.setattr(ramba.inference, "generate", Oracle(samples, lambda s: s.answer))
+    r = evaluate_tasks(tiny_model(), TOK, specs, lengths, [0.0, 1.0], 3)
+    assert samples_per_length(r) == [6, 6]
+    r["tasks"]["niah_single"]["cells"][0]["samples"].pop()  # as if the first length had fewer samples
+    assert samples_per_length(r) == [5, 6]
+    table = tasks_tables({"haystacks": {"template": {**r, "held_out": False}}})
+    assert "n = 5-6 samples a table cell (95% interval within ±0.44)" in table
+    assert interval_bound(48) == pytest.approx(1.96 * np.std([0.0, 1.0]) / np.sqrt(48))
