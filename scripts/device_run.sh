@@ -5,7 +5,8 @@
 # not time benchmarks beside a lane). At the end every *.metrics.jsonl under $OUT goes into one
 # train-metrics.tgz (at most 8 files come back).
 # Sections (run in the order given, each bounded by its own timeout, outputs under $OUT):
-#   tests        the GPU tests but the slow ones (fp32 fla kernels: minutes of compiling)
+#   tests        the GPU tests but the slow ones (fp32 fla kernels: minutes of compiling); this and pytest:FILES print
+#                a line per test with the time it finished, so a run cut by its timeout still shows where the time went
 #   tests-model  the GPU tests of the model (fast paths against the CPU paths, cache and offload, a training step)
 #   hsa          HSA GPU tests + ramba bench kernels (ramba/bench/hsa.py; beside .carry/hsa_triton_v2.py's kernels when carried:
 #                git show 9efe38d:ramba/ops/hsa/triton.py > .carry/hsa_triton_v2.py)
@@ -128,6 +129,10 @@ passkey_model() {  # NAME: this call's export in $OUT, else the carried model, e
     echo "$file"
 }
 
+stamped() {  # run "$@", every output line prefixed with the time: a test run cut by its timeout still shows its pace
+    "$@" 2>&1 | while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done
+}
+
 section() {
     local name=${1%%:*} arch stage steps seconds init_from lengths samples depths
     echo "== $1 $(date -u +%FT%TZ)"
@@ -195,8 +200,8 @@ section() {
             IFS=: read -r _ arch lengths <<<"$1"
             python3 -m ramba eval ranks --model "$(passkey_model "$arch")" --lengths "$lengths" --depths 0,0.5,1 \
                 --mode fast --segment-len 65536 --haystack data/python-doc --out "$OUT" --name "ranks-$arch" --no-progress ;;
-        tests) timeout "${TESTS_SECONDS:-300}" python3 -m pytest -m "gpu and not slow" tests/gpu -q -rfE --tb=short --show-capture=no -p no:cacheprovider ;;
-        pytest) timeout "${TESTS_SECONDS:-300}" python3 -m pytest -m gpu ${1#pytest:} -q -rfE --tb=short -p no:cacheprovider ;;
+        tests) stamped timeout "${TESTS_SECONDS:-300}" python3 -m pytest -m "gpu and not slow" tests/gpu -v -rfE --tb=short --show-capture=no -p no:cacheprovider ;;
+        pytest) stamped timeout "${TESTS_SECONDS:-300}" python3 -m pytest -m gpu ${1#pytest:} -v -rfE --tb=short -p no:cacheprovider ;;
         tests-graph) timeout 400 python3 -m pytest -m gpu tests/gpu/test_cuda_graph_gpu.py -q -rfE -p no:cacheprovider ;;
         tests-nsa) timeout 300 python3 -m pytest -m gpu tests/gpu/test_nsa_gpu.py -v -rfEs --durations=5 -p no:cacheprovider ;;
         tests-model) timeout 400 python3 -m pytest -m "gpu and not slow" tests/gpu/test_model_gpu.py -q -rfE -p no:cacheprovider ;;
