@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 HQ, H, D, S, K = 16, 1, 64, 64, 8
 SHAPES = [(64, 4096), (16, 16384), (4, 65536), (1, 131072)]
+CALL_TOKENS = 262_144  # B × T of every shape but the last (the plot scales that one to it)
 PATTERNS = ("uniform", "recency", "trained")
 # the "trained" pattern's selection, written by benchmarks/dump_selection.py (relative to the working directory)
 SELECTION = os.path.join("benchmarks", "results", "selection_tiny_passkey.pt")
@@ -323,31 +324,65 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
+def per_call(row: dict, key: str) -> float:
+    """`row[key]` (ms) scaled to a call of 262,144 tokens (the 1×128K rows have half as many)."""
+    return row[key] * CALL_TOKENS / row["tokens"]
+
+
+def tile_sizes(row: dict) -> list[tuple[int, float]]:
+    """`(tokens per tile, forward ms)` of one row: the default tile (`default_block_tokens`) and every
+    `hsa_bt{N}_fwd_ms` that `--block-tokens` added, by tile size."""
+    from ramba.ops.hsa.triton import default_block_tokens
+
+    pts = {default_block_tokens(HQ // H): row["hsa_fwd_ms"]} if "hsa_fwd_ms" in row else {}
+    for key, value in row.items():
+        if key.startswith("hsa_bt") and key.endswith("_fwd_ms"):
+            pts[int(key[len("hsa_bt") : -len("_fwd_ms")])] = value
+    return sorted(pts.items())
+
+
 def plot(result, path) -> None:
+    """Forward and forward+backward by T (ms per 262,144 tokens), and, where `--block-tokens` timed other
+    tiles, the forward by tokens per tile."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    runs = result["runs"]
+    tiles = any(len(tile_sizes(r)) > 1 for r in runs)
+    fig, axes = plt.subplots(1, 3 if tiles else 2, figsize=(18 if tiles else 12, 4.5))
     styles = {"hsa": ("-", "HSA triton"), "baseline": (":", "HSA baseline"), "fla_nsa": ("--", "fla NSA")}
+    title = f"{result['machine']['gpu']}, {result['date'][:10]}"
     for ax, phase in zip(axes, ("fwd", "fwdbwd")):
         for i, pattern in enumerate(PATTERNS):
-            runs = [r for r in result["runs"] if r["pattern"] == pattern]
+            rows = [r for r in runs if r["pattern"] == pattern]
             for name, (ls, label) in styles.items():
-                pts = [(r["T"], r[f"{name}_{phase}_ms"]) for r in runs if f"{name}_{phase}_ms" in r]
+                pts = [(r["T"], per_call(r, f"{name}_{phase}_ms")) for r in rows if f"{name}_{phase}_ms" in r]
                 if pts:
                     ax.plot(*zip(*pts), ls, color=f"C{i}", marker="o", label=f"{label}, {pattern}")
-        pts = [(r["T"], r[f"sdpa_flash_{phase}_ms"]) for r in result["runs"] if f"sdpa_flash_{phase}_ms" in r]
+        pts = [(r["T"], per_call(r, f"sdpa_flash_{phase}_ms")) for r in runs if f"sdpa_flash_{phase}_ms" in r]
         if pts:
             ax.plot(*zip(*pts), "-", color="k", marker="s", label="SDPA flash causal")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("T (B x T = 262144, 131072 at T=128K)")
-        ax.set_ylabel("median ms")
-        ax.set_title(f"{phase}, {result['machine']['gpu']}, {result['date'][:10]}")
+        ax.set_xlabel("T (B x T = 262,144; 131,072 at T = 128K, scaled to 262,144)")
+        ax.set_ylabel(f"median ms per {CALL_TOKENS:,} tokens")
+        ax.set_title(f"{phase}, {title}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
+    if tiles:
+        ax = axes[2]
+        for i, pattern in enumerate(PATTERNS):
+            for r, ls in zip([r for r in runs if r["pattern"] == pattern], ("-", "--", "-.", ":")):
+                pts = [(bt, ms * CALL_TOKENS / r["tokens"]) for bt, ms in tile_sizes(r)]
+                ax.plot(*zip(*pts), ls, color=f"C{i}", marker="o", label=f"{pattern}, {r['B']}x{r['T'] // 1024}K")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per forward tile (4 = the default for 16 query heads a kv head)")
+        ax.set_ylabel(f"HSA forward, median ms per {CALL_TOKENS:,} tokens")
+        ax.set_title(f"forward by tile size, {title}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
