@@ -324,9 +324,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
-def per_call(row: dict, key: str) -> float:
-    """`row[key]` (ms) scaled to a call of 262,144 tokens (the 1×128K rows have half as many)."""
-    return row[key] * CALL_TOKENS / row["tokens"]
+def per_call(row: dict, ms: float) -> float:
+    """`ms`, a time of `row`'s call, scaled to a call of 262,144 tokens (the 1×128K rows have half as many)."""
+    return ms * CALL_TOKENS / row["tokens"]
 
 
 def tile_sizes(row: dict) -> list[tuple[int, float]]:
@@ -358,10 +358,10 @@ def plot(result, path) -> None:
         for i, pattern in enumerate(PATTERNS):
             rows = [r for r in runs if r["pattern"] == pattern]
             for name, (ls, label) in styles.items():
-                pts = [(r["T"], per_call(r, f"{name}_{phase}_ms")) for r in rows if f"{name}_{phase}_ms" in r]
+                pts = [(r["T"], per_call(r, r[f"{name}_{phase}_ms"])) for r in rows if f"{name}_{phase}_ms" in r]
                 if pts:
                     ax.plot(*zip(*pts), ls, color=f"C{i}", marker="o", label=f"{label}, {pattern}")
-        pts = [(r["T"], per_call(r, f"sdpa_flash_{phase}_ms")) for r in runs if f"sdpa_flash_{phase}_ms" in r]
+        pts = [(r["T"], per_call(r, r[f"sdpa_flash_{phase}_ms"])) for r in runs if f"sdpa_flash_{phase}_ms" in r]
         if pts:
             ax.plot(*zip(*pts), "-", color="k", marker="s", label="SDPA flash causal")
         ax.set_xscale("log", base=2)
@@ -375,7 +375,7 @@ def plot(result, path) -> None:
         ax = axes[2]
         for i, pattern in enumerate(PATTERNS):
             for r, ls in zip([r for r in runs if r["pattern"] == pattern], ("-", "--", "-.", ":")):
-                pts = [(bt, ms * CALL_TOKENS / r["tokens"]) for bt, ms in tile_sizes(r)]
+                pts = [(bt, per_call(r, ms)) for bt, ms in tile_sizes(r)]
                 ax.plot(*zip(*pts), ls, color=f"C{i}", marker="o", label=f"{pattern}, {r['B']}x{r['T'] // 1024}K")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens per forward tile (4 = the default for 16 query heads a kv head)")

@@ -80,6 +80,8 @@ def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str =
     handles = [m.register_forward_hook(capture(i)) for i, m in layers]
     device = model.get_input_embeddings().weight.device
     ids = torch.as_tensor(sample.input_ids, dtype=torch.long)
+    chunks_of_needle = [_chunks_of(n, S) for n in sample.needles]
+    needle_chunk_set = set().union(*(c.tolist() for c in chunks_of_needle))  # every needle's chunks
     rows = []
     try:
         with torch.no_grad():
@@ -88,15 +90,15 @@ def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str =
                 captured.clear()
                 model(input_ids=ids[None, t : t + 1].to(device), past_key_values=cache, use_cache=True)
                 needle = wanted[t + 1 - sample.prompt_len]  # the query at token t serves the prediction of t + 1
-                needle_chunks = _chunks_of(sample.needles[needle], S)
-                others = set().union(*(_chunks_of(n, S).tolist() for n in sample.needles)) - set(needle_chunks.tolist())
+                needle_chunks = chunks_of_needle[needle]
+                others = sorted(needle_chunk_set - set(needle_chunks.tolist()))
                 for index, scores in captured.items():
                     if int(needle_chunks.max()) >= scores.shape[0]:
                         continue  # the needle's chunk is still incomplete: the local mixer's part, not retrieval's
                     best = scores[needle_chunks].max(dim=0).values  # [R]
                     rank = (scores > best).sum(dim=0)  # chunks scoring strictly higher (ties in the needle's favour)
                     kth = scores.topk(min(K, scores.shape[0]), dim=0).values[-1]
-                    rivals = [c for c in sorted(others) if c < scores.shape[0]]
+                    rivals = [c for c in others if c < scores.shape[0]]
                     other = scores[rivals].max(dim=0).values if rivals else None
                     rows.append(
                         {

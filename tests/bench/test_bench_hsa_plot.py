@@ -18,7 +18,7 @@ def _result(runs):
 def test_times_are_scaled_to_one_call_and_tiles_sorted():
     full, half = _row("uniform", 64, 4096, 2.0), _row("uniform", 1, 131072, 1.5)
     assert full["tokens"] == CALL_TOKENS
-    assert per_call(full, "hsa_fwd_ms") == 2.0 and per_call(half, "hsa_fwd_ms") == pytest.approx(3.0)
+    assert per_call(full, full["hsa_fwd_ms"]) == 2.0 and per_call(half, half["hsa_fwd_ms"]) == pytest.approx(3.0)
     row = _row("trained", 4, 65536, 2.9, hsa_bt8_fwd_ms=4.2, hsa_bt1_fwd_ms=5.4, hsa_bt2_fwd_ms=5.5)
     assert tile_sizes(row) == [(1, 5.4), (2, 5.5), (4, 2.9), (8, 4.2)]  # 4: the default tile for 16 heads a kv head
     assert tile_sizes(_row("trained", 4, 65536, 2.9)) == [(4, 2.9)]
