@@ -6,7 +6,8 @@
 # working tree (~12 MB) and any kernel-cache parts (~21 MB): pack only the corpora the call uses, e.g.
 #   scripts/device_carry.sh shakespeare gcide python-doc    # training stages 1-2 and the evaluation
 #   scripts/device_carry.sh shakespeare linux-doc python-doc  # stage 3 and the evaluation
-# Names: shakespeare (5 MB packed), gcide (13 MB), linux-doc (9 MB), python-doc (3 MB); default: all four.
+# Names: shakespeare (5 MB packed), gcide (13 MB), linux-doc (9 MB), python-doc (3 MB), debian-handbook and
+# debian-manuals (~1 MB each); default: the first four.
 # Kernel-cache parts that section save-cache returned go into .carry/ by hand (see device_run.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,8 +36,8 @@ fi
 for c in "$@"; do
     case "$c" in
         gcide) [ -f .carry/corpus/gcide.txt.gz ] || gzip -c corpus/gcide.txt > .carry/corpus/gcide.txt.gz ;;
-        shakespeare|python-doc|linux-doc) [ -f ".carry/corpus/$c.tgz" ] || tar -czf ".carry/corpus/$c.tgz" -C corpus "$c" ;;
-        *) echo "unknown corpus: $c (shakespeare, gcide, linux-doc, python-doc)" >&2; exit 2 ;;
+        shakespeare|python-doc|linux-doc|debian-handbook|debian-manuals) [ -f ".carry/corpus/$c.tgz" ] || tar -czf ".carry/corpus/$c.tgz" -C corpus "$c" ;;
+        *) echo "unknown corpus: $c (shakespeare, gcide, linux-doc, python-doc, debian-handbook, debian-manuals)" >&2; exit 2 ;;
     esac
 done
 du -sh .whl .carry

@@ -53,7 +53,7 @@
 #   passkey-train:ARCH:STAGE:STEPS[:SECONDS[:INIT]]
 #                train stage 1, 2, 3 or 4 (recipes/tiny-passkey-1k.yaml, tiny-passkey.yaml, tiny-passkey-distractors.yaml,
 #                tiny-passkey-hard.yaml; each stage from the one before: this call's run, else the carried model)
-#                of ARCH (ramba, mamba2 or swa) for STEPS steps, then export $OUT/passkey-ARCH[-sN].safetensors and its
+#                of ARCH (ramba, mamba2, swa, or ramba2g: two retrieval groups) for STEPS steps, then export $OUT/passkey-ARCH[-sN].safetensors and its
 #                metrics; SECONDS bounds the run (default 540); INIT: continue from these weights instead
 #                (a continuation: 50 warmup steps to lr 5e-4)
 #   recipe:FILE:NAME:STEPS[:SECONDS[:SETTINGS]]
@@ -61,7 +61,9 @@
 #                (comma-separated KEY=VALUE), then export $OUT/NAME.safetensors and NAME.metrics.jsonl
 #   passkey-eval:NAME:LENGTHS:SAMPLES[:DEPTHS[:HAYSTACK]]
 #                ramba eval passkey of passkey-NAME.safetensors (this call's $OUT, else .carry/models/, else the
-#                shipped model for NAME ramba) on the unseen python-doc haystack, fast mode, offload; JSON + PNG
+#                shipped model for NAME ramba) on data/HAYSTACK (default python-doc; template: the repeated sentence),
+#                fast mode, offload; JSON + PNG. Both evaluations: EVAL_BATCH prompts of a cell generated together
+#                (default 1), LONG_SAMPLES samples a cell beyond 1M tokens (default SAMPLES)
 #   tasks-eval:NAME:LENGTHS:SAMPLES[:HAYSTACK[:DEPTHS[:TASKS]]]
 #                ramba eval tasks (default niah_single, niah_multikey; TASKS comma-separated) of passkey-NAME.safetensors,
 #                found as for passkey-eval, on data/HAYSTACK (default python-doc), DEPTHS (default 0,0.5,1), fast mode, offload
@@ -85,6 +87,7 @@
 #                STEPS steps (default 30) against one process at micro-batch 16, then the 2-rank run resumed in one
 #                process for 10 more; losses and checkpoint folders -> ddp-one-gpu.json (run corpus first)
 #   drop:GLOB    delete $OUT/GLOB (models a later stage of the same call superseded)
+#   pack:NAME:GLOB  move $OUT/GLOB (space-separated patterns) into $OUT/NAME.tgz (at most 8 files come back)
 # Carried wheels in .whl/ (fla-core, mamba-ssm built with MAMBA_SKIP_CUDA_BUILD=TRUE, einops) are installed first. At most 8 files come back from $OUT.
 # The carried folder .carry/ (git-ignored; name it and .whl in the device call's carry list) holds the
 # corpora (scripts/device_carry.sh packs them), models and the kernel cache.
@@ -118,6 +121,7 @@ arch_overrides() {
         ramba) ;;
         mamba2) echo "--set model.overrides.architecture=mamba2" ;;
         swa) echo "--set model.overrides.local_mixer=swa" ;;
+        ramba2g) echo "--set model.overrides.retrieval_groups=2" ;;
         *) echo "unknown architecture: $1" >&2; return 2 ;;
     esac
 }
@@ -128,6 +132,14 @@ passkey_model() {  # NAME: this call's export in $OUT, else the carried model, e
     [ -f "$file" ] || [ "$1" != ramba ] || file=ramba/pretrained/tiny-ruler.safetensors
     echo "$file"
 }
+
+haystack_arg() {  # a corpus name under data/, or template (the repeated sentence)
+    if [ "$1" = template ]; then echo template; else echo "data/$1"; fi
+}
+
+# the evaluations' batch size and samples a cell beyond 1M tokens (environment: EVAL_BATCH, LONG_SAMPLES)
+eval_opts=(--batch-size "${EVAL_BATCH:-1}")
+[ -z "${LONG_SAMPLES:-}" ] || eval_opts+=(--long-samples "$LONG_SAMPLES")
 
 stamped() {  # run "$@", every output line prefixed with the time: a test run cut by its timeout still shows its pace
     "$@" 2>&1 | while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done
@@ -143,9 +155,12 @@ section() {
             mkdir -p corpus data
             for f in .carry/corpus/$only*.tgz; do [ -e "$f" ] && tar -xzf "$f" -C corpus; done
             for f in .carry/corpus/$only*.txt.gz; do [ -e "$f" ] && zcat "$f" > "corpus/$(basename "$f" .gz)"; done
-            for src in corpus/*; do
-                python3 -m ramba prepare "$src" -o "data/$(basename "$src" .txt)" --overwrite --no-progress || return 1
-            done ;;
+            local pids=() pid
+            for src in corpus/*; do  # side by side: one process a corpus
+                python3 -m ramba prepare "$src" -o "data/$(basename "$src" .txt)" --overwrite --no-progress &
+                pids+=($!)
+            done
+            for pid in "${pids[@]}"; do wait "$pid" || return 1; done ;;
         recipe)
             local file sets args=()
             IFS=: read -r _ file stem steps seconds sets <<<"$1"
@@ -187,14 +202,15 @@ section() {
             local haystack tasks
             IFS=: read -r _ arch lengths samples depths haystack <<<"$1"
             python3 -m ramba eval passkey --model "$(passkey_model "$arch")" --lengths "$lengths" \
-                --depths "${depths:-0,0.25,0.5,0.75,1}" --samples "$samples" --mode fast --offload \
-                --segment-len 65536 --haystack "data/${haystack:-python-doc}" --out "$OUT" \
+                --depths "${depths:-0,0.25,0.5,0.75,1}" --samples "$samples" "${eval_opts[@]}" --mode fast --offload \
+                --segment-len 65536 --haystack "$(haystack_arg "${haystack:-python-doc}")" --out "$OUT" \
                 --name "passkey-$arch-${haystack:-python-doc}-to-${lengths##*,}" --no-progress ;;
         tasks-eval)
             IFS=: read -r _ arch lengths samples haystack depths tasks <<<"$1"
             python3 -m ramba eval tasks --model "$(passkey_model "$arch")" --lengths "$lengths" \
                 --tasks "${tasks:-niah_single,niah_multikey}" --depths "${depths:-0,0.5,1}" --samples "$samples" \
-                --mode fast --offload --segment-len 65536 --haystack "data/${haystack:-python-doc}" \
+                "${eval_opts[@]}" --mode fast --offload --segment-len 65536 \
+                --haystack "$(haystack_arg "${haystack:-python-doc}")" \
                 --out "$OUT" --name "tasks-$arch-${haystack:-python-doc}-to-${lengths##*,}" --no-progress ;;
         ranks)
             IFS=: read -r _ arch lengths <<<"$1"
@@ -333,6 +349,12 @@ print("ddp-one-gpu: max relative loss difference", out["max_rel_diff"], "checkpo
 EOF
             ;;
         drop) rm -f "$OUT"/${1#drop:} ;;
+        pack)
+            local stem globs
+            IFS=: read -r _ stem globs <<<"$1"
+            # shellcheck disable=SC2086
+            (cd "$OUT" && shopt -s nullglob && files=($globs) && [ ${#files[@]} -gt 0 ] &&
+                tar -czf "$stem.tgz" "${files[@]}" && rm -f "${files[@]}") ;;
         save-cache) tar -czf - -C "$TRITON_CACHE_DIR" . | split -b 15000000 - "$OUT/triton-cache.tgz.part-" && ls -la "$OUT" ;;
         *) echo "unknown section: $name"; return 2 ;;
     esac
