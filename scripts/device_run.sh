@@ -63,7 +63,7 @@
 #                ramba eval passkey of passkey-NAME.safetensors (this call's $OUT, else .carry/models/, else the
 #                shipped model for NAME ramba) on data/HAYSTACK (default python-doc; template: the repeated sentence),
 #                fast mode, offload; JSON + PNG. Both evaluations: EVAL_BATCH prompts of a cell generated together
-#                (default 1), LONG_SAMPLES samples a cell beyond 1M tokens (default SAMPLES)
+#                (default 1), LONG_SAMPLES samples a cell beyond 1M tokens (default SAMPLES), EVAL_SECONDS bounds each (default 540)
 #   tasks-eval:NAME:LENGTHS:SAMPLES[:HAYSTACK[:DEPTHS[:TASKS]]]
 #                ramba eval tasks (default niah_single, niah_multikey; TASKS comma-separated) of passkey-NAME.safetensors,
 #                found as for passkey-eval, on data/HAYSTACK (default python-doc), DEPTHS (default 0,0.5,1), fast mode, offload
@@ -201,13 +201,13 @@ section() {
         passkey-eval)
             local haystack tasks
             IFS=: read -r _ arch lengths samples depths haystack <<<"$1"
-            python3 -m ramba eval passkey --model "$(passkey_model "$arch")" --lengths "$lengths" \
+            timeout "${EVAL_SECONDS:-540}" python3 -m ramba eval passkey --model "$(passkey_model "$arch")" --lengths "$lengths" \
                 --depths "${depths:-0,0.25,0.5,0.75,1}" --samples "$samples" "${eval_opts[@]}" --mode fast --offload \
                 --segment-len 65536 --haystack "$(haystack_arg "${haystack:-python-doc}")" --out "$OUT" \
                 --name "passkey-$arch-${haystack:-python-doc}-to-${lengths##*,}" --no-progress ;;
         tasks-eval)
             IFS=: read -r _ arch lengths samples haystack depths tasks <<<"$1"
-            python3 -m ramba eval tasks --model "$(passkey_model "$arch")" --lengths "$lengths" \
+            timeout "${EVAL_SECONDS:-540}" python3 -m ramba eval tasks --model "$(passkey_model "$arch")" --lengths "$lengths" \
                 --tasks "${tasks:-niah_single,niah_multikey}" --depths "${depths:-0,0.5,1}" --samples "$samples" \
                 "${eval_opts[@]}" --mode fast --offload --segment-len 65536 \
                 --haystack "$(haystack_arg "${haystack:-python-doc}")" \
