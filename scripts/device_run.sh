@@ -66,7 +66,8 @@
 #                (default 1), LONG_SAMPLES samples a cell beyond 1M tokens (default SAMPLES), EVAL_SECONDS bounds each (default 540)
 #   tasks-eval:NAME:LENGTHS:SAMPLES[:HAYSTACK[:DEPTHS[:TASKS]]]
 #                ramba eval tasks (default niah_single, niah_multikey; TASKS comma-separated) of passkey-NAME.safetensors,
-#                found as for passkey-eval, on data/HAYSTACK (default python-doc), DEPTHS (default 0,0.5,1), fast mode, offload
+#                found as for passkey-eval, on data/HAYSTACK (default python-doc), DEPTHS (default 0,0.5,1), fast mode, offload;
+#                one task alone: its name ends the results file's (one file a task, so a cut run keeps the tasks done)
 #   ranks:NAME:LENGTHS
 #                ramba eval ranks of passkey-NAME.safetensors (found as for passkey-eval) on the python-doc haystack:
 #                the needle chunk's rank and score margin at every answer digit (3 depths, fast mode)
@@ -206,12 +207,14 @@ section() {
                 --segment-len 65536 --haystack "$(haystack_arg "${haystack:-python-doc}")" --out "$OUT" \
                 --name "passkey-$arch-${haystack:-python-doc}-to-${lengths##*,}" --no-progress ;;
         tasks-eval)
+            local suffix=
             IFS=: read -r _ arch lengths samples haystack depths tasks <<<"$1"
+            [[ -z $tasks || $tasks == *,* ]] || suffix=-$tasks
             timeout "${EVAL_SECONDS:-540}" python3 -m ramba eval tasks --model "$(passkey_model "$arch")" --lengths "$lengths" \
                 --tasks "${tasks:-niah_single,niah_multikey}" --depths "${depths:-0,0.5,1}" --samples "$samples" \
                 "${eval_opts[@]}" --mode fast --offload --segment-len 65536 \
                 --haystack "$(haystack_arg "${haystack:-python-doc}")" \
-                --out "$OUT" --name "tasks-$arch-${haystack:-python-doc}-to-${lengths##*,}" --no-progress ;;
+                --out "$OUT" --name "tasks-$arch-${haystack:-python-doc}-to-${lengths##*,}$suffix" --no-progress ;;
         ranks)
             IFS=: read -r _ arch lengths <<<"$1"
             python3 -m ramba eval ranks --model "$(passkey_model "$arch")" --lengths "$lengths" --depths 0,0.5,1 \
