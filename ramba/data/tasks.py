@@ -69,6 +69,8 @@ class TaskSample:
     target:     index into `needles` of the needle asked about (placed at `depth`).
     haystack_span: `(start, end)` of the region holding haystack and needles.
     answer_needles: per answer, the index into `needles` of the needle that holds it.
+    needle_answers: per needle (in the order of `needles`), the string an answer read from it would hold (its
+                    value, pass key or variable name; distractors' too), so a wrong answer can be traced to a needle.
     metadata:   the sample's options (formats, digits, phrasing), drawn per sample with `vary`.
     """
 
@@ -83,10 +85,16 @@ class TaskSample:
     haystack_span: tuple[int, int]
     answer_needles: list[int] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    needle_answers: list[str] = field(default_factory=list)
 
     @property
     def answer_ids(self) -> np.ndarray:
         return self.input_ids[self.prompt_len :]
+
+    def needles_answered(self, prediction: str) -> list[int]:
+        """Indices into `needles` of the needles whose answer string (`needle_answers`) `prediction` holds as a
+        whole word: the asked ones when it is right, another key's, chain's or a distractor's when it is not."""
+        return [i for i, a in enumerate(self.needle_answers) if _contains_word(prediction, a)]
 
     def labels(self) -> np.ndarray:
         """`[length]` int64: the answer tokens, IGNORE_INDEX (-100) on the prompt."""
@@ -304,6 +312,7 @@ class Task:
         length: int,
         rng: random.Random,
         needles: Sequence[str],
+        holds: Sequence[str],
         depths: Sequence[float],
         target: int,
         question: str,
@@ -312,8 +321,8 @@ class Task:
         answer_needles: list[int],
         metadata: dict,
     ) -> TaskSample:
-        """Lays out `needles` (the i-th at `depths[i]`) in the haystack; `target` and `answer_needles` index
-        `needles` as given, the sample's fields index them in order of position."""
+        """Lays out `needles` (the i-th at `depths[i]`, holding the answer string `holds[i]`) in the haystack;
+        `target` and `answer_needles` index `needles` as given, the sample's fields index them in order of position."""
         tok = self.tokenizer
         head = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(self.intro)
         needle_ids = [tok.encode(" " + n + " ") for n in needles]
@@ -353,6 +362,7 @@ class Task:
             haystack_span=(len(head), hay_end),
             answer_needles=[order.index(i) for i in answer_needles],
             metadata=metadata,
+            needle_answers=[holds[i] for i in order],
         )
 
 
@@ -417,7 +427,7 @@ class PasskeyTask(Task):
         key = _draw(fmt, rng, digits)
         key = self.key or key  # the draw happens either way, so the haystack of a seed does not depend on `key`
         needle, question = self.phrasings[opt["phrasing"]]
-        needles = [needle.format(key=key)]
+        needles, holds = [needle.format(key=key)], [key]
         depths = [depth]
         for _ in range(self.distractors):  # drawn after the key: a seed's sample without distractors is unchanged
             name = rng.choice(DISTRACTOR_NAMES)
@@ -428,8 +438,9 @@ class PasskeyTask(Task):
             else:
                 number = _draw(fmt, rng, digits)
             needles.append(f"The {name} is {number}. {number} is the {name}.")
+            holds.append(number)
             depths.append(rng.random())
-        return self._assemble(length, rng, needles, depths, 0, question, f" {key}.", [key], [0], opt)
+        return self._assemble(length, rng, needles, holds, depths, 0, question, f" {key}.", [key], [0], opt)
 
     def score(self, sample, prediction):
         """1 when the first number (word, UUID: the key's format) in `prediction` is the pass key, else 0."""
@@ -500,10 +511,11 @@ class NeedleTask(Task):
         noun = _NOUNS[vf]
         keys = _unique(lambda: _draw(kf, rng, digits), self.num_keys)
         values = _unique(lambda: _draw(vf, rng, digits), self.num_keys * self.num_values, keys)
-        needles, depths, owner = [], [], []
+        needles, holds, depths, owner = [], [], [], []
         for k, key in enumerate(keys):
             for v in range(self.num_values):
                 needles.append(needle.format(noun=noun, key=key, value=values[k * self.num_values + v]))
+                holds.append(values[k * self.num_values + v])
                 depths.append(rng.random())
                 owner.append(k)
         depths[0] = depth
@@ -517,6 +529,7 @@ class NeedleTask(Task):
             fake_values = _unique(lambda: _draw(vf, rng, digits), self.distractors, keys + values + fake_keys)
             for key, value in zip(fake_keys, fake_values):
                 needles.append(needle.format(noun=noun, key=key, value=value))
+                holds.append(value)
                 depths.append(rng.random())
                 owner.append(-1)
         # Values are listed per queried key in order of appearance (depth), as a reader would find them.
@@ -530,7 +543,17 @@ class NeedleTask(Task):
         who = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
         question = (ask_one if len(answers) == 1 else ask_many).format(noun=noun, who=who)
         return self._assemble(
-            length, rng, needles, depths, 0, question, " " + ", ".join(answers) + ".", answers, answer_needles, opt
+            length,
+            rng,
+            needles,
+            holds,
+            depths,
+            0,
+            question,
+            " " + ", ".join(answers) + ".",
+            answers,
+            answer_needles,
+            opt,
         )
 
 
@@ -573,7 +596,7 @@ class VariableTrackingTask(Task):
             fake = _unique(lambda: _near_miss(values[0], opt["value_format"], rng), self.distractors, values)
             names += _unique(lambda: "".join(rng.choice(upper) for _ in range(5)), self.distractors * hops, names)
             values += fake
-        needles, depths = [], []
+        needles, holds, depths = [], [], []
         for c in range(len(values)):
             chain = names[c * hops : (c + 1) * hops]
             start = depth if c == 0 else rng.random()
@@ -583,11 +606,13 @@ class VariableTrackingTask(Task):
             for prev, cur, d in zip(chain, chain[1:], later):
                 needles.append(assign.format(cur=cur, prev=prev))
                 depths.append(d)
+            holds += chain
         answers = names[:hops]
         return self._assemble(
             length,
             rng,
             needles,
+            holds,
             depths,
             0,
             question.format(value=values[0]),

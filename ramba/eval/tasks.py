@@ -161,7 +161,10 @@ def continue_prompts(
 def sample_record(sample: TaskSample, prediction: str, score: float, seed: int) -> dict:
     """What a results file keeps of one sample: the expected and the predicted answer, and where the needles
     are (`needle_position`: the asked needle's first token; `answer_positions`: per expected answer, the first
-    token of the needle holding it; `needles`: every needle's `[start, end)`, distractors included)."""
+    token of the needle holding it; `needles`: every needle's `[start, end)`, distractors included;
+    `answered_needles`: the indices into `needles` of those whose answer string the prediction holds, and
+    `wanted_needles`, those of the expected answers: a wrong answer taken from another needle shows as an index
+    missing from the second)."""
     return {
         "seed": seed,
         "answer": sample.answer,
@@ -172,6 +175,8 @@ def sample_record(sample: TaskSample, prediction: str, score: float, seed: int) 
         "needle_position": sample.needles[sample.target][0],
         "answer_positions": [sample.needles[i][0] for i in sample.answer_needles],
         "needles": [list(n) for n in sample.needles],
+        "answered_needles": sample.needles_answered(prediction),
+        "wanted_needles": list(sample.answer_needles),
         "options": sample.metadata,
     }
 
@@ -352,9 +357,20 @@ def interval_bound(n: int) -> float:
     return 1.96 * 0.5 / np.sqrt(max(n, 1))
 
 
+def other_needle_answers(task_result: dict) -> tuple[int, int]:
+    """`(n_other, n_wrong)` over one task's samples: of the `n_wrong` samples scored below 1, those whose
+    prediction holds the answer string of a needle that was not asked for (another key's value, a distractor's).
+    Records written before these fields existed are not counted."""
+    samples = [s for c in task_result["cells"] for s in c["samples"] if "answered_needles" in s]
+    wrong = [s for s in samples if s["score"] < 1]
+    other = [s for s in wrong if set(s["answered_needles"]) - set(s["wanted_needles"])]
+    return len(other), len(wrong)
+
+
 def tasks_tables(result: dict) -> str:
     """A task x length table (mean over depths) per haystack of an `over_haystacks` result; the title says how
-    many samples each table cell averages and the widest 95% interval that allows."""
+    many samples each table cell averages and the widest 95% interval that allows, the last line how many wrong
+    answers were read from a needle not asked for."""
     blocks = []
     for name, r in result["haystacks"].items():
         n = samples_per_length(r)
@@ -364,7 +380,12 @@ def tasks_tables(result: dict) -> str:
             f"n = {count} samples a table cell (95% interval within ±{interval_bound(min(n)):.2f})"
         )
         lengths = [format_length(int(n)) for n in r["lengths"]]
-        blocks.append(title + "\n" + format_table(task_length_matrix(r), list(r["tasks"]), lengths, corner="task"))
+        block = title + "\n" + format_table(task_length_matrix(r), list(r["tasks"]), lengths, corner="task")
+        counts = {task: other_needle_answers(t) for task, t in r["tasks"].items()}
+        wrong = [f"{task} {other} of {n}" for task, (other, n) in counts.items() if n]
+        if wrong:
+            block += "\nwrong answers holding another needle's answer: " + ", ".join(wrong)
+        blocks.append(block)
     return "\n\n".join(blocks)
 
 

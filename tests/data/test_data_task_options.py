@@ -264,3 +264,22 @@ def test_training_config_takes_a_list_of_haystacks(tmp_path):
     assert all(0 < len(h.file) - h.end == round(len(h.file) * 0.01) for h in stream.task.haystack.haystacks)
     texts = [TOK.decode(stream.example(i)[0]) for i in range(10)]
     assert any("alpha" in t for t in texts) and any("omega" in t for t in texts)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("value_format", FORMATS)
+def test_needle_answers_trace_an_answer_to_its_needle(name, value_format):
+    fmt = "key_format" if name == "passkey" else "value_format"
+    task = make_task(name, TOK, distractors=2, **{fmt: value_format})
+    for seed in range(3):
+        s = task.generate(2500, 0.3, seed)
+        assert len(s.needle_answers) == len(s.needles)
+        for span, held in zip(s.needles, s.needle_answers):  # each needle's text holds its answer string
+            assert re.search(rf"(?<![\w]){re.escape(held)}(?![\w])", _text(s, span)), (held, _text(s, span))
+        assert [s.needle_answers[i] for i in s.answer_needles] == s.answers
+        assert s.needles_answered(s.answer) == sorted(set(s.answer_needles))
+        # an answer taken from another needle (another key's value, a distractor, another chain's name)
+        others = [i for i in range(len(s.needles)) if i not in s.answer_needles]
+        assert others, "distractors give every task a needle that is not asked for"
+        assert s.needles_answered(f" {s.needle_answers[others[-1]]}.") == [others[-1]]
+        assert s.needles_answered(" nothing here.") == []

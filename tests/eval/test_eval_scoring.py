@@ -22,6 +22,7 @@ from ramba.eval.tasks import (
     evaluate_tasks,
     interval_bound,
     load_haystacks,
+    other_needle_answers,
     over_haystacks,
     parse_task_spec,
     samples_per_length,
@@ -127,9 +128,32 @@ def test_records_keep_answers_and_needle_positions(monkeypatch):
             assert record["prediction"] == " " + s.answers[1] + "." and record["score"] == 0.5
             assert record["needle_position"] == s.needles[s.target][0] and record["depth"] == cell.depth
             assert len(record["needles"]) == 3 and record["options"]["value_format"] == "number"
+            # the prediction holds the second expected value only: traced to that one needle of the two wanted
+            assert record["wanted_needles"] == s.answer_needles and record["answered_needles"] == [s.answer_needles[1]]
             for answer, position in zip(record["expected"], record["answer_positions"]):  # each answer's needle
                 assert answer in TOK.decode(s.input_ids[position : position + 80]).split(".")[0]
     assert cells[0].samples[0]["needle_position"] == s.haystack_span[0]  # depth 0: the haystack's first token
+
+
+def test_wrong_answers_are_traced_to_other_needles(monkeypatch):
+    task = make_task("niah_multikey", TOK)
+    samples = _samples(task, [700], [0.2, 0.8], 3)
+
+    def answer(s):  # seed 0: right; seed 1: another key's value; seed 2: no needle's answer
+        seed = next(i for i, x in enumerate(samples) if x is s) % 3
+        other = next(i for i in range(len(s.needles)) if i not in s.answer_needles)
+        return [s.answer, f" {s.needle_answers[other]}.", " 1234."][seed]
+
+    monkeypatch.setattr(ramba.inference, "generate", Oracle(samples, answer))
+    result = over_haystacks(
+        lambda hay: evaluate_tasks(tiny_model(), TOK, ["niah_multikey"], [700], [0.2, 0.8], 3), {"template": None}
+    )
+    records = [r for c in result["haystacks"]["template"]["tasks"]["niah_multikey"]["cells"] for r in c["samples"]]
+    assert [r["answered_needles"] == r["wanted_needles"] for r in records] == [True, False, False] * 2
+    assert other_needle_answers(result["haystacks"]["template"]["tasks"]["niah_multikey"]) == (2, 4)
+    assert tasks_tables(result).endswith("wrong answers holding another needle's answer: niah_multikey 2 of 4")
+    old = {"cells": [{"samples": [{k: v for k, v in r.items() if "needles" not in k} for r in records]}]}
+    assert other_needle_answers(old) == (0, 0)  # records from before the fields: not counted
 
 
 def test_long_samples_above_1m(monkeypatch):
