@@ -356,8 +356,8 @@ EOF
             local stem globs
             IFS=: read -r _ stem globs <<<"$1"
             # shellcheck disable=SC2086
-            (cd "$OUT" && shopt -s nullglob && files=($globs) && [ ${#files[@]} -gt 0 ] &&
-                tar -czf "$stem.tgz" "${files[@]}" && rm -f "${files[@]}") ;;
+            (cd "$OUT" && shopt -s nullglob && files=($globs) &&  # nothing matched: nothing to pack
+                { [ ${#files[@]} -eq 0 ] || { tar -czf "$stem.tgz" "${files[@]}" && rm -f "${files[@]}"; }; }) ;;
         save-cache) tar -czf - -C "$TRITON_CACHE_DIR" . | split -b 15000000 - "$OUT/triton-cache.tgz.part-" && ls -la "$OUT" ;;
         *) echo "unknown section: $name"; return 2 ;;
     esac

@@ -312,7 +312,7 @@ class Task:
         length: int,
         rng: random.Random,
         needles: Sequence[str],
-        holds: Sequence[str],
+        needle_answers: Sequence[str],
         depths: Sequence[float],
         target: int,
         question: str,
@@ -321,7 +321,7 @@ class Task:
         answer_needles: list[int],
         metadata: dict,
     ) -> TaskSample:
-        """Lays out `needles` (the i-th at `depths[i]`, holding the answer string `holds[i]`) in the haystack;
+        """Lays out `needles` (the i-th at `depths[i]`, holding the answer string `needle_answers[i]`) in the haystack;
         `target` and `answer_needles` index `needles` as given, the sample's fields index them in order of position."""
         tok = self.tokenizer
         head = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(self.intro)
@@ -362,7 +362,7 @@ class Task:
             haystack_span=(len(head), hay_end),
             answer_needles=[order.index(i) for i in answer_needles],
             metadata=metadata,
-            needle_answers=[holds[i] for i in order],
+            needle_answers=[needle_answers[i] for i in order],
         )
 
 
@@ -427,7 +427,7 @@ class PasskeyTask(Task):
         key = _draw(fmt, rng, digits)
         key = self.key or key  # the draw happens either way, so the haystack of a seed does not depend on `key`
         needle, question = self.phrasings[opt["phrasing"]]
-        needles, holds = [needle.format(key=key)], [key]
+        needles, needle_answers = [needle.format(key=key)], [key]
         depths = [depth]
         for _ in range(self.distractors):  # drawn after the key: a seed's sample without distractors is unchanged
             name = rng.choice(DISTRACTOR_NAMES)
@@ -438,9 +438,9 @@ class PasskeyTask(Task):
             else:
                 number = _draw(fmt, rng, digits)
             needles.append(f"The {name} is {number}. {number} is the {name}.")
-            holds.append(number)
+            needle_answers.append(number)
             depths.append(rng.random())
-        return self._assemble(length, rng, needles, holds, depths, 0, question, f" {key}.", [key], [0], opt)
+        return self._assemble(length, rng, needles, needle_answers, depths, 0, question, f" {key}.", [key], [0], opt)
 
     def score(self, sample, prediction):
         """1 when the first number (word, UUID: the key's format) in `prediction` is the pass key, else 0."""
@@ -511,11 +511,12 @@ class NeedleTask(Task):
         noun = _NOUNS[vf]
         keys = _unique(lambda: _draw(kf, rng, digits), self.num_keys)
         values = _unique(lambda: _draw(vf, rng, digits), self.num_keys * self.num_values, keys)
-        needles, holds, depths, owner = [], [], [], []
+        needles, needle_answers, depths, owner = [], [], [], []
         for k, key in enumerate(keys):
             for v in range(self.num_values):
-                needles.append(needle.format(noun=noun, key=key, value=values[k * self.num_values + v]))
-                holds.append(values[k * self.num_values + v])
+                value = values[k * self.num_values + v]
+                needles.append(needle.format(noun=noun, key=key, value=value))
+                needle_answers.append(value)
                 depths.append(rng.random())
                 owner.append(k)
         depths[0] = depth
@@ -529,7 +530,7 @@ class NeedleTask(Task):
             fake_values = _unique(lambda: _draw(vf, rng, digits), self.distractors, keys + values + fake_keys)
             for key, value in zip(fake_keys, fake_values):
                 needles.append(needle.format(noun=noun, key=key, value=value))
-                holds.append(value)
+                needle_answers.append(value)
                 depths.append(rng.random())
                 owner.append(-1)
         # Values are listed per queried key in order of appearance (depth), as a reader would find them.
@@ -546,7 +547,7 @@ class NeedleTask(Task):
             length,
             rng,
             needles,
-            holds,
+            needle_answers,
             depths,
             0,
             question,
@@ -596,7 +597,7 @@ class VariableTrackingTask(Task):
             fake = _unique(lambda: _near_miss(values[0], opt["value_format"], rng), self.distractors, values)
             names += _unique(lambda: "".join(rng.choice(upper) for _ in range(5)), self.distractors * hops, names)
             values += fake
-        needles, holds, depths = [], [], []
+        needles, needle_answers, depths = [], [], []
         for c in range(len(values)):
             chain = names[c * hops : (c + 1) * hops]
             start = depth if c == 0 else rng.random()
@@ -606,13 +607,13 @@ class VariableTrackingTask(Task):
             for prev, cur, d in zip(chain, chain[1:], later):
                 needles.append(assign.format(cur=cur, prev=prev))
                 depths.append(d)
-            holds += chain
+            needle_answers += chain
         answers = names[:hops]
         return self._assemble(
             length,
             rng,
             needles,
-            holds,
+            needle_answers,
             depths,
             0,
             question.format(value=values[0]),
