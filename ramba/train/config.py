@@ -65,7 +65,8 @@ class ModelConfig:
     init_from: str | None = _f(
         None,
         "Start from these weights: a folder written by save_pretrained, a checkpoint (step-N/), a training run "
-        "(its newest checkpoint) or a model file (`ramba export`); preset and overrides are then ignored.",
+        "(its newest checkpoint) or a model file (`ramba export`); preset is then ignored and overrides change only "
+        "fields that keep the weights' shapes (e.g. sm_n, weight_norm, topk, window).",
     )
     verify: bool = _f(
         True, "Verify init_from's weights (checkpoint checksums, model-file checksum, no NaN/inf); false skips it."

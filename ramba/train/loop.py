@@ -62,6 +62,8 @@ def build_model(cfg: TrainConfig, tokenizer):
     m = cfg.model
     if m.init_from is not None:
         model = _initial_weights(m.init_from, m.verify)
+        if m.overrides:
+            model = _with_overrides(model, m.overrides)
     else:
         try:
             if m.preset is not None:
@@ -87,6 +89,27 @@ def _initial_weights(spec: str, verify: bool):
         return load_model(spec, "cpu", torch.float32, verify=verify).train()
     except ModelLoadError as e:
         raise ModelLoadError(f"config key 'model.init_from': {e}") from None
+
+
+def _with_overrides(model, overrides: dict):
+    """`model` rebuilt with the config fields `overrides` changed and every weight kept: only fields that leave the
+    weights' names and shapes as they are (e.g. sm_n, weight_norm, topk, window) can change in a continuation."""
+    from ramba.model import RambaConfig, RambaForCausalLM
+
+    try:
+        config = RambaConfig.from_dict({**model.config.to_dict(), **overrides})
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"config key 'model.overrides': {e}") from None
+    rebuilt = RambaForCausalLM(config)
+    try:
+        rebuilt.load_state_dict(model.state_dict())
+    except RuntimeError as e:
+        problem = str(e).strip().splitlines()[-1].strip()[:200]
+        raise ConfigError(
+            f"config key 'model.overrides': {sorted(overrides)} change the weights of model.init_from ({problem}); "
+            "a continuation keeps its architecture, so only fields such as sm_n, weight_norm, topk or window can change"
+        ) from None
+    return rebuilt.train()
 
 
 def _holdout_start(tf: TokenFile, holdout: float) -> int:

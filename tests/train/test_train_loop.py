@@ -16,7 +16,7 @@ import torch
 
 from ramba.cli.main import main
 from ramba.data import ByteTokenizer, make_task, prepare
-from ramba.errors import ModelLoadError
+from ramba.errors import ConfigError, ModelLoadError
 from ramba.train import CheckpointError, load_config, train
 from ramba.train.config import config_from_dict
 from ramba.train.evaluate import eval_task, teacher_forced_answers
@@ -132,6 +132,32 @@ def test_init_from_a_run_a_model_file_or_nothing(config_dict, tmp_path):
     assert any(not torch.equal(a, c) for a, c in zip(first.state_dict().values(), fresh.state_dict().values()))
     with pytest.raises(ModelLoadError, match="has weights but no config.json"):
         build_model(config_from_dict({**config_dict, "model": {"init_from": str(tmp_path)}}), ByteTokenizer())
+
+
+def test_init_from_with_overrides_keeps_the_weights(config_dict, tmp_path):
+    """A continuation may change fields that keep the weights' shapes (sm_n, weight_norm); others stop it."""
+    from ramba.model.single_file import save_model_file
+    from ramba.train.loop import build_model
+
+    start = build_model(config_from_dict(config_dict), ByteTokenizer())
+    path = save_model_file(start, tmp_path / "m.safetensors", dtype=torch.float32)
+    changed = {"sm_n": 1.0 - start.config.sm_n, "weight_norm": "softmax"}
+    cont = build_model(
+        config_from_dict({**config_dict, "model": {"init_from": str(path), "overrides": changed}}), ByteTokenizer()
+    )
+    assert (cont.config.sm_n, cont.config.weight_norm) == (changed["sm_n"], "softmax") and cont.training
+    for (name, a), b in zip(start.state_dict().items(), cont.state_dict().values()):
+        assert torch.equal(a, b), name
+    ids = torch.randint(0, 256, (1, 3 * start.config.chunk_size + 5))
+    assert not torch.allclose(start.eval()(ids).logits, cont.eval()(ids).logits)  # sm_n reaches the HSA layers
+    for bad, match in (
+        ({"d_model": 2 * start.config.d_model}, "change the weights of model.init_from"),
+        ({"sm_n": 3}, "sm_n"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            build_model(
+                config_from_dict({**config_dict, "model": {"init_from": str(path), "overrides": bad}}), ByteTokenizer()
+            )
 
 
 def losses_of(config: dict, out_dir) -> dict[int, float]:
@@ -373,7 +399,6 @@ def test_empty_corpus_and_corrupt_checkpoint_via_cli(config_dict, tmp_path, caps
 
 
 def test_ranks_beyond_the_gpus_share_them_through_gloo():
-    from ramba.errors import ConfigError
     from ramba.train.distributed import rank_device, resolve_backend
 
     assert [rank_device(r, None, 1) for r in range(3)] == [torch.device("cuda:0")] * 3
