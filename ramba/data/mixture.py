@@ -11,6 +11,7 @@ visits them in a fresh random order every epoch. A task source generates a sampl
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,6 +138,14 @@ class MicroBatches(torch.utils.data.Dataset):
         return collate([self.mixture.example(i) for i in self.sampler.indices(base, micro)])
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A worker ignores SIGTERM and SIGINT: `timeout`, job schedulers and Ctrl-C signal the whole process group, and
+    the training loop, which stops after its step with a checkpoint, still needs its workers for that step (the
+    loader ends them when it closes; they also exit when the training process dies)."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def micro_batch_loader(
     mixture: Mixture, sampler: DistributedSampler, start: int, steps: int, workers: int = 2, pin_memory: bool = False
 ) -> torch.utils.data.DataLoader:
@@ -149,4 +158,5 @@ def micro_batch_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=_ignore_stop_signals if workers else None,
     )

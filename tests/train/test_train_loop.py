@@ -214,15 +214,23 @@ def test_kill9_then_resume_gives_the_uninterrupted_losses(config_dict, tmp_path)
         assert a[step] == b[step], (step, a[step], b[step])  # bit-identical, not approximately equal
 
 
-def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_continues(config_dict, tmp_path):
+@pytest.mark.parametrize("group", [False, True], ids=["process", "process-group"])
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_continues(config_dict, tmp_path, group):
+    """`timeout`, Slurm and Ctrl-C signal the whole process group: the DataLoader workers (2 here) must outlive
+    the signal so that the step ends and the checkpoint is written."""
     config_dict.update(max_steps=400, eval={"every": 0})
     config_dict["checkpoint"] = {"every": 1000, "keep": 2}  # no periodic checkpoint before the signal
     config_dict["log"]["every"] = 1
     config_file = tmp_path / "cfg.json"
     config_file.write_text(json.dumps(config_dict))
     run = tmp_path / "run"
-    proc = _train_until(config_file, run, 3, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc.send_signal(signal.SIGTERM)
+    proc = _train_until(
+        config_file, run, 3, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group
+    )
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1, stderr[-3000:]
     assert "SIGTERM received" in stderr and "continue with --resume" in stdout
