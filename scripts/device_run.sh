@@ -10,7 +10,9 @@
 #   tests-model  the GPU tests of the model (fast paths against the CPU paths, cache and offload, a training step)
 #   hsa          HSA GPU tests + ramba bench kernels (ramba/bench/hsa.py; beside .carry/hsa_triton_v2.py's kernels when carried:
 #                git show 9efe38d:ramba/ops/hsa/triton.py > .carry/hsa_triton_v2.py)
-#                HSA_BLOCK_TOKENS=1,2,8: the forward also timed with those tokens per tile (hsa_bt*_fwd_ms)
+#                HSA_BLOCK_TOKENS=1,2,8: the forward also timed with those tokens per tile (hsa_bt*_fwd_ms);
+#                HSA_BASELINE=FILE: the earlier kernels timed beside (default .carry/hsa_triton_v2.py when carried);
+#                HSA_TESTS=0: the benchmark alone (the tests ran in an earlier section, e.g. pytest:tests/gpu/test_hsa_gpu.py)
 #   hsa-sweep    ramba bench kernels --sweep: the other supported shapes (beside the same baseline)
 #   ssd[:KEXPR]  the GPU tests of the SSD fast paths but the slow ones (those pytest -k KEXPR selects)
 #   train[:PRESETS[:ARCHS[:LENGTHS[:FLAGS]]]]
@@ -225,14 +227,18 @@ section() {
         tests-nsa) timeout 300 python3 -m pytest -m gpu tests/gpu/test_nsa_gpu.py -v -rfEs --durations=5 -p no:cacheprovider ;;
         tests-model) timeout 400 python3 -m pytest -m "gpu and not slow" tests/gpu/test_model_gpu.py -q -rfE -p no:cacheprovider ;;
         hsa|hsa-sweep)
-            # the earlier kernels (.carry/hsa_triton_v2.py, when carried) are timed beside
-            local baseline=()
-            [ ! -f .carry/hsa_triton_v2.py ] || baseline=(--baseline .carry/hsa_triton_v2.py)
+            # earlier kernels are timed beside: HSA_BASELINE (a carried copy of an earlier ramba/ops/hsa/triton.py,
+            # default .carry/hsa_triton_v2.py when carried)
+            local baseline=() base=${HSA_BASELINE:-.carry/hsa_triton_v2.py}
+            [ ! -f "$base" ] || baseline=(--baseline "$base")
             if [ "$name" = hsa-sweep ]; then
                 timeout 400 python3 -m ramba bench kernels "$OUT" --sweep "${baseline[@]}"
             else
-                timeout 200 python3 -m pytest -m gpu tests/gpu/test_hsa_gpu.py -q -rfE --durations=5 -p no:cacheprovider
-                local rc=$?
+                local rc=0
+                if [ "${HSA_TESTS:-1}" != 0 ]; then
+                    timeout 200 python3 -m pytest -m gpu tests/gpu/test_hsa_gpu.py -q -rfE --durations=5 -p no:cacheprovider
+                    rc=$?
+                fi
                 timeout 300 python3 -m ramba bench kernels "$OUT" "${baseline[@]}" --block-tokens "${HSA_BLOCK_TOKENS:-}" || return 1
                 return $rc
             fi ;;
