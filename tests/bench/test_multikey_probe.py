@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from small_models import small_model
 
 from ramba.data import ByteTokenizer, make_task
+from small_models import small_model
 
 SPEC = importlib.util.spec_from_file_location(
     "multikey_query_probe", Path(__file__).resolve().parents[2] / "benchmarks" / "multikey_query_probe.py"
