@@ -24,13 +24,14 @@ import numpy as np
 import torch
 
 from ramba.data import ByteTokenizer
+from ramba.eval.retrieval import span_chunks
 from ramba.eval.tasks import build_task, load_haystacks
 from ramba.inference import prefill
 from ramba.model.loading import load_model
 from ramba.ops.retrieval import chunk_scores
 
 ROOT = Path(__file__).resolve().parents[1]
-KEY = re.compile(r"(?:for|of|Note:|Record for) (\w+)(?: is|:)")  # the key in a needle of any phrasing
+KEY = re.compile(r"(?:for|of|Note:) (\w+)(?: is|:)")  # the key in a needle of any phrasing
 
 
 def probe_sample(model, tok, sample) -> np.ndarray:
@@ -48,7 +49,7 @@ def probe_sample(model, tok, sample) -> np.ndarray:
     asked = keys[sample.target]
     q0 = sample.haystack_span[1]
     question = tok.decode(sample.input_ids[q0 : sample.prompt_len].tolist())
-    chunks = [list(range(a // S, (b - 1) // S + 1)) for a, b in sample.needles]
+    chunks = [span_chunks(n, S) for n in sample.needles]
     ids = torch.as_tensor(sample.input_ids[: sample.prompt_len])
     rows = []
     handle = layer.register_forward_hook(hook)

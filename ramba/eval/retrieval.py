@@ -29,7 +29,14 @@ from ramba.eval.results import EvalError, format_length, write_results
 from ramba.eval.tasks import build_task
 from ramba.ops.retrieval import chunk_scores
 
-__all__ = ["needle_ranks", "evaluate_needle_ranks", "save_needle_ranks", "ranks_table", "answer_token_needles"]
+__all__ = [
+    "needle_ranks",
+    "evaluate_needle_ranks",
+    "save_needle_ranks",
+    "ranks_table",
+    "answer_token_needles",
+    "span_chunks",
+]
 
 
 def answer_token_needles(sample: TaskSample, tokenizer) -> list[int]:
@@ -80,7 +87,7 @@ def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str =
     handles = [m.register_forward_hook(capture(i)) for i, m in layers]
     device = model.get_input_embeddings().weight.device
     ids = torch.as_tensor(sample.input_ids, dtype=torch.long)
-    chunks_of_needle = [_chunks_of(n, S) for n in sample.needles]
+    chunks_of_needle = [span_chunks(n, S) for n in sample.needles]
     needle_chunk_set = set().union(*(c.tolist() for c in chunks_of_needle))  # every needle's chunks
     rows = []
     try:
@@ -120,7 +127,7 @@ def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str =
     return rows
 
 
-def _chunks_of(span: tuple[int, int], chunk_size: int) -> torch.Tensor:
+def span_chunks(span: tuple[int, int], chunk_size: int) -> torch.Tensor:
     """The chunk indices a token span `[start, end)` touches."""
     start, end = span
     return torch.arange(start // chunk_size, (end - 1) // chunk_size + 1)
