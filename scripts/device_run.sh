@@ -61,6 +61,8 @@
 #   recipe:FILE:NAME:STEPS[:SECONDS[:SETTINGS]]
 #                ramba train FILE for STEPS steps (SECONDS bounds it, default 540) with the overrides SETTINGS
 #                (comma-separated KEY=VALUE), then export $OUT/NAME.safetensors and NAME.metrics.jsonl
+#   recipe-old:FILE:NAME:STEPS[:SECONDS[:SETTINGS]]
+#                the same with the code and recipes carried in .carry/old (as for train-run-old)
 #   passkey-eval:NAME:LENGTHS:SAMPLES[:DEPTHS[:HAYSTACK]]
 #                ramba eval passkey of passkey-NAME.safetensors (this call's $OUT, else .carry/models/, else the
 #                shipped model for NAME ramba) on data/HAYSTACK (default python-doc; template: the repeated sentence),
@@ -164,13 +166,14 @@ section() {
                 pids+=($!)
             done
             for pid in "${pids[@]}"; do wait "$pid" || return 1; done ;;
-        recipe)
-            local file sets args=()
+        recipe|recipe-old)
+            local file sets tree=. args=()
             IFS=: read -r _ file stem steps seconds sets <<<"$1"
             for kv in ${sets//,/ }; do args+=(--set "$kv"); done
+            [ "$name" = recipe ] || { tree=.carry/old; ln -sfn "$PWD/data" .carry/old/data; }
             rm -rf "runs/$stem"
-            timeout -k 60 "${seconds:-540}" python3 -m ramba train "$file" --set "out_dir=runs/$stem" \
-                --set "max_steps=$steps" --set log.progress=false "${args[@]}"
+            (cd "$tree" && timeout -k 60 "${seconds:-540}" python3 -m ramba train "$file" --set "out_dir=$OLDPWD/runs/$stem" \
+                --set "max_steps=$steps" --set log.progress=false "${args[@]}")
             local rc=$?
             cp "runs/$stem/metrics.jsonl" "$OUT/$stem.metrics.jsonl" 2>/dev/null
             python3 -m ramba export --model "runs/$stem" -o "$OUT/$stem.safetensors" || return 1
