@@ -2,7 +2,15 @@
 
 from ramba.data.mixture import DistributedSampler, Mixture, TaskStream, TokenWindows, collate
 from ramba.data.prepare import prepare
-from ramba.data.tasks import TASKS, MixedHaystack, TaskSample, TemplateHaystack, TokenFileHaystack, make_task
+from ramba.data.tasks import (
+    TASKS,
+    MixedHaystack,
+    TaskSample,
+    TemplateHaystack,
+    TokenFileHaystack,
+    make_task,
+    retrieval_targets,
+)
 from ramba.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from ramba.data.tokens import DataError, TokenFile, TokenFileWriter
 
@@ -20,6 +28,7 @@ __all__ = [
     "TokenFileHaystack",
     "MixedHaystack",
     "make_task",
+    "retrieval_targets",
     "Mixture",
     "TaskStream",
     "TokenWindows",

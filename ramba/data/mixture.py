@@ -7,6 +7,10 @@ window of a token file or which task sample. The data position of a run is there
 A token-file source cuts its token range into non-overlapping windows of `seq_len` tokens and
 visits them in a fresh random order every epoch. A task source generates a sample of exactly
 `seq_len` tokens, with loss only on the answer tokens.
+
+For the retrieval loss (docs/design.md §6) a task source built with `retrieval_chunk_size` adds each
+sample's `retrieval_targets [seq_len, 2]` to its example, and a mixture built with it gives text windows
+`-1` targets, so every example is `(input_ids, labels, retrieval_targets)`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ramba.data.tasks import Task
+from ramba.data.tasks import Task, retrieval_targets
 from ramba.data.tokens import DataError, TokenFile
 
 __all__ = [
@@ -59,21 +63,34 @@ class TokenWindows:
 class TaskStream:
     """Samples of a synthetic task at `seq_len` tokens; `depth` None draws a depth per sample."""
 
-    def __init__(self, task: Task, seq_len: int, seed: int, depth: float | None = None, loss_on_prompt: bool = False):
+    def __init__(
+        self,
+        task: Task,
+        seq_len: int,
+        seed: int,
+        depth: float | None = None,
+        loss_on_prompt: bool = False,
+        retrieval_chunk_size: int = 0,
+    ):
         self.task, self.seq_len, self.seed, self.depth = task, seq_len, seed, depth
-        self.loss_on_prompt = loss_on_prompt
+        self.loss_on_prompt, self.retrieval_chunk_size = loss_on_prompt, retrieval_chunk_size
         task.generate(seq_len, depth, seed)  # fails now, with the task's message, if seq_len is too short
 
-    def example(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def example(self, index: int) -> tuple[np.ndarray, ...]:
+        """`(input_ids [seq_len], labels [seq_len])`, and `retrieval_targets [seq_len, 2]` with a
+        `retrieval_chunk_size`."""
         sample = self.task.generate(self.seq_len, self.depth, seed=self.seed * 1_000_003 + index)
         labels = sample.input_ids.copy() if self.loss_on_prompt else sample.labels()
-        return sample.input_ids, labels
+        if not self.retrieval_chunk_size:
+            return sample.input_ids, labels
+        return sample.input_ids, labels, retrieval_targets(sample, self.task.tokenizer, self.retrieval_chunk_size)
 
 
 class Mixture:
-    """Draws example `index` from source `i` with probability `weights[i]` (normalised)."""
+    """Draws example `index` from source `i` with probability `weights[i]` (normalised); with
+    `retrieval_targets`, examples without targets (text windows) get `-1` ones (see the module docstring)."""
 
-    def __init__(self, sources: list, weights: list[float], seed: int):
+    def __init__(self, sources: list, weights: list[float], seed: int, retrieval_targets: bool = False):
         if not sources or len(sources) != len(weights):
             raise ValueError(
                 f"sources, weights: need at least one source and one weight per source, "
@@ -83,13 +100,17 @@ class Mixture:
         if (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"weights: need non-negative weights with a positive sum, got {weights}")
         self.sources, self.cdf, self.seed = sources, np.cumsum(w / w.sum()), seed
+        self.retrieval_targets = retrieval_targets
 
     def source_of(self, index: int) -> int:
         u = np.random.default_rng([self.seed, index]).random()
         return min(int(np.searchsorted(self.cdf, u, side="right")), len(self.sources) - 1)
 
-    def example(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.sources[self.source_of(index)].example(index)
+    def example(self, index: int) -> tuple[np.ndarray, ...]:
+        example = self.sources[self.source_of(index)].example(index)
+        if self.retrieval_targets and len(example) == 2:
+            example = (*example, np.full((len(example[0]), 2), -1, dtype=np.int64))
+        return example
 
 
 @dataclass
@@ -115,16 +136,15 @@ class DistributedSampler:
         return range(start, start + self.micro_batch)
 
 
-def collate(examples: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(input_ids [B, T], labels [B, T])` long tensors; labels use -100 where no loss is taken."""
-    ids = torch.from_numpy(np.stack([e[0] for e in examples]))
-    labels = torch.from_numpy(np.stack([e[1] for e in examples]))
-    return ids, labels
+def collate(examples: list[tuple[np.ndarray, ...]]) -> tuple[torch.Tensor, ...]:
+    """`(input_ids [B, T], labels [B, T])` long tensors, labels -100 where no loss is taken; and
+    `retrieval_targets [B, T, 2]` when the examples carry them."""
+    return tuple(torch.from_numpy(np.stack(field)) for field in zip(*examples))
 
 
 class MicroBatches(torch.utils.data.Dataset):
     """Micro-batch ``j`` of a run continuing from data position ``start``: the ``(input_ids [B, T], labels [B, T])``
-    this rank trains on in micro-step ``j % grad_accum`` of the ``j // grad_accum``-th step from there."""
+    (and ``retrieval_targets [B, T, 2]``, see the module docstring) this rank trains on in micro-step ``j % grad_accum`` of the ``j // grad_accum``-th step from there."""
 
     def __init__(self, mixture: Mixture, sampler: DistributedSampler, start: int, steps: int):
         self.mixture, self.sampler, self.start, self.steps = mixture, sampler, start, steps
@@ -132,7 +152,7 @@ class MicroBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.steps * self.sampler.grad_accum
 
-    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, ...]:
         step, micro = divmod(j, self.sampler.grad_accum)
         base = self.start + step * self.sampler.examples_per_step
         return collate([self.mixture.example(i) for i in self.sampler.indices(base, micro)])

@@ -51,6 +51,8 @@ __all__ = [
     "VariableTrackingTask",
     "TASKS",
     "make_task",
+    "answer_token_needles",
+    "retrieval_targets",
 ]
 
 IGNORE_INDEX = -100
@@ -101,6 +103,40 @@ class TaskSample:
         labels = self.input_ids.copy()
         labels[: self.prompt_len] = IGNORE_INDEX
         return labels
+
+
+def answer_token_needles(sample: TaskSample, tokenizer) -> list[int]:
+    """Per answer token of `sample`: the index into `sample.needles` of the needle holding the expected answer
+    the token spells, or `sample.target` for tokens of none (spaces, commas, the final period, eos)."""
+    spans, cursor = [], 0
+    for answer in sample.answers:  # the answers appear in the answer text in order
+        start = sample.answer.index(answer, cursor)
+        spans.append((start, start + len(answer)))
+        cursor = start + len(answer)
+    ids = sample.answer_ids.tolist()
+    out = []
+    for t in range(len(ids)):
+        a, b = len(tokenizer.decode(ids[:t])), len(tokenizer.decode(ids[: t + 1]))
+        hit = [k for k, (s, e) in enumerate(spans) if a < e and s < b]
+        out.append(sample.answer_needles[hit[0]] if hit and sample.answer_needles else sample.target)
+    return out
+
+
+def retrieval_targets(sample: TaskSample, tokenizer, chunk_size: int) -> np.ndarray:
+    """`[len(input_ids), 2]` int64: at position `p` whose token predicts answer token `p + 1`, the first and last
+    chunk of the needle that answer token is read from (`answer_token_needles`), among the chunks complete before
+    `p` (chunk `c` is visible at `p` iff `(c + 1) * chunk_size <= p`, as in chunk selection); `-1, -1` at every
+    other position and where none of the needle's chunks is visible yet (docs/design.md §6)."""
+    out = np.full((len(sample.input_ids), 2), -1, dtype=np.int64)
+    if not sample.needles:
+        return out
+    for j, needle in enumerate(answer_token_needles(sample, tokenizer)):
+        p = sample.prompt_len + j - 1
+        start, end = sample.needles[needle]
+        first, last = start // chunk_size, min((end - 1) // chunk_size, p // chunk_size - 1)
+        if first <= last:
+            out[p] = first, last
+    return out
 
 
 class TemplateHaystack:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ramba.data.tasks import TaskSample
+from ramba.data.tasks import TaskSample, answer_token_needles
 from ramba.eval.plots import Panel, line_plots
 from ramba.eval.results import EvalError, format_length, write_results
 from ramba.eval.tasks import build_task
@@ -34,26 +34,8 @@ __all__ = [
     "evaluate_needle_ranks",
     "save_needle_ranks",
     "ranks_table",
-    "answer_token_needles",
     "span_chunks",
 ]
-
-
-def answer_token_needles(sample: TaskSample, tokenizer) -> list[int]:
-    """Per answer token of `sample`: the index into `sample.needles` of the needle holding the expected answer
-    the token spells, or `sample.target` for tokens of none (spaces, commas, the final period, eos)."""
-    spans, cursor = [], 0
-    for answer in sample.answers:  # the answers appear in the answer text in order
-        start = sample.answer.index(answer, cursor)
-        spans.append((start, start + len(answer)))
-        cursor = start + len(answer)
-    ids = sample.answer_ids.tolist()
-    out = []
-    for t in range(len(ids)):
-        a, b = len(tokenizer.decode(ids[:t])), len(tokenizer.decode(ids[: t + 1]))
-        hit = [k for k, (s, e) in enumerate(spans) if a < e and s < b]
-        out.append(sample.answer_needles[hit[0]] if hit and sample.answer_needles else sample.target)
-    return out
 
 
 def needle_ranks(model, sample: TaskSample, segment_len: int = 2048, mode: str = "fast", tokenizer=None) -> list[dict]:

@@ -50,6 +50,9 @@ class LayerContext:
     selection: the current retrieval group's chunk indices and weights ``[B, T, R, K]``.
     store: the cache's chunk memory store (public methods ``append``, ``landmarks``, ``fetch_tokens``, ``fetch``),
         set by the chunk encoder when there is a cache.
+    retrieval_targets: ``[B, T, 2]`` int64 target chunks of the retrieval loss (training only, docs/design.md §6),
+        or None.
+    retrieval_losses: each retrieval layer's retrieval loss ``[]`` so far (when ``retrieval_targets`` is set).
     """
 
     positions: torch.Tensor
@@ -58,6 +61,8 @@ class LayerContext:
     memory: ChunkMemory | None = None
     selection: ChunkSelection | None = None
     store: Any = None
+    retrieval_targets: torch.Tensor | None = None
+    retrieval_losses: tuple[torch.Tensor, ...] = ()
 
     def state(self, layer_idx: int):
         """The cache state of layer ``layer_idx`` (None without a cache)."""

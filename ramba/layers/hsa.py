@@ -13,7 +13,7 @@ from ramba.layers.base import ChunkMemory, ChunkSelection, LayerContext, RambaLa
 from ramba.layers.mlp import SwiGLU
 from ramba.layers.norm import RMSNorm
 from ramba.ops.hsa import hsa
-from ramba.ops.retrieval import select_chunks
+from ramba.ops.retrieval import retrieval_target_loss, select_chunks
 
 __all__ = ["ChunkMemory", "ChunkSelection", "ChunkEncoderState", "ChunkEncoder", "RetrievalLayer", "HSALayer"]
 
@@ -150,7 +150,8 @@ class RetrievalLayer(RambaLayer):
 
     Layer kind ``"retrieval"``; no cache state of its own. It shares its :class:`ChunkSelection` as
     ``ctx.selection`` and, with a cache, the selected chunks fetched from the store as ``ctx.memory`` (when one
-    fetch serves the whole input; else ``ctx.memory`` is None and the HSA layers fetch block by block).
+    fetch serves the whole input; else ``ctx.memory`` is None and the HSA layers fetch block by block). With
+    ``ctx.retrieval_targets`` (training, no cache) it adds its retrieval loss to ``ctx.retrieval_losses``.
     """
 
     kind = "retrieval"
@@ -209,7 +210,12 @@ class RetrievalLayer(RambaLayer):
         store = ctx.store
         if store is None:
             # without a cache the positions are 0 .. T-1, select_chunks' default, which it bounds without a sync
-            return hidden, ctx.replace(selection=self.select(hidden, ctx.memory.landmarks))
+            landmarks = ctx.memory.landmarks
+            ctx = ctx.replace(selection=self.select(hidden, landmarks))
+            if ctx.retrieval_targets is not None:
+                loss = retrieval_target_loss(self.queries(hidden), landmarks, ctx.retrieval_targets, self.chunk_size)
+                ctx = ctx.replace(retrieval_losses=(*ctx.retrieval_losses, loss))
+            return hidden, ctx
         selection = self.select(hidden, store.landmarks, ctx.positions, store.landmark_sketch(hidden.shape[1]))
         if store.fetch_tokens(selection) >= hidden.shape[1]:  # one fetch serves every HSA layer of the group
             memory, selection = store.fetch(selection)

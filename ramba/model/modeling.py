@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,21 @@ from ramba.ops.loss import linear_cross_entropy
 
 # The name of the cache in model inputs and outputs: ``cache`` in current transformers, ``past_key_values`` before.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class RambaModelOutput(BaseModelOutputWithPast):
+    """``BaseModelOutputWithPast`` and ``retrieval_loss []``: the mean over retrieval layers of the retrieval loss
+    (docs/design.md §6), when ``retrieval_targets`` were given."""
+
+    retrieval_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class RambaCausalLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` and ``retrieval_loss []`` (see :class:`RambaModelOutput`)."""
+
+    retrieval_loss: torch.FloatTensor | None = None
 
 
 class RambaPreTrainedModel(PreTrainedModel):
@@ -84,14 +101,16 @@ class RambaModel(RambaPreTrainedModel):
         use_cache: bool | None = None,
         skip_hsa: bool = False,
         past_key_values: RambaCache | None = None,
+        retrieval_targets: torch.Tensor | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> RambaModelOutput:
         """``input_ids [B, T]`` (or ``inputs_embeds [B, T, d]``) -> ``last_hidden_state [B, T, d]``.
 
         With ``use_cache`` (or a ``cache``) the tokens continue the cached sequence and the cache is updated in
         place and returned (``past_key_values``: the same, the name older transformers use). ``skip_hsa`` leaves
         out retrieval and the HSA attention term for these tokens (the chunk memory is still built): the fast
-        prefill mode.
+        prefill mode. ``retrieval_targets [B, T, 2]`` (training, no cache; see ``ramba.data.retrieval_targets``)
+        also returns ``retrieval_loss`` (docs/design.md §6).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("RambaModel: pass exactly one of input_ids [B, T] or inputs_embeds [B, T, d_model]")
@@ -125,17 +144,37 @@ class RambaModel(RambaPreTrainedModel):
                     "RambaModel: a cache cannot be updated under gradient checkpointing (the backward "
                     "would replay its updates); call model.eval() or turn checkpointing off"
                 )
+        if retrieval_targets is not None:
+            self._check_retrieval_targets(retrieval_targets, B, T, hidden.device, cache is not None or skip_hsa)
         start = 0 if cache is None else cache.seen_tokens
         ctx = LayerContext(
             positions=torch.arange(start, start + T, device=hidden.device),
             states=None if cache is None else cache.layers,
             skip_hsa=skip_hsa,
+            retrieval_targets=retrieval_targets,
         )
         for layer in self.layers:
             hidden, ctx = layer(hidden, ctx)
         if cache is not None:
             cache.seen_tokens += T
-        return BaseModelOutputWithPast(last_hidden_state=self.norm_f(hidden), **{CACHE_FIELD: cache})
+        retrieval_loss = torch.stack(ctx.retrieval_losses).mean() if ctx.retrieval_losses else None
+        return RambaModelOutput(
+            last_hidden_state=self.norm_f(hidden), retrieval_loss=retrieval_loss, **{CACHE_FIELD: cache}
+        )
+
+    def _check_retrieval_targets(self, targets: torch.Tensor, B: int, T: int, device, cached: bool) -> None:
+        if "retrieval" not in self.layer_kinds:
+            raise ValueError(
+                f"RambaModel: retrieval_targets need a retrieval layer; architecture "
+                f"{self.config.architecture!r} has none"
+            )
+        if cached:
+            raise ValueError("RambaModel: retrieval_targets are for training: pass them without a cache or skip_hsa")
+        if targets.shape != (B, T, 2) or targets.dtype != torch.long or targets.device != device:
+            raise ValueError(
+                f"RambaModel: retrieval_targets must be int64 [B={B}, T={T}, 2] on {device}, "
+                f"got {targets.dtype} {tuple(targets.shape)} on {targets.device}"
+            )
 
 
 class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
@@ -192,38 +231,48 @@ class RambaForCausalLM(RambaPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         skip_hsa: bool = False,
         past_key_values: RambaCache | None = None,
+        retrieval_targets: torch.Tensor | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> RambaCausalLMOutput:
         """``input_ids [B, T]`` -> ``logits [B, T, V]``; with ``labels [B, T]`` also the mean next-token loss
         (labels are shifted inside; -100 is ignored); with ``loss_backend`` set, the loss alone (logits None).
 
         ``attention_mask [B, T_total]`` with zeros marks left padding: each row then runs on its own tokens
         only (its own cache row), so rows of different lengths give what they give alone.
-        ``cache`` (or ``past_key_values``) / ``use_cache`` / ``skip_hsa``: see :meth:`RambaModel.forward`.
+        ``cache`` (or ``past_key_values``) / ``use_cache`` / ``skip_hsa`` / ``retrieval_targets`` (the
+        ``retrieval_loss`` of the output): see :meth:`RambaModel.forward`.
         """
         cache = past_key_values if cache is None else cache
+        retrieval_loss = None
         if attention_mask is not None and not bool(attention_mask.all()):
+            if retrieval_targets is not None:
+                raise ValueError("RambaForCausalLM: retrieval_targets are for training, not with left padding")
             hidden, cache = self._ragged_hidden(input_ids, attention_mask, cache, skip_hsa)
             if labels is not None:
                 labels = labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, -100)
         else:
             out = self.model(
-                input_ids=input_ids, inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache, skip_hsa=skip_hsa
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                cache=cache,
+                use_cache=use_cache,
+                skip_hsa=skip_hsa,
+                retrieval_targets=retrieval_targets,
             )
-            hidden, cache = out.last_hidden_state, getattr(out, CACHE_FIELD)
+            hidden, cache, retrieval_loss = out.last_hidden_state, getattr(out, CACHE_FIELD), out.retrieval_loss
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         if labels is not None and self.loss_backend is not None:
             h, y = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
             loss = linear_cross_entropy(h, self.lm_head.weight, y, backend=self.loss_backend)
-            return CausalLMOutputWithPast(loss=loss, logits=None, **{CACHE_FIELD: cache})
+            return RambaCausalLMOutput(loss=loss, logits=None, retrieval_loss=retrieval_loss, **{CACHE_FIELD: cache})
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
+        return RambaCausalLMOutput(loss=loss, logits=logits, retrieval_loss=retrieval_loss, **{CACHE_FIELD: cache})
 
     def _ragged_hidden(self, input_ids, attention_mask, cache, skip_hsa):
         """Left-padded rows, each through the model alone: hidden ``[B, T, d]`` (zeros at padding) and a cache

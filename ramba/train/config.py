@@ -219,6 +219,14 @@ class TrainConfig:
         "token: the loss is the mean over every labelled token of the batch. sequence: the mean over sequences of "
         "each sequence's mean, so a task sample whose loss is on a few answer tokens weighs as much as a text window.",
     )
+    retrieval_loss: float = _f(
+        0.0,
+        "Weight of the retrieval loss added to the LM loss (docs/design.md §6): at each answer token of a task "
+        "sample, the cross-entropy of every retrieval layer's chunk scores against the chunks of the needle the "
+        "answer is read from. A direct signal for the key-to-chunk match that the LM loss alone did not teach "
+        "multi-key (README, issue 22); 0: off, retrieval learns from the LM loss only (the paper's setting). "
+        "Needs an architecture with retrieval layers.",
+    )
     device: str | None = _f(
         None, "Device ('cpu', 'cuda'); null picks cuda:LOCAL_RANK (modulo the node's GPUs) when available."
     )
@@ -334,6 +342,7 @@ def _check(cfg: TrainConfig) -> None:
         ("optim.min_lr", cfg.optim.min_lr),
         ("eval.batches", cfg.eval.batches),
         ("data.workers", cfg.data.workers),
+        ("retrieval_loss", cfg.retrieval_loss),
     ]:
         positive(key, value, allow_zero=True)
     if not 0.0 <= cfg.data.holdout < 1.0:

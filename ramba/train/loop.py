@@ -116,9 +116,10 @@ def _holdout_start(tf: TokenFile, holdout: float) -> int:
     return len(tf) - int(round(len(tf) * holdout))
 
 
-def build_data(cfg: TrainConfig, tokenizer):
+def build_data(cfg: TrainConfig, tokenizer, retrieval_chunk_size: int = 0):
     """`(train Mixture, eval sources)`; eval sources are `(name, TokenWindows)` over each token
-    file's held-out tail. Opening checks every token file against the tokenizer."""
+    file's held-out tail. Opening checks every token file against the tokenizer. With `retrieval_chunk_size`
+    (the model's chunk size, for `cfg.retrieval_loss`) every training example carries `retrieval_targets`."""
     d, seq = cfg.data, cfg.data.seq_len
     files: dict[str, TokenFile] = {}
 
@@ -159,11 +160,11 @@ def build_data(cfg: TrainConfig, tokenizer):
                 hay = TemplateHaystack(tokenizer)
             try:
                 task = make_task(s.task, tokenizer, hay, **s.params)
-                sources.append(TaskStream(task, seq, seed, s.depth, s.loss_on_prompt))
+                sources.append(TaskStream(task, seq, seed, s.depth, s.loss_on_prompt, retrieval_chunk_size))
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"config key 'data.sources.{i}': {e}") from None
         weights.append(s.weight)
-    return Mixture(sources, weights, cfg.seed), evals
+    return Mixture(sources, weights, cfg.seed, retrieval_targets=bool(retrieval_chunk_size)), evals
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -334,7 +335,6 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.out = Path(cfg.out_dir)
         tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.mixture, eval_sources = build_data(cfg, tokenizer)
         self.eval_tasks = []
         for name in cfg.eval.tasks:
             try:
@@ -351,6 +351,12 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         model = build_model(cfg, tokenizer).to(info.device)
+        if cfg.retrieval_loss and "retrieval" not in model.model.layer_kinds:
+            raise ConfigError(
+                f"config key 'retrieval_loss': the model (architecture {model.config.architecture!r}) has no "
+                "retrieval layer; set retrieval_loss: 0"
+            )
+        self.mixture, eval_sources = build_data(cfg, tokenizer, model.config.chunk_size if cfg.retrieval_loss else 0)
         if cfg.grad_checkpointing:
             # transformers 5 renamed gradient_checkpointing_enable (now deprecated) to activation_checkpointing_enable.
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -372,7 +378,7 @@ class Trainer:
         )
         graph = use_cuda_graph(cfg.cuda_graph, info.device, info.world_size, cfg.grad_checkpointing, cfg.fused_loss)
         self.train_step = TrainStep(
-            self.model, self.optimizer, cfg.grad_accum, o.grad_clip, cfg.loss_average, dtype, graph
+            self.model, self.optimizer, cfg.grad_accum, o.grad_clip, cfg.loss_average, dtype, graph, cfg.retrieval_loss
         )
         self.sampler = DistributedSampler(cfg.micro_batch, cfg.grad_accum, info.rank, info.world_size)
         self.eval_batches = [

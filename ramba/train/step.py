@@ -53,7 +53,8 @@ def sequence_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 class TrainStep:
     """``step(micro_batches, lr) -> (loss [], grad_norm [])``: one optimizer step over ``micro_batches``, an
-    iterable of ``(input_ids [B, T], labels [B, T])`` already on the model's device.
+    iterable of ``(input_ids [B, T], labels [B, T])``, or ``(input_ids, labels, retrieval_targets [B, T, 2])``
+    with a ``retrieval_loss`` weight, already on the model's device.
 
     Args:
         model: the (possibly DDP- or FSDP-wrapped) model; its ``.grad`` are zero when a step starts and after it.
@@ -65,6 +66,8 @@ class TrainStep:
         autocast_dtype: run the forward under ``torch.autocast`` in this dtype (None: no autocast).
         cuda_graph: replay each micro-batch's forward and backward from one CUDA graph (a single CUDA process;
             :class:`~ramba.train.cuda_graph.GraphedLoss`); eager PyTorch is its twin.
+        retrieval_loss: the weight of the model's retrieval loss (docs/design.md §6) added to the LM loss; the
+            micro-batches then carry ``retrieval_targets``.
 
     The returned loss is the sum of the scaled micro-batch losses (the step's mean loss), as a device tensor.
     """
@@ -78,6 +81,7 @@ class TrainStep:
         loss_average: str = "token",
         autocast_dtype: torch.dtype | None = None,
         cuda_graph: bool = False,
+        retrieval_loss: float = 0.0,
     ):
         if loss_average not in LOSS_AVERAGES:
             raise ValueError(f"loss_average: expected one of {LOSS_AVERAGES}, got {loss_average!r}")
@@ -87,6 +91,7 @@ class TrainStep:
             raise ValueError("cuda_graph: liger's fused loss synchronises with the host, so it cannot be captured")
         self.model, self.optimizer = model, optimizer
         self.grad_accum, self.grad_clip, self.loss_average = grad_accum, grad_clip, loss_average
+        self.retrieval_loss = retrieval_loss
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
         self.autocast_dtype = autocast_dtype
@@ -94,32 +99,39 @@ class TrainStep:
         self._autocast_cache = not cuda_graph
         self.graphed = GraphedLoss(self.micro_loss, self.params) if cuda_graph else None
 
-    def micro_loss(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def micro_loss(
+        self, ids: torch.Tensor, labels: torch.Tensor, retrieval_targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One micro-batch's loss divided by ``grad_accum`` ``[]``."""
         autocast = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=self._autocast_cache)
             if self.autocast_dtype is not None
             else contextlib.nullcontext()
         )
+        if (retrieval_targets is not None) != bool(self.retrieval_loss):
+            raise ValueError(
+                "TrainStep: micro-batches carry retrieval_targets exactly when the retrieval_loss weight is set"
+            )
         with autocast:
-            if self.loss_average == "token":
-                loss = self.model(input_ids=ids, labels=labels).loss
-            else:
-                loss = sequence_mean_loss(self.model(input_ids=ids).logits, labels)
+            token = self.loss_average == "token"
+            out = self.model(input_ids=ids, labels=labels if token else None, retrieval_targets=retrieval_targets)
+            loss = out.loss if token else sequence_mean_loss(out.logits, labels)
+            if retrieval_targets is not None:
+                loss = loss + self.retrieval_loss * out.retrieval_loss
         return loss / self.grad_accum
 
     def __call__(
-        self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr: float
+        self, micro_batches: Iterable[tuple[torch.Tensor, ...]], lr: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         loss_sum = torch.zeros((), device=self.device)
         n = 0
-        for n, (ids, labels) in enumerate(micro_batches, start=1):
+        for n, batch in enumerate(micro_batches, start=1):
             if self.graphed is not None:
-                loss = self.graphed(ids, labels)
+                loss = self.graphed(*batch)
             else:
                 last = n == self.grad_accum or not hasattr(self.model, "no_sync")
                 with contextlib.nullcontext() if last else self.model.no_sync():
-                    loss = self.micro_loss(ids, labels)
+                    loss = self.micro_loss(*batch)
                 loss.backward()
             loss_sum += loss.detach().float()
         if n != self.grad_accum:

@@ -7,7 +7,8 @@ import matplotlib.image
 import ramba.cli.main as cli
 from eval_helpers import tiny_model
 from ramba.data import ByteTokenizer, make_task
-from ramba.eval.retrieval import answer_token_needles, needle_ranks
+from ramba.data.tasks import answer_token_needles
+from ramba.eval.retrieval import needle_ranks
 from ramba.ops.retrieval import chunk_scores
 
 

@@ -107,6 +107,21 @@ def test_sequence_average_trains(config_dict, tmp_path):
     assert all(np.isfinite(v) for v in losses_of(config_dict, tmp_path / "seq").values())
 
 
+def test_retrieval_loss_trains_on_task_targets(config_dict, tmp_path):
+    """A run with a task source and retrieval_loss > 0 trains (the step gets retrieval targets); a model without
+    a retrieval layer is refused with one line."""
+    config_dict["data"]["sources"].append({"task": "niah_multikey", "weight": 1.0})
+    config_dict.update(max_steps=2, retrieval_loss=1.0)
+    config_dict["data"]["seq_len"] = 512
+    config_dict["micro_batch"] = 2
+    assert all(np.isfinite(v) for v in losses_of(config_dict, tmp_path / "rl").values())
+    config_dict["model"]["overrides"]["architecture"] = "mamba2"
+    with pytest.raises(ConfigError, match="'retrieval_loss': the model .architecture 'mamba2'. has no retrieval layer"):
+        train(config_from_dict({**config_dict, "out_dir": str(tmp_path / "rl-mamba2")}))
+    with pytest.raises(ConfigError, match="'retrieval_loss': expected >= 0"):
+        config_from_dict({**config_dict, "retrieval_loss": -1.0})
+
+
 def test_init_from_a_run_a_model_file_or_nothing(config_dict, tmp_path):
     """A second stage starts from the first stage's weights, given as its run folder or an exported file."""
     from ramba.model.single_file import load_model_file, save_model_file

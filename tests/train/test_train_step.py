@@ -87,6 +87,39 @@ def test_accumulated_micro_batches_equal_one_batch():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("loss_average", ["token", "sequence"])
+def test_retrieval_loss_adds_its_weighted_gradient(loss_average):
+    """With a retrieval_loss weight the step trains on LM loss + weight x the model's retrieval loss."""
+    ours, theirs = _model(), _model()
+    step = TrainStep(ours, make_optimizer(ours, 1e-3, 0.1), grad_accum=2, loss_average=loss_average, retrieval_loss=0.5)
+    opt = make_optimizer(theirs, 1e-3, 0.1)
+    micro = []
+    for k, (ids, labels) in enumerate(_batches(7, 2, length=64)):
+        g = torch.Generator().manual_seed(k)
+        targets = torch.full((*ids.shape, 2), -1, dtype=torch.long)
+        t = torch.randint(40, 64, (ids.shape[0],), generator=g)
+        targets[torch.arange(ids.shape[0]), t] = torch.tensor([1, 1])
+        micro.append((ids, labels, targets))
+    loss, _ = step(micro, 1e-3)
+    want = 0.0
+    for ids, labels, targets in micro:
+        out = theirs(input_ids=ids, labels=labels, retrieval_targets=targets)
+        lm = out.loss if loss_average == "token" else sequence_mean_loss(out.logits, labels)
+        assert out.retrieval_loss.item() > 0
+        part = (lm + 0.5 * out.retrieval_loss) / 2
+        part.backward()
+        want += part.item()
+    opt.step()
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="exactly when the retrieval_loss weight is set"):
+        step([m[:2] for m in micro], 1e-3)
+    plain = TrainStep(theirs, opt, grad_accum=2)
+    with pytest.raises(ValueError, match="exactly when the retrieval_loss weight is set"):
+        plain(micro, 1e-3)
+
+
 def test_step_refuses_a_wrong_number_of_micro_batches_and_bad_settings():
     m = _model()
     step = TrainStep(m, make_optimizer(m, 1e-3, 0.0), grad_accum=2)

@@ -126,6 +126,33 @@ def chunk_scores(q_r: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
     return torch.einsum("btrd,bcrd->btrc", q_r.to(acc), landmarks.to(acc)) / math.sqrt(q_r.shape[-1])
 
 
+def retrieval_target_loss(
+    q_r: torch.Tensor, landmarks: torch.Tensor, targets: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """The retrieval loss (docs/design.md §6): at each position with a target, the cross-entropy of the softmax of
+    :func:`chunk_scores` over the chunks visible there (``(c + 1) * S <= t``) against the target chunks
+    ``targets[b, t, 0] .. targets[b, t, 1]`` (inclusive; ``-log`` of their summed probability), averaged over those
+    positions and the retrieval heads. ``q_r [B, T, R, Dr]``, ``landmarks [B, C, R, Dr]``, ``targets [B, T, 2]``
+    int (``-1``: none) -> ``[]`` float32 (float64 for float64 inputs); 0, with zero gradients, when no position
+    has a visible target. No host sync (CUDA-graph safe)."""
+    B, T, R, _ = q_r.shape
+    C = landmarks.shape[1]
+    if targets.shape != (B, T, 2):
+        raise ValueError(f"retrieval_target_loss: targets must be [B={B}, T={T}, 2], got {tuple(targets.shape)}")
+    scores = chunk_scores(q_r, landmarks)  # [B, T, R, C]
+    c = torch.arange(C, device=q_r.device)
+    visible = ((c + 1) * chunk_size <= torch.arange(T, device=q_r.device)[:, None])[None]  # [1, T, C]
+    lo, hi = targets[..., :1], targets[..., 1:]
+    positive = (c >= lo) & (c <= hi) & visible  # [B, T, C]
+    has = positive.any(-1)  # [B, T]
+    # rows without a target take every chunk on both sides: finite, and weighted 0 below
+    everything = ~has[..., None]
+    denominator = torch.logsumexp(scores.masked_fill(~(visible | everything)[:, :, None], -math.inf), -1)
+    numerator = torch.logsumexp(scores.masked_fill(~(positive | everything)[:, :, None], -math.inf), -1)
+    per_row = (denominator - numerator) * has[..., None]  # [B, T, R]
+    return per_row.sum() / (has.sum() * R).clamp_min(1)
+
+
 def select_chunks_naive(
     q_r: torch.Tensor,
     landmarks: torch.Tensor,

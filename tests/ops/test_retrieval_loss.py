@@ -1,0 +1,74 @@
+"""The retrieval loss (ramba.ops.retrieval.retrieval_target_loss, docs/design.md §6) against a per-position loop in
+float64: values and gradients, targets partly or wholly invisible, rows without a target, bad shapes."""
+
+import math
+
+import pytest
+import torch
+
+from ramba.ops.retrieval import retrieval_target_loss
+
+
+def _reference(q_r, landmarks, targets, S):
+    B, T, R, Dr = q_r.shape
+    C = landmarks.shape[1]
+    terms = []
+    for b in range(B):
+        for t in range(T):
+            lo, hi = targets[b, t].tolist()
+            visible = [c for c in range(C) if (c + 1) * S <= t]
+            wanted = [c for c in visible if lo <= c <= hi]
+            if lo < 0 or not wanted:
+                continue
+            for r in range(R):
+                s = torch.stack([q_r[b, t, r] @ landmarks[b, c, r] / math.sqrt(Dr) for c in visible])
+                p = torch.softmax(s, 0)
+                terms.append(-torch.log(p[[visible.index(c) for c in wanted]].sum()))
+    return torch.stack(terms).mean() if terms else torch.zeros((), dtype=q_r.dtype)
+
+
+def _inputs(seed, B, T, R, Dr, S, n_targets):
+    g = torch.Generator().manual_seed(seed)
+    C = T // S
+    q = torch.randn(B, T, R, Dr, generator=g, dtype=torch.float64, requires_grad=True)
+    lm = torch.randn(B, C, R, Dr, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.full((B, T, 2), -1, dtype=torch.long)
+    for _ in range(n_targets):
+        b, t = int(torch.randint(B, (1,), generator=g)), int(torch.randint(T, (1,), generator=g))
+        lo = int(torch.randint(C, (1,), generator=g))
+        targets[b, t] = torch.tensor([lo, min(C - 1, lo + int(torch.randint(3, (1,), generator=g)))])
+    return q, lm, targets
+
+
+@pytest.mark.parametrize(
+    "seed,B,T,R,Dr,S,n_targets",
+    [(0, 1, 32, 1, 8, 4, 6), (1, 2, 48, 2, 16, 8, 10), (2, 3, 20, 3, 4, 5, 12), (3, 2, 64, 1, 8, 16, 40)],
+)
+def test_matches_the_loop(seed, B, T, R, Dr, S, n_targets):
+    """Targets of one to three chunks, some beyond the visible chunks (clipped) or wholly invisible (ignored)."""
+    q, lm, targets = _inputs(seed, B, T, R, Dr, S, n_targets)
+    got = retrieval_target_loss(q, lm, targets, S)
+    want = _reference(q, lm, targets, S)
+    assert want.item() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    dq, dlm = torch.autograd.grad(got, (q, lm))
+    wq, wlm = torch.autograd.grad(want, (q, lm))
+    torch.testing.assert_close(dq, wq, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(dlm, wlm, rtol=1e-9, atol=1e-12)
+
+
+def test_no_visible_target_is_zero_with_zero_gradients():
+    q, lm, targets = _inputs(5, 2, 32, 1, 8, 8, 0)
+    targets[0, 5] = torch.tensor([0, 1])  # at t = 5 no chunk of 8 tokens is complete yet
+    targets[1, 20] = torch.tensor([3, 3])  # chunk 3 ends at 32 > 20
+    loss = retrieval_target_loss(q, lm, targets, 8)
+    assert loss.item() == 0.0
+    dq, dlm = torch.autograd.grad(loss, (q, lm))
+    assert not dq.any() and not dlm.any() and torch.isfinite(dq).all()
+
+
+def test_float32_and_a_bad_target_shape():
+    q, lm, targets = _inputs(6, 1, 32, 1, 8, 4, 5)
+    assert retrieval_target_loss(q.float(), lm.float(), targets, 4).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"targets must be \[B=1, T=32, 2\]"):
+        retrieval_target_loss(q, lm, targets[..., :1], 4)
