@@ -11,6 +11,13 @@ read, giving a [asked key, needle] matrix per sample. A query that encodes the a
 its own needle (`asked_first`, chance 1 / keys) and raises a needle's score when that needle is the one asked
 (`asked_gain`: the diagonal minus its column's mean, in score units), against `needle_spread`, how far the
 needles' scores lie apart within a row. CPU fp32, exact prefill; about 15 s a sample on 2 cores. Writes JSON.
+
+`--fit N`: which side lacks the key? For every ask of N seeds more (x 3 depths; one forward without a cache) it
+keeps, at the retrieval layer's normed input, the last prompt token's state, each needle's state right after its
+key, and each needle's landmark (the mean over the needle's complete chunks). A bilinear match of rank 64 between
+the last token and each needle side is fitted (Adam, cross-entropy over the sample's needles, inputs standardised)
+on the even seeds' asks and scored on the odd seeds' (`fit` in the JSON: asked needle first, chance 1 / keys).
+Above chance on unseen samples means both sides carry the key in a form a retrieval query could learn to match.
 """
 
 from __future__ import annotations
@@ -66,6 +73,64 @@ def probe_sample(model, tok, sample) -> np.ndarray:
     return np.array(rows)
 
 
+def match_features(model, tok, sample) -> list[tuple]:
+    """Per key asked: ``(last prompt token [d], key states [needles, d], needle landmarks [needles, R * Dr],
+    asked needle)``, all at the first retrieval layer's normed input (one forward without a cache)."""
+    layer = next(m for kind, m in zip(model.model.layer_kinds, model.model.layers) if kind == "retrieval")
+    S = model.config.chunk_size
+    captured = {}
+
+    def hook(module, args, _out):
+        hidden, ctx = args
+        captured["hidden"], captured["landmarks"] = module.norm(hidden[0]), ctx.memory.landmarks[0]
+
+    texts = [tok.decode(sample.input_ids[a:b].tolist()) for a, b in sample.needles]
+    keys = [KEY.search(t).group(1) for t in texts]
+    key_ends = [a + len(tok.encode(t[: t.index(k) + len(k)])) - 1 for (a, _), t, k in zip(sample.needles, texts, keys)]
+    q0 = sample.haystack_span[1]
+    question = tok.decode(sample.input_ids[q0 : sample.prompt_len].tolist())
+    ids = torch.as_tensor(sample.input_ids[: sample.prompt_len])
+    out = []
+    handle = layer.register_forward_hook(hook)
+    try:
+        for i, key in enumerate(keys):
+            x = ids.clone()
+            x[q0:] = torch.as_tensor(tok.encode(question.replace(keys[sample.target], key)))
+            with torch.no_grad():
+                model(input_ids=x[None])
+            hidden, landmarks = captured["hidden"], captured["landmarks"]
+            marks = []
+            for needle in sample.needles:
+                chunks = span_chunks(needle, S)
+                marks.append(landmarks[chunks[chunks < len(landmarks)]].mean(0).reshape(-1))
+            out.append((hidden[-1], hidden[key_ends], torch.stack(marks), i))
+    finally:
+        handle.remove()
+    return out
+
+
+def fit_match(train: list, test: list, rank: int = 64, steps: int = 300, lr: float = 1e-2) -> tuple[float, float]:
+    """Asked-needle-first rate on ``train`` and ``test`` of a bilinear match ``(W q) · (V n)`` fitted on ``train``;
+    each item ``(q [dq], needles [n, dn], asked index)``; inputs standardised by ``train``'s mean and spread."""
+    g = torch.Generator().manual_seed(0)
+    qs, ns = torch.stack([t[0] for t in train]), torch.cat([t[1] for t in train])
+    mq, sq, mn, sn = qs.mean(0), qs.std(0).clamp_min(1e-6), ns.mean(0), ns.std(0).clamp_min(1e-6)
+    w = (torch.randn(rank, qs.shape[1], generator=g) * 0.05).requires_grad_(True)
+    v = (torch.randn(rank, ns.shape[1], generator=g) * 0.05).requires_grad_(True)
+    opt = torch.optim.Adam([w, v], lr=lr, weight_decay=1e-4)
+
+    def logits(item):
+        return ((item[1] - mn) / sn) @ v.T @ (w @ ((item[0] - mq) / sq))
+
+    for _ in range(steps):
+        loss = sum(torch.nn.functional.cross_entropy(logits(t)[None], torch.tensor([t[2]])) for t in train)
+        opt.zero_grad()
+        (loss / len(train)).backward()
+        opt.step()
+    with torch.no_grad():
+        return tuple(float(np.mean([int(logits(t).argmax()) == t[2] for t in part])) for part in (train, test))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-ruler")
@@ -74,6 +139,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "multikey_query_probe.json"))
+    ap.add_argument("--fit", type=int, default=0, help="also fit the match probes on this many more seeds")
     args = ap.parse_args()
     tok = ByteTokenizer()
     model = load_model(args.model, "cpu", torch.float32).eval()
@@ -99,6 +165,18 @@ def main() -> None:
     summary = {k: float(np.mean([s[k] for s in samples])) for k in ("asked_first", "asked_gain", "needle_spread")}
     print("mean:", summary, f"(asked_first by chance: {1 / n:.2f})")
     result = {"model": args.model, "haystack": args.haystack, "task": args.task, "length": args.length, **summary}
+    if args.fit:
+        train, test = [], []
+        for seed in range(args.seeds, args.seeds + args.fit):
+            for depth in (0.0, 0.5, 1.0):
+                (train if seed % 2 == 0 else test).extend(
+                    match_features(model, tok, task.generate(args.length, depth, seed))
+                )
+        result["fit"] = {"train_asks": len(train), "test_asks": len(test)}
+        for name, side in (("key_states", 1), ("landmarks", 2)):
+            acc = fit_match(*([(a[0], a[side], a[3]) for a in part] for part in (train, test)))
+            result["fit"][name] = {"train": acc[0], "test": acc[1]}
+        print("fit:", result["fit"])
     Path(args.out).write_text(json.dumps({**result, "samples": samples}, indent=1))
     print("wrote", args.out)
 
