@@ -144,7 +144,8 @@ def collate(examples: list[tuple[np.ndarray, ...]]) -> tuple[torch.Tensor, ...]:
 
 class MicroBatches(torch.utils.data.Dataset):
     """Micro-batch ``j`` of a run continuing from data position ``start``: the ``(input_ids [B, T], labels [B, T])``
-    (and ``retrieval_targets [B, T, 2]``, see the module docstring) this rank trains on in micro-step ``j % grad_accum`` of the ``j // grad_accum``-th step from there."""
+    (and ``retrieval_targets [B, T, 2]``, see the module docstring) this rank trains on in micro-step
+    ``j % grad_accum`` of the ``j // grad_accum``-th step from there."""
 
     def __init__(self, mixture: Mixture, sampler: DistributedSampler, start: int, steps: int):
         self.mixture, self.sampler, self.start, self.steps = mixture, sampler, start, steps

@@ -194,12 +194,12 @@ class RetrievalLayer(RambaLayer):
         return self.q_proj(self.norm(hidden)).view(B, T, self.retrieval_heads, self.retrieval_dim)
 
     def select(
-        self, hidden: torch.Tensor, landmarks: torch.Tensor, positions: torch.Tensor | None = None, sketch=None
+        self, q_r: torch.Tensor, landmarks: torch.Tensor, positions: torch.Tensor | None = None, sketch=None
     ) -> ChunkSelection:
-        """``hidden [B, T, d]``, ``landmarks [B, C, R, Dr]``, ``positions [T]`` (None: 0 .. T-1) -> :class:`ChunkSelection`
-        (``sketch``: the store's landmark sketch for decoding, see ``select_chunks``)."""
+        """``q_r [B, T, R, Dr]`` (:meth:`queries`), ``landmarks [B, C, R, Dr]``, ``positions [T]`` (None: 0 .. T-1)
+        -> :class:`ChunkSelection` (``sketch``: the store's landmark sketch for decoding, see ``select_chunks``)."""
         indices, weights = select_chunks(
-            self.queries(hidden), landmarks, self.chunk_size, self.topk, positions, self.weight_norm, sketch=sketch
+            q_r, landmarks, self.chunk_size, self.topk, positions, self.weight_norm, sketch=sketch
         )
         return ChunkSelection(indices, weights)
 
@@ -210,13 +210,14 @@ class RetrievalLayer(RambaLayer):
         store = ctx.store
         if store is None:
             # without a cache the positions are 0 .. T-1, select_chunks' default, which it bounds without a sync
-            landmarks = ctx.memory.landmarks
-            ctx = ctx.replace(selection=self.select(hidden, landmarks))
+            q_r, landmarks = self.queries(hidden), ctx.memory.landmarks
+            ctx = ctx.replace(selection=self.select(q_r, landmarks))
             if ctx.retrieval_targets is not None:
-                loss = retrieval_target_loss(self.queries(hidden), landmarks, ctx.retrieval_targets, self.chunk_size)
+                loss = retrieval_target_loss(q_r, landmarks, ctx.retrieval_targets, self.chunk_size)
                 ctx = ctx.replace(retrieval_losses=(*ctx.retrieval_losses, loss))
             return hidden, ctx
-        selection = self.select(hidden, store.landmarks, ctx.positions, store.landmark_sketch(hidden.shape[1]))
+        sketch = store.landmark_sketch(hidden.shape[1])
+        selection = self.select(self.queries(hidden), store.landmarks, ctx.positions, sketch)
         if store.fetch_tokens(selection) >= hidden.shape[1]:  # one fetch serves every HSA layer of the group
             memory, selection = store.fetch(selection)
             return hidden, ctx.replace(memory=memory, selection=selection)

@@ -19,7 +19,9 @@ def test_ranks_agree_with_the_real_selection():
     picked = []
     # the layer's own selection over the cache's landmarks (before any fetch re-indexes it into fetched chunks)
     handle = layer.register_forward_hook(
-        lambda m, a, out: picked.append(m.select(a[0], a[1].store.landmarks, a[1].positions).indices[0, -1, 0].tolist())
+        lambda m, a, out: picked.append(
+            m.select(m.queries(a[0]), a[1].store.landmarks, a[1].positions).indices[0, -1, 0].tolist()
+        )
     )
     try:
         rows = needle_ranks(model, sample, segment_len=64, mode="exact")
@@ -76,7 +78,9 @@ def test_ranks_follow_the_needle_of_the_answer_being_written():
     layer = next(m for k, m in zip(model.model.layer_kinds, model.model.layers) if k == "retrieval")
     picked = []
     handle = layer.register_forward_hook(  # as in test_ranks_agree_with_the_real_selection
-        lambda m, a, out: picked.append(m.select(a[0], a[1].store.landmarks, a[1].positions).indices[0, -1, 0].tolist())
+        lambda m, a, out: picked.append(
+            m.select(m.queries(a[0]), a[1].store.landmarks, a[1].positions).indices[0, -1, 0].tolist()
+        )
     )
     try:
         rows = needle_ranks(model, sample, segment_len=64, mode="exact", tokenizer=tok)
