@@ -52,6 +52,7 @@ __all__ = [
     "TASKS",
     "make_task",
     "answer_token_needles",
+    "answer_token_spans",
     "retrieval_targets",
 ]
 
@@ -105,9 +106,9 @@ class TaskSample:
         return labels
 
 
-def answer_token_needles(sample: TaskSample, tokenizer) -> list[int]:
-    """Per answer token of `sample`: the index into `sample.needles` of the needle holding the expected answer
-    the token spells, or `sample.target` for tokens of none (spaces, commas, the final period, eos)."""
+def answer_token_spans(sample: TaskSample, tokenizer) -> list[int | None]:
+    """Per answer token of `sample`: the index into `sample.answers` of the expected answer the token spells, or
+    None for tokens of none (spaces, commas, the final period, eos)."""
     spans, cursor = [], 0
     for answer in sample.answers:  # the answers appear in the answer text in order
         start = sample.answer.index(answer, cursor)
@@ -118,19 +119,33 @@ def answer_token_needles(sample: TaskSample, tokenizer) -> list[int]:
     for t in range(len(ids)):
         a, b = len(tokenizer.decode(ids[:t])), len(tokenizer.decode(ids[: t + 1]))
         hit = [k for k, (s, e) in enumerate(spans) if a < e and s < b]
-        out.append(sample.answer_needles[hit[0]] if hit and sample.answer_needles else sample.target)
+        out.append(hit[0] if hit else None)
     return out
 
 
+def answer_token_needles(sample: TaskSample, tokenizer) -> list[int]:
+    """Per answer token of `sample`: the index into `sample.needles` of the needle holding the expected answer
+    the token spells, or `sample.target` for tokens of none (spaces, commas, the final period, eos)."""
+    return [
+        sample.answer_needles[k] if k is not None and sample.answer_needles else sample.target
+        for k in answer_token_spans(sample, tokenizer)
+    ]
+
+
 def retrieval_targets(sample: TaskSample, tokenizer, chunk_size: int) -> np.ndarray:
-    """`[len(input_ids), 2]` int64: at position `p` whose token predicts answer token `p + 1`, the first and last
-    chunk of the needle that answer token is read from (`answer_token_needles`), among the chunks complete before
-    `p` (chunk `c` is visible at `p` iff `(c + 1) * chunk_size <= p`, as in chunk selection); `-1, -1` at every
-    other position and where none of the needle's chunks is visible yet (docs/design.md §6)."""
+    """`[len(input_ids), 2]` int64: at position `p` whose token predicts the first token of an expected answer
+    (answer token `j = p + 1 - prompt_len`), the first and last chunk of the needle that answer is read from, among
+    the chunks complete before `p` (chunk `c` is visible at `p` iff `(c + 1) * chunk_size <= p`, as in chunk
+    selection); `-1, -1` at every other position and where none of the needle's chunks is visible yet
+    (docs/design.md §6). Only first tokens: once an answer's first tokens are in the input, its needle can be found
+    by them, not by the key the question asks."""
     out = np.full((len(sample.input_ids), 2), -1, dtype=np.int64)
     if not sample.needles:
         return out
-    for j, needle in enumerate(answer_token_needles(sample, tokenizer)):
+    spans = answer_token_spans(sample, tokenizer)
+    for j, (span, needle) in enumerate(zip(spans, answer_token_needles(sample, tokenizer))):
+        if span is None or (j > 0 and spans[j - 1] == span):
+            continue
         p = sample.prompt_len + j - 1
         start, end = sample.needles[needle]
         first, last = start // chunk_size, min((end - 1) // chunk_size, p // chunk_size - 1)

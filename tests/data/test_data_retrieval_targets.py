@@ -1,27 +1,32 @@
 """Retrieval targets of task samples (ramba.data.retrieval_targets, docs/design.md §6) and how a mixture carries
-them: each answer token's query position points at the chunks of the needle that token is read from."""
+them: the query position of each answer's first token points at the chunks of the needle it is read from."""
 
 import numpy as np
 import pytest
 
 from ramba.data import ByteTokenizer, Mixture, TaskStream, TokenWindows, collate, make_task, prepare, retrieval_targets
-from ramba.data.tasks import answer_token_needles
+from ramba.data.tasks import answer_token_needles, answer_token_spans
 
 TOK = ByteTokenizer()
 
 
-@pytest.mark.parametrize("task", ["passkey", "niah_single", "niah_multikey", "niah_multivalue", "variable_tracking"])
+@pytest.mark.parametrize(
+    "task", ["passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking"]
+)
 @pytest.mark.parametrize("chunk_size", [16, 64])
-def test_targets_point_at_the_needle_of_each_answer_token(task, chunk_size):
+def test_targets_point_at_the_needle_of_each_answer_at_its_first_token(task, chunk_size):
     sample = make_task(task, TOK).generate(2048, 0.3, seed=3)
     targets = retrieval_targets(sample, TOK, chunk_size)
     assert targets.shape == (len(sample.input_ids), 2) and targets.dtype == np.int64
-    needles = answer_token_needles(sample, TOK)
+    spans, needles = answer_token_spans(sample, TOK), answer_token_needles(sample, TOK)
+    firsts = [j for j, k in enumerate(spans) if k is not None and (j == 0 or spans[j - 1] != k)]
+    assert len(firsts) == len(sample.answers)  # one target per expected answer
     rows = np.flatnonzero(targets[:, 0] >= 0)
-    assert rows.tolist() == [sample.prompt_len - 1 + j for j in range(len(needles))]  # depth 0.3: all visible
-    for j, n in enumerate(needles):
+    assert rows.tolist() == [sample.prompt_len - 1 + j for j in firsts]  # depth 0.3: all visible
+    for j in firsts:
         p = sample.prompt_len - 1 + j
-        start, end = sample.needles[n]
+        start, end = sample.needles[needles[j]]
+        assert sample.needle_answers[needles[j]] == sample.answers[spans[j]]  # the needle holding that answer
         lo, hi = targets[p]
         assert lo == start // chunk_size and hi == (end - 1) // chunk_size  # the needle's chunks, all of them
         assert (hi + 1) * chunk_size <= p  # complete before the query's position
@@ -30,9 +35,9 @@ def test_targets_point_at_the_needle_of_each_answer_token(task, chunk_size):
 
 def test_targets_keep_only_the_needle_chunks_complete_before_the_answer():
     sample = make_task("passkey", TOK).generate(1024, 1.0, seed=0)  # the needle right before the question
-    (start, end), p = sample.needles[sample.target], sample.prompt_len - 1
-    assert (start, end) == (918, 978) and p == 1015  # chunks of 64: 14 and 15; of 512: 1
-    assert (retrieval_targets(sample, TOK, 512) == -1).all()  # chunk 1 ends at 1024 > 1015: nothing to retrieve
+    (start, end), p = sample.needles[sample.target], sample.prompt_len  # the answer " 51573.": p predicts its "5"
+    assert (start, end) == (918, 978) and p == 1016  # chunks of 64: 14 and 15; of 512: 1
+    assert (retrieval_targets(sample, TOK, 512) == -1).all()  # chunk 1 ends at 1024 > 1016: nothing to retrieve
     targets = retrieval_targets(sample, TOK, 64)
     assert targets[p].tolist() == [14, 14]  # chunk 15 ends at 1024: only chunk 14 is visible
 

@@ -66,6 +66,38 @@ def test_graphed_loss_matches_eager(overrides):
             assert rel_err(got[name], g) < 1e-2, (i, name)
 
 
+def test_graphed_loss_with_the_retrieval_loss_matches_eager():
+    """LM + retrieval loss (targets at random positions, fresh each batch, a row without any): the graph gives
+    the eager loss and gradients, and the retrieval loss's gradient reaches the query projection."""
+    eager, graphed = _pair({})
+
+    def loss_fn(model):
+        def loss(ids, targets):
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                out = model(input_ids=ids, labels=ids, retrieval_targets=targets)
+            return out.loss + out.retrieval_loss
+
+        return loss
+
+    step = GraphedLoss(loss_fn(graphed), graphed.parameters())
+    for i in range(3):
+        ids = torch.randint(0, 256, (2, 512), device="cuda")
+        targets = torch.full((2, 512, 2), -1, dtype=torch.long, device="cuda")
+        pos = torch.randint(128, 512, (5,)).tolist()
+        for t in pos[: 5 - i]:  # fewer targets each batch; row 1 never has any
+            lo = int(torch.randint(t // 64 - 1, (1,)))
+            targets[0, t] = torch.tensor([lo, lo], device="cuda")
+        eager.zero_grad(set_to_none=True)
+        graphed.zero_grad(set_to_none=False)
+        loss = loss_fn(eager)(ids, targets)
+        loss.backward()
+        assert abs(step(ids, targets).item() - loss.item()) < 1e-3 * loss.item(), i
+        expected, got = _grads(eager), _grads(graphed)
+        assert any("q_proj" in n and g.abs().sum() > 0 for n, g in expected.items() if "layers.3." in n)
+        for name, g in expected.items():
+            assert rel_err(got[name], g) < 1e-2, (i, name)
+
+
 def test_graphed_loss_accumulates_like_backward():
     """Two replays without zeroing add both batches' gradients, as two backward calls do; parameters the
     loss does not reach keep grad None."""
