@@ -5,17 +5,18 @@ Usage: python benchmarks/multikey_query_probe.py [--model tiny-ruler] [--haystac
 
 For each multi-key sample (seeds x depths 0, 0.5, 1) the question is asked once for every key of the sample:
 the same haystack and needles, only the key named in the question changes (the keys are pseudo-words of one
-length, so no position moves). At the last prompt token (the query that selects the chunks for the first answer
-token) the first retrieval layer's scores of each needle's chunks (the best chunk of each needle, head 0) are
+length, so no position moves). At the token that predicts the answer's first character (the prompt and the
+answer's leading space: the query that selects the chunks that character is read from, where
+`ramba.data.retrieval_targets` puts the retrieval loss's target) the first retrieval layer's scores of each needle's chunks (the best chunk of each needle, head 0) are
 read, giving a [asked key, needle] matrix per sample. A query that encodes the asked key puts each row's maximum on
 its own needle (`asked_first`, chance 1 / keys) and raises a needle's score when that needle is the one asked
 (`asked_gain`: the diagonal minus its column's mean, in score units), against `needle_spread`, how far the
 needles' scores lie apart within a row. CPU fp32, exact prefill; about 15 s a sample on 2 cores. Writes JSON.
 
 `--fit N`: which side lacks the key? For every ask of N seeds more (x 3 depths; one forward without a cache) it
-keeps, at the retrieval layer's normed input, the last prompt token's state, each needle's state right after its
+keeps, at the retrieval layer's normed input, that token's state, each needle's state right after its
 key, and each needle's landmark (the mean over the needle's complete chunks). A bilinear match of rank 64 between
-the last token and each needle side is fitted (Adam, cross-entropy over the sample's needles, inputs standardised)
+that token and each needle side is fitted (Adam, cross-entropy over the sample's needles, inputs standardised)
 on the even seeds' asks and scored on the odd seeds' (`fit` in the JSON: asked needle first, chance 1 / keys).
 Above chance on unseen samples means both sides carry the key in a form a retrieval query could learn to match.
 """
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from ramba.data import ByteTokenizer
+from ramba.data.tasks import answer_token_spans
 from ramba.eval.retrieval import span_chunks
 from ramba.eval.tasks import build_task, load_haystacks
 from ramba.inference import prefill
@@ -41,8 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 KEY = re.compile(r"(?:for|of|Note:) (\w+)(?: is|:)")  # the key in a needle of any phrasing
 
 
+def query_end(tok, sample) -> int:
+    """The length of the input whose last token predicts the answer's first character (prompt + leading space)."""
+    return sample.prompt_len + answer_token_spans(sample, tok).index(0)
+
+
 def probe_sample(model, tok, sample) -> np.ndarray:
-    """``[keys, needles]`` retrieval scores at the last prompt token, one row per key asked."""
+    """``[keys, needles]`` retrieval scores at the token that predicts the answer, one row per key asked."""
     layer = next(m for kind, m in zip(model.model.layer_kinds, model.model.layers) if kind == "retrieval")
     S = model.config.chunk_size
     captured = {}
@@ -55,9 +62,10 @@ def probe_sample(model, tok, sample) -> np.ndarray:
     keys = [KEY.search(t).group(1) for t in texts]
     asked = keys[sample.target]
     q0 = sample.haystack_span[1]
-    question = tok.decode(sample.input_ids[q0 : sample.prompt_len].tolist())
+    end = query_end(tok, sample)
+    question = tok.decode(sample.input_ids[q0:end].tolist())
     chunks = [span_chunks(n, S) for n in sample.needles]
-    ids = torch.as_tensor(sample.input_ids[: sample.prompt_len])
+    ids = torch.as_tensor(sample.input_ids[:end])
     rows = []
     handle = layer.register_forward_hook(hook)
     try:
@@ -74,7 +82,7 @@ def probe_sample(model, tok, sample) -> np.ndarray:
 
 
 def match_features(model, tok, sample) -> list[tuple]:
-    """Per key asked: ``(last prompt token [d], key states [needles, d], needle landmarks [needles, R * Dr],
+    """Per key asked: ``(the token that predicts the answer [d], key states [needles, d], needle landmarks [needles, R * Dr],
     asked needle)``, all at the first retrieval layer's normed input (one forward without a cache)."""
     layer = next(m for kind, m in zip(model.model.layer_kinds, model.model.layers) if kind == "retrieval")
     S = model.config.chunk_size
@@ -88,8 +96,9 @@ def match_features(model, tok, sample) -> list[tuple]:
     keys = [KEY.search(t).group(1) for t in texts]
     key_ends = [a + len(tok.encode(t[: t.index(k) + len(k)])) - 1 for (a, _), t, k in zip(sample.needles, texts, keys)]
     q0 = sample.haystack_span[1]
-    question = tok.decode(sample.input_ids[q0 : sample.prompt_len].tolist())
-    ids = torch.as_tensor(sample.input_ids[: sample.prompt_len])
+    end = query_end(tok, sample)
+    question = tok.decode(sample.input_ids[q0:end].tolist())
+    ids = torch.as_tensor(sample.input_ids[:end])
     out = []
     handle = layer.register_forward_hook(hook)
     try:

@@ -25,6 +25,8 @@
 #                the same with --no-compile-glue (the mixers' element-wise work in eager PyTorch; bench_train-eager)
 #   train-graph[:PRESETS[:ARCHS[:LENGTHS[:FLAGS]]]]
 #                the same with --cuda-graph (the default since 2026-12-01; bench_train-graph)
+#   suite-cold   issue 18's build item 3: the whole GPU suite (`pytest -m gpu tests/gpu`, the README's command) on empty
+#                Triton and Inductor caches, timed (bounded by TESTS_SECONDS, default 420); gpu-suite-cold.xml (JUnit) under $OUT
 #   pytest:FILES the GPU tests of FILES (space-separated test paths), bounded by TESTS_SECONDS (default 300)
 #   tests-graph  the GPU tests of the CUDA-graph training step (tests/gpu/test_cuda_graph_gpu.py)
 #   tests-nsa    the GPU tests of the NSA baseline (fla's kernels vs the torch path; tests/gpu/test_nsa_gpu.py)
@@ -148,6 +150,7 @@ eval_opts=(--batch-size "${EVAL_BATCH:-1}")
 
 stamped() {  # run "$@", every output line prefixed with the time: a test run cut by its timeout still shows its pace
     "$@" 2>&1 | while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done
+    return "${PIPESTATUS[0]}"
 }
 
 section() {
@@ -226,6 +229,14 @@ section() {
                 --mode fast --segment-len 65536 --haystack data/python-doc --out "$OUT" --name "ranks-$arch" --no-progress ;;
         tests) stamped timeout "${TESTS_SECONDS:-300}" python3 -m pytest -m "gpu and not slow" tests/gpu -v -rfE --tb=short --show-capture=no -p no:cacheprovider ;;
         pytest) stamped timeout "${TESTS_SECONDS:-300}" python3 -m pytest -m gpu ${1#pytest:} -v -rfE --tb=short -p no:cacheprovider ;;
+        suite-cold)
+            local start=$SECONDS rc
+            TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) stamped timeout "${TESTS_SECONDS:-420}" \
+                python3 -m pytest -m gpu tests/gpu -q -rfE --tb=short --durations=15 -p no:cacheprovider \
+                --junitxml="$OUT/gpu-suite-cold.xml"
+            rc=$?
+            echo "== suite-cold: $((SECONDS - start)) s wall, rc $rc"
+            return "$rc" ;;
         tests-graph) timeout 400 python3 -m pytest -m gpu tests/gpu/test_cuda_graph_gpu.py -q -rfE -p no:cacheprovider ;;
         tests-nsa) timeout 300 python3 -m pytest -m gpu tests/gpu/test_nsa_gpu.py -v -rfEs --durations=5 -p no:cacheprovider ;;
         tests-model) timeout 400 python3 -m pytest -m "gpu and not slow" tests/gpu/test_model_gpu.py -q -rfE -p no:cacheprovider ;;
