@@ -72,3 +72,22 @@ def test_float32_and_a_bad_target_shape():
     assert retrieval_target_loss(q.float(), lm.float(), targets, 4).dtype == torch.float32
     with pytest.raises(ValueError, match=r"targets must be \[B=1, T=32, 2\]"):
         retrieval_target_loss(q, lm, targets[..., :1], 4)
+
+
+def test_autocast_leaves_the_scores_in_float32():
+    """Under bf16 autocast the scores are the float32 ones, bit for bit: at the sizes a sharpened retrieval reaches
+    (thousands) bf16 rounds them by 16, far more than the gaps the loss compares."""
+    from ramba.ops.retrieval import chunk_scores
+
+    q, lm, targets = _inputs(7, 2, 64, 1, 16, 8, 20)
+    q, lm = (q.detach().float() * 30).requires_grad_(), (lm.detach().float() * 30).requires_grad_()
+    plain = retrieval_target_loss(q, lm, targets, 8)
+    grads = torch.autograd.grad(plain, (q, lm))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = chunk_scores(q, lm)
+        cast = retrieval_target_loss(q, lm, targets, 8)
+    assert scores.dtype == torch.float32 and scores.abs().max() > 1000
+    torch.testing.assert_close(scores, chunk_scores(q, lm), rtol=0, atol=0)
+    torch.testing.assert_close(cast, plain, rtol=0, atol=0)
+    for got, want in zip(torch.autograd.grad(cast, (q, lm)), grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -121,9 +121,13 @@ def resolve_positions(positions: torch.Tensor | None, B: int, T: int, device: to
 
 def chunk_scores(q_r: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
     """Every chunk's retrieval score ``q_r · landmark / sqrt(Dr)``, visible or not: ``q_r [B, T, R, Dr]``,
-    ``landmarks [B, C, R, Dr]`` -> ``[B, T, R, C]`` in the compute dtype (float32, float64 for float64)."""
+    ``landmarks [B, C, R, Dr]`` -> ``[B, T, R, C]`` in the compute dtype (float32, float64 for float64), under autocast
+    too."""
     acc = compute_dtype(q_r.dtype, landmarks.dtype)
-    return torch.einsum("btrd,bcrd->btrc", q_r.to(acc), landmarks.to(acc)) / math.sqrt(q_r.shape[-1])
+    # autocast would run the product in bf16, whose rounding of scores in the hundreds or thousands (8 or more) is
+    # wider than the gaps between needles' scores: the retrieval loss's gradient turned to noise (2026-12-07)
+    with torch.autocast(q_r.device.type, enabled=False):
+        return torch.einsum("btrd,bcrd->btrc", q_r.to(acc), landmarks.to(acc)) / math.sqrt(q_r.shape[-1])
 
 
 def retrieval_target_loss(
