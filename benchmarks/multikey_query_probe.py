@@ -7,8 +7,8 @@ For each multi-key sample (seeds x depths 0, 0.5, 1) the question is asked once 
 the same haystack and needles, only the key named in the question changes (the keys are pseudo-words of one
 length, so no position moves). At the token that predicts the answer's first character (the prompt and the
 answer's leading space: the query that selects the chunks that character is read from, where
-`ramba.data.retrieval_targets` puts the retrieval loss's target) the first retrieval layer's scores of each needle's chunks (the best chunk of each needle, head 0) are
-read, giving a [asked key, needle] matrix per sample. A query that encodes the asked key puts each row's maximum on
+`ramba.data.retrieval_targets` puts the retrieval loss's target) the first retrieval layer's scores of each
+needle's chunks (the best chunk of each needle, head 0) are read, giving a [asked key, needle] matrix per sample. A query that encodes the asked key puts each row's maximum on
 its own needle (`asked_first`, chance 1 / keys) and raises a needle's score when that needle is the one asked
 (`asked_gain`: the diagonal minus its column's mean, in score units), against `needle_spread`, how far the
 needles' scores lie apart within a row. CPU fp32, exact prefill; about 15 s a sample on 2 cores. Writes JSON.
@@ -43,9 +43,18 @@ ROOT = Path(__file__).resolve().parents[1]
 KEY = re.compile(r"(?:for|of|Note:) (\w+)(?: is|:)")  # the key in a needle of any phrasing
 
 
-def query_end(tok, sample) -> int:
-    """The length of the input whose last token predicts the answer's first character (prompt + leading space)."""
-    return sample.prompt_len + answer_token_spans(sample, tok).index(0)
+def asks(tok, sample) -> tuple[list[str], list[torch.Tensor]]:
+    """The needles' keys and, per key, the sample's input asking for it, up to the token that predicts the answer's
+    first character (prompt + leading space): ``[T]`` int64 each."""
+    keys = [KEY.search(tok.decode(sample.input_ids[a:b].tolist())).group(1) for a, b in sample.needles]
+    q0, end = sample.haystack_span[1], sample.prompt_len + answer_token_spans(sample, tok).index(0)
+    question = tok.decode(sample.input_ids[q0:end].tolist())
+    inputs = []
+    for key in keys:
+        x = torch.as_tensor(sample.input_ids[:end]).clone()
+        x[q0:] = torch.as_tensor(tok.encode(question.replace(keys[sample.target], key)))
+        inputs.append(x)
+    return keys, inputs
 
 
 def probe_sample(model, tok, sample) -> np.ndarray:
@@ -58,20 +67,11 @@ def probe_sample(model, tok, sample) -> np.ndarray:
         hidden, ctx = args
         captured["scores"] = chunk_scores(module.queries(hidden[:, -1:]), ctx.store.landmarks)[0, 0, 0]
 
-    texts = [tok.decode(sample.input_ids[a:b].tolist()) for a, b in sample.needles]
-    keys = [KEY.search(t).group(1) for t in texts]
-    asked = keys[sample.target]
-    q0 = sample.haystack_span[1]
-    end = query_end(tok, sample)
-    question = tok.decode(sample.input_ids[q0:end].tolist())
     chunks = [span_chunks(n, S) for n in sample.needles]
-    ids = torch.as_tensor(sample.input_ids[:end])
     rows = []
     handle = layer.register_forward_hook(hook)
     try:
-        for key in keys:
-            x = ids.clone()
-            x[q0:] = torch.as_tensor(tok.encode(question.replace(asked, key)))
+        for x in asks(tok, sample)[1]:
             with torch.no_grad():
                 _, cache = prefill(model, x[None, :-1], 2048, "exact")
                 model(input_ids=x[None, -1:], past_key_values=cache, use_cache=True)
@@ -82,8 +82,8 @@ def probe_sample(model, tok, sample) -> np.ndarray:
 
 
 def match_features(model, tok, sample) -> list[tuple]:
-    """Per key asked: ``(the token that predicts the answer [d], key states [needles, d], needle landmarks [needles, R * Dr],
-    asked needle)``, all at the first retrieval layer's normed input (one forward without a cache)."""
+    """Per key asked: ``(the token that predicts the answer [d], key states [needles, d], needle landmarks
+    [needles, R * Dr], asked needle)``, all at the first retrieval layer's normed input (one forward without a cache)."""
     layer = next(m for kind, m in zip(model.model.layer_kinds, model.model.layers) if kind == "retrieval")
     S = model.config.chunk_size
     captured = {}
@@ -92,19 +92,13 @@ def match_features(model, tok, sample) -> list[tuple]:
         hidden, ctx = args
         captured["hidden"], captured["landmarks"] = module.norm(hidden[0]), ctx.memory.landmarks[0]
 
+    keys, inputs = asks(tok, sample)
     texts = [tok.decode(sample.input_ids[a:b].tolist()) for a, b in sample.needles]
-    keys = [KEY.search(t).group(1) for t in texts]
     key_ends = [a + len(tok.encode(t[: t.index(k) + len(k)])) - 1 for (a, _), t, k in zip(sample.needles, texts, keys)]
-    q0 = sample.haystack_span[1]
-    end = query_end(tok, sample)
-    question = tok.decode(sample.input_ids[q0:end].tolist())
-    ids = torch.as_tensor(sample.input_ids[:end])
     out = []
     handle = layer.register_forward_hook(hook)
     try:
-        for i, key in enumerate(keys):
-            x = ids.clone()
-            x[q0:] = torch.as_tensor(tok.encode(question.replace(keys[sample.target], key)))
+        for i, x in enumerate(inputs):
             with torch.no_grad():
                 model(input_ids=x[None])
             hidden, landmarks = captured["hidden"], captured["landmarks"]

@@ -143,11 +143,11 @@ def retrieval_targets(sample: TaskSample, tokenizer, chunk_size: int) -> np.ndar
     if not sample.needles:
         return out
     spans = answer_token_spans(sample, tokenizer)
-    for j, (span, needle) in enumerate(zip(spans, answer_token_needles(sample, tokenizer))):
+    for j, span in enumerate(spans):
         if span is None or (j > 0 and spans[j - 1] == span):
             continue
         p = sample.prompt_len + j - 1
-        start, end = sample.needles[needle]
+        start, end = sample.needles[sample.answer_needles[span] if sample.answer_needles else sample.target]
         first, last = start // chunk_size, min((end - 1) // chunk_size, p // chunk_size - 1)
         if first <= last:
             out[p] = first, last
