@@ -28,6 +28,7 @@ part differs from ``--model``, so the rest of the model reads the new selection 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -92,13 +93,16 @@ def trainable(model, arm: str) -> list[torch.nn.Parameter]:
 
 def scores_and_loss(model, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids [B, T]``, ``targets [B, T, 2]`` -> the first retrieval layer's chunk scores ``[B, T, R, C]`` and
-    its retrieval loss ``[]``; runs only the layers up to it."""
+    its retrieval loss ``[]``; runs only the layers up to it (under bf16 autocast on CUDA, as training does; the
+    scores and the loss are float32 either way)."""
     r = retrieval_index(model)
-    hidden = model.model.embeddings(input_ids)
-    ctx = LayerContext(positions=torch.arange(input_ids.shape[1], device=input_ids.device))
-    for layer in model.model.layers[:r]:
-        hidden, ctx = layer(hidden, ctx)
-    q_r, landmarks = model.model.layers[r].queries(hidden), ctx.memory.landmarks
+    cuda = input_ids.device.type == "cuda"
+    with torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext():
+        hidden = model.model.embeddings(input_ids)
+        ctx = LayerContext(positions=torch.arange(input_ids.shape[1], device=input_ids.device))
+        for layer in model.model.layers[:r]:
+            hidden, ctx = layer(hidden, ctx)
+        q_r, landmarks = model.model.layers[r].queries(hidden), ctx.memory.landmarks
     loss = retrieval_target_loss(q_r, landmarks, targets, model.config.chunk_size)
     return chunk_scores(q_r, landmarks), loss
 
@@ -228,7 +232,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-samples", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (float32 either way)")
+    ap.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bf16 autocast, as training)")
     ap.add_argument("--save-dir", default="", help="also save each arm's model there (ARM.safetensors, float32)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "retrieval_supervision_probe.json"))
     args = ap.parse_args()
@@ -259,7 +263,7 @@ def main() -> None:
         "machine": torch.cuda.get_device_name()
         if args.device.startswith("cuda")
         else f"CPU, {torch.get_num_threads()} threads",
-        "dtype": "float32",
+        "dtype": "bf16 autocast" if args.device.startswith("cuda") else "float32",
         "arms": {},
     }
     out = Path(args.out)
