@@ -236,7 +236,7 @@ section() {
         suite-cold)
             local start=$SECONDS rc
             TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) stamped timeout "${TESTS_SECONDS:-420}" \
-                python3 -m pytest -m gpu tests/gpu -q -rfE --tb=short --durations=15 -p no:cacheprovider \
+                python3 -m pytest -m gpu tests/gpu -v -rfE --tb=short --durations=15 -p no:cacheprovider \
                 --junitxml="$OUT/gpu-suite-cold.xml"
             rc=$?
             echo "== suite-cold: $((SECONDS - start)) s wall, rc $rc"
