@@ -54,10 +54,15 @@ def retrieval_index(model) -> int:
     return model.model.layer_kinds.index("retrieval")
 
 
+def chunk_encoders(model) -> list:
+    """The model's chunk encoder layers (one per retrieval group)."""
+    return [m for kind, m in zip(model.model.layer_kinds, model.model.layers) if kind == "chunk_encoder"]
+
+
 def add_encoder_layer(model) -> None:
     """Append one bidirectional block to the chunk encoder that starts as the identity (output projections 0)."""
     c = model.config
-    encoder = next(m for kind, m in zip(model.model.layer_kinds, model.model.layers) if kind == "chunk_encoder")
+    encoder = chunk_encoders(model)[0]
     enc_dim = c.d_model // c.encoder_heads
     block = AttentionBlock(
         c.d_model,
@@ -78,7 +83,7 @@ def trainable(model, arm: str) -> list[torch.nn.Parameter]:
     if arm == "query":
         parts = [layers[r]]
     elif arm in ("encoder", "encoder2"):
-        parts = [layers[r]] + [m for kind, m in zip(model.model.layer_kinds, layers) if kind == "chunk_encoder"]
+        parts = [layers[r], *chunk_encoders(model)]
     elif arm == "below":
         parts = [model.model.embeddings, *layers[: r + 1]]
     else:
@@ -91,10 +96,9 @@ def trainable(model, arm: str) -> list[torch.nn.Parameter]:
     return params
 
 
-def scores_and_loss(model, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids [B, T]``, ``targets [B, T, 2]`` -> the first retrieval layer's chunk scores ``[B, T, R, C]`` and
-    its retrieval loss ``[]``; runs only the layers up to it (under bf16 autocast on CUDA, as training does; the
-    scores and the loss are float32 either way)."""
+def queries_and_landmarks(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids [B, T]`` -> the first retrieval layer's queries ``q_r [B, T, R, Dr]`` and the landmarks ``[B, C, R,
+    Dr]`` it scores; runs only the layers up to it (under bf16 autocast on CUDA, as training does)."""
     r = retrieval_index(model)
     cuda = input_ids.device.type == "cuda"
     with torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext():
@@ -102,9 +106,14 @@ def scores_and_loss(model, input_ids: torch.Tensor, targets: torch.Tensor) -> tu
         ctx = LayerContext(positions=torch.arange(input_ids.shape[1], device=input_ids.device))
         for layer in model.model.layers[:r]:
             hidden, ctx = layer(hidden, ctx)
-        q_r, landmarks = model.model.layers[r].queries(hidden), ctx.memory.landmarks
-    loss = retrieval_target_loss(q_r, landmarks, targets, model.config.chunk_size)
-    return chunk_scores(q_r, landmarks), loss
+        return model.model.layers[r].queries(hidden), ctx.memory.landmarks
+
+
+def scores_and_loss(model, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids [B, T]``, ``targets [B, T, 2]`` -> the first retrieval layer's chunk scores ``[B, T, R, C]`` and
+    its retrieval loss ``[]`` (both float32)."""
+    q_r, landmarks = queries_and_landmarks(model, input_ids)
+    return chunk_scores(q_r, landmarks), retrieval_target_loss(q_r, landmarks, targets, model.config.chunk_size)
 
 
 def batch(samples: list, tok, chunk_size: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,10 +141,6 @@ def needle_metrics(scores: torch.Tensor, samples: list, targets: torch.Tensor, c
     return {"asked_first": float(np.mean(first)), "asked_in_topk": float(np.mean(in_topk))}
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def evaluate(model, tok, samples: list, batch_size: int) -> dict:
     """Mean ``asked_first``, ``asked_in_topk`` and retrieval loss over ``samples`` (no gradients)."""
     c = model.config
@@ -143,7 +148,7 @@ def evaluate(model, tok, samples: list, batch_size: int) -> dict:
     with torch.no_grad():
         for i in range(0, len(samples), batch_size):
             part = samples[i : i + batch_size]
-            ids, targets = batch(part, tok, c.chunk_size, _device(model))
+            ids, targets = batch(part, tok, c.chunk_size, model.device)
             scores, loss = scores_and_loss(model, ids, targets)
             rows.append((needle_metrics(scores.cpu(), part, targets.cpu(), c.chunk_size, c.topk), len(part)))
             losses.append((float(loss), len(part)))
@@ -181,7 +186,7 @@ def run_arm(args, arm: str, tok, train_task, eval_samples: list, record: dict, s
             samples.append(train_task.generate(args.length, None, seed))
             seed += 1
         ids, targets = batch(samples, tok, model.config.chunk_size, args.device)
-        _, loss = scores_and_loss(model, ids, targets)
+        loss = retrieval_target_loss(*queries_and_landmarks(model, ids), targets, model.config.chunk_size)
         train_losses.append(loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -69,7 +69,7 @@ def test_added_encoder_layer_starts_as_the_identity(tmp_path):
     probe.add_encoder_layer(model)
     after = probe.scores_and_loss(model, ids, targets)
     torch.testing.assert_close(before[0], after[0])
-    encoder = next(m for k, m in zip(model.model.layer_kinds, model.model.layers) if k == "chunk_encoder")
+    encoder = probe.chunk_encoders(model)[0]
     assert len(encoder.layers) == model.config.encoder_layers == layers + 1
     # the saved model loads with the new layer (its config says so)
     path = save_model_file(model, tmp_path / "m.safetensors", torch.float32)
