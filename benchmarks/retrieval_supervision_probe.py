@@ -1,7 +1,8 @@
 """Can a model's retrieval learn the key-to-needle match when told it directly? A diagnosis of multi-key (issue 22).
 
-Usage: python benchmarks/retrieval_supervision_probe.py [--model tiny-ruler] [--arms query,encoder,below]
-       [--task niah_multikey] [--steps 300] [--length 2048] [--batch 8] [--device cpu] [--out PATH]
+Usage: python benchmarks/retrieval_supervision_probe.py [--model tiny-ruler | --fresh tiny:chunk_size=32]
+       [--arms query,encoder,below] [--task niah_multikey] [--steps 300] [--length 2048] [--batch 8] [--lr 1e-3]
+       [--device cpu] [--out PATH]
 
 From a trained model, each arm trains one part of the model with the retrieval loss alone (docs/design.md §6: at
 the token that predicts an answer's first character, the cross-entropy of the first retrieval layer's chunk scores
@@ -14,6 +15,9 @@ from the training haystacks:
   the identity): does a deeper encoder help?
 - ``below``: the query, the chunk encoder and every layer below the retrieval layer, embeddings included: is the
   key in the hidden states at all, at the needle and at the question?
+
+``--fresh PRESET[:key=value...]`` starts every arm from a freshly initialised model of that layout instead (with
+``below``: can this layout learn the match from the retrieval loss alone, without features trained for the LM?).
 
 Every ``--eval-every`` steps it scores fixed samples of an unseen haystack (default python-doc, other seeds):
 ``asked_first`` (at the answer's first token the asked needle's best chunk scores above every other needle's;
@@ -36,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ramba import RambaConfig, RambaForCausalLM
 from ramba.data import ByteTokenizer
 from ramba.data.tasks import MixedHaystack, TokenFileHaystack, make_task, retrieval_targets
 from ramba.eval.tasks import parse_task_spec
@@ -74,6 +79,16 @@ def add_encoder_layer(model) -> None:
     torch.nn.init.zeros_(block.mlp.down_proj.weight)
     encoder.layers.append(block)
     c.encoder_layers += 1
+
+
+def initial_model(args):
+    """The model every arm starts from: ``--model`` loaded, or a fresh one of the layout ``--fresh`` names (seeded
+    by ``--seed``), float32 on ``--device``."""
+    if not args.fresh:
+        return load_model(args.model, args.device, torch.float32)
+    preset, overrides = parse_task_spec(args.fresh)
+    torch.manual_seed(args.seed)
+    return RambaForCausalLM(RambaConfig.preset(preset, **overrides)).to(args.device, torch.float32)
 
 
 def trainable(model, arm: str) -> list[torch.nn.Parameter]:
@@ -161,8 +176,8 @@ def evaluate(model, tok, samples: list, batch_size: int) -> dict:
 def run_arm(args, arm: str, tok, train_task, eval_samples: list, record: dict, save) -> None:
     """Train ``arm`` for ``args.steps`` steps; ``record`` gets the trained parameter count and the evaluation curve,
     and ``save()`` runs after every evaluation (a run cut short keeps its curve so far)."""
+    model = initial_model(args)
     torch.manual_seed(args.seed)
-    model = load_model(args.model, args.device, torch.float32)
     if arm == "encoder2":
         add_encoder_layer(model)
     params = trainable(model, arm)
@@ -224,7 +239,10 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny-ruler")
+    ap.add_argument("--model", default="tiny-ruler", help="a shipped model's name or a model file or run folder")
+    ap.add_argument(
+        "--fresh", default="", help="start from a fresh model of this layout instead: PRESET[:key=value...]"
+    )
     ap.add_argument("--arms", default="query,encoder,encoder2,below")
     ap.add_argument("--train-haystacks", default="data/linux-doc,data/gcide,data/shakespeare")
     ap.add_argument("--eval-haystack", default="data/python-doc")
@@ -257,7 +275,7 @@ def main() -> None:
         eval_task.generate(args.length, depths[i % len(depths)], 10_000_000 + i) for i in range(args.eval_samples)
     ]
     result = {
-        "model": args.model,
+        "model": f"fresh {args.fresh}" if args.fresh else args.model,
         "length": args.length,
         "task": args.task,
         "num_keys": params["num_keys"],

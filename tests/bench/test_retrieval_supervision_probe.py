@@ -98,7 +98,16 @@ def test_run_arm_trains_its_part_and_records_every_evaluation(tmp_path):
     model = small_model(**BYTES)
     path = save_model_file(model, tmp_path / "m.safetensors", torch.float32)
     args = argparse.Namespace(
-        model=str(path), device="cpu", seed=0, lr=1e-2, steps=2, eval_every=1, batch=2, length=512, save_dir=tmp_path
+        model=str(path),
+        fresh="",
+        device="cpu",
+        seed=0,
+        lr=1e-2,
+        steps=2,
+        eval_every=1,
+        batch=2,
+        length=512,
+        save_dir=tmp_path,
     )
     record, saves = {}, []
     task = make_task("niah_multikey", tok, num_keys=4)
@@ -108,3 +117,13 @@ def test_run_arm_trains_its_part_and_records_every_evaluation(tmp_path):
     trained = load_model(str(tmp_path / "encoder.safetensors"), "cpu", torch.float32)
     changed = {n for n, p in trained.named_parameters() if not torch.equal(p, model.get_parameter(n))}
     assert changed and all("layers.1." in n or "layers.2." in n for n in changed), changed
+
+
+def test_fresh_model_has_the_named_layout_and_its_seed():
+    args = argparse.Namespace(fresh="tiny:chunk_size=32:encoder_layers=2", model="unused", seed=4, device="cpu")
+    a, b = probe.initial_model(args), probe.initial_model(args)
+    assert (a.config.chunk_size, a.config.encoder_layers, a.config.d_model) == (32, 2, 256)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert next(a.parameters()).dtype == torch.float32
+    args.seed = 5
+    assert not torch.equal(next(probe.initial_model(args).parameters()), next(a.parameters()))

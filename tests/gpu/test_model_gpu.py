@@ -64,9 +64,11 @@ def test_cuda_prefill_decode_offload_matches_full_forward():
 
 
 def test_bf16_autocast_training_step():
+    """A training step at a training length (4K: 64 chunks to select from) stays finite. The shared layout, whose
+    kernels the tests above already compiled and tuned (the tiny preset's own shapes cost 90 s of it cold)."""
     torch.manual_seed(2)
-    model = RambaForCausalLM(RambaConfig.preset("tiny")).cuda()
-    ids = torch.randint(0, 256, (4, 4096), device="cuda")
+    model = RambaForCausalLM(RambaConfig(**CONFIG)).cuda()
+    ids = torch.randint(0, 256, (2, 4096), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()

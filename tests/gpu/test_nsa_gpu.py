@@ -40,16 +40,17 @@ def test_mamba2_nsa_model_on_fla_matches_torch_path(monkeypatch):
     import ramba.layers.attention as attention
 
     torch.manual_seed(1)
+    # the kernel shapes of test_fla_nsa_matches_torch's first case (HQ 16, H 1, D 64, block 64, K 8), compiled there
     config = RambaConfig(
         vocab_size=260,
         d_model=256,
         n_heads=16,
         n_kv_heads=1,
-        head_dim=32,
-        d_state=32,
-        ssm_head_dim=32,
+        head_dim=64,
+        d_state=64,
+        ssm_head_dim=64,
         chunk_size=64,
-        topk=4,
+        topk=8,
         n_lower_layers=1,
         n_upper_layers=2,
         mamba_per_hsa=1,
