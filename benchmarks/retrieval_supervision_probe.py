@@ -22,7 +22,10 @@ from the training haystacks:
 Every ``--eval-every`` steps it scores fixed samples of an unseen haystack (default python-doc, other seeds):
 ``asked_first`` (at the answer's first token the asked needle's best chunk scores above every other needle's;
 chance 1 / keys), ``asked_in_topk`` (it is among the model's top-K visible chunks, as selection would read it)
-and the retrieval loss, beside the mean training retrieval loss since the last evaluation. Only the part below
+and the retrieval loss, beside the mean training retrieval loss since the last evaluation. And where the key is
+lost: on samples whose keys come from a pool of ``KEY_POOL`` words, how often the nearest other landmark of a
+needle's key chunk (``landmark_key_id``) and the nearest other query at an answer (``query_key_id``) have the same
+key (centred cosine; chance about 1 / ``KEY_POOL``). A match needs the key on both sides. Only the part below
 the retrieval layer runs (no LM head, no HSA). float32 on the CPU (about 3 s a step of 8 x 2K for ``encoder``,
 10 s for ``below``, on 2 cores) or ``--device cuda``. Writes JSON (per arm, the curve, rewritten at every
 evaluation) and a PNG beside it; ``--save-dir`` keeps each arm's model for `ramba eval tasks` (only the arm's
@@ -34,12 +37,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import ramba.data.tasks as tasks
 from ramba import RambaConfig, RambaForCausalLM
 from ramba.data import ByteTokenizer
 from ramba.data.tasks import MixedHaystack, TokenFileHaystack, make_task, retrieval_targets
@@ -52,6 +57,7 @@ from ramba.ops.retrieval import chunk_scores, retrieval_target_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("query", "encoder", "encoder2", "below")
+KEY_POOL = 8
 
 
 def retrieval_index(model) -> int:
@@ -156,6 +162,54 @@ def needle_metrics(scores: torch.Tensor, samples: list, targets: torch.Tensor, c
     return {"asked_first": float(np.mean(first)), "asked_in_topk": float(np.mean(in_topk))}
 
 
+@contextlib.contextmanager
+def pooled_keys(n: int):
+    """Word keys drawn from ``n`` fixed pseudo-words while inside (the tasks module's word maker swapped)."""
+    make = tasks._pseudo_word
+    pool = [make(random.Random(i)) for i in range(n)]
+    tasks._pseudo_word = lambda rng: rng.choice(pool)
+    try:
+        yield pool
+    finally:
+        tasks._pseudo_word = make
+
+
+def same_key_neighbour(x: torch.Tensor, keys: list[str]) -> float:
+    """``x [N, Dr]``: how often each row's nearest other row (cosine, after centring) has the row's key."""
+    x = torch.nn.functional.normalize(x - x.mean(0), dim=-1)
+    sim = x @ x.T
+    sim.fill_diagonal_(-torch.inf)
+    return float(np.mean([keys[j] == keys[i] for i, j in enumerate(sim.argmax(1).tolist())]))
+
+
+def key_identity(model, tok, samples: list, pool: list[str], batch_size: int) -> dict:
+    """``landmark_key_id`` and ``query_key_id`` (head 0) on pooled-key ``samples`` (see the module docstring)."""
+    S = model.config.chunk_size
+    landmarks, landmark_keys, queries, query_keys = [], [], [], []
+    with torch.no_grad():
+        for i in range(0, len(samples), batch_size):
+            part = samples[i : i + batch_size]
+            ids, targets = batch(part, tok, S, model.device)
+            q_r, lm = queries_and_landmarks(model, ids)
+            for b, s in enumerate(part):
+                needle_keys = []
+                for start, end in s.needles:
+                    text = tok.decode(s.input_ids[start:end])
+                    key = next(k for k in pool if k in text)  # byte tokens: characters are positions
+                    needle_keys.append(key)
+                    c = (start + text.index(key) + len(key) - 1) // S  # the chunk of the key's last byte
+                    if c < lm.shape[1]:
+                        landmarks.append(lm[b, c, 0].float().cpu())
+                        landmark_keys.append(key)
+                for p in torch.nonzero(targets[b, :, 0] >= 0).flatten().tolist()[:1]:
+                    queries.append(q_r[b, p, 0].float().cpu())
+                    query_keys.append(needle_keys[s.answer_needles[0] if s.answer_needles else s.target])
+    return {
+        "landmark_key_id": same_key_neighbour(torch.stack(landmarks), landmark_keys),
+        "query_key_id": same_key_neighbour(torch.stack(queries), query_keys),
+    }
+
+
 def evaluate(model, tok, samples: list, batch_size: int) -> dict:
     """Mean ``asked_first``, ``asked_in_topk`` and retrieval loss over ``samples`` (no gradients)."""
     c = model.config
@@ -173,9 +227,10 @@ def evaluate(model, tok, samples: list, batch_size: int) -> dict:
     return out
 
 
-def run_arm(args, arm: str, tok, train_task, eval_samples: list, record: dict, save) -> None:
+def run_arm(args, arm: str, tok, train_task, eval_samples: list, record: dict, save, identity=None) -> None:
     """Train ``arm`` for ``args.steps`` steps; ``record`` gets the trained parameter count and the evaluation curve,
-    and ``save()`` runs after every evaluation (a run cut short keeps its curve so far)."""
+    and ``save()`` runs after every evaluation (a run cut short keeps its curve so far). ``identity``: (pooled-key
+    samples, the pool) for :func:`key_identity` at every evaluation too."""
     model = initial_model(args)
     torch.manual_seed(args.seed)
     if arm == "encoder2":
@@ -189,6 +244,8 @@ def run_arm(args, arm: str, tok, train_task, eval_samples: list, record: dict, s
     for step in range(args.steps + 1):
         if step % args.eval_every == 0:
             m = {"step": step, "seconds": round(time.time() - t0, 1), **evaluate(model, tok, eval_samples, args.batch)}
+            if identity is not None:
+                m.update(key_identity(model, tok, *identity, args.batch))
             m["train_retrieval_loss"] = float(np.mean(train_losses)) if train_losses else None
             train_losses = []
             curve.append(m)
@@ -218,11 +275,18 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
     for arm, r in result["arms"].items():
         steps = [m["step"] for m in r["curve"]]
-        axes[0].plot(steps, [m["asked_first"] for m in r["curve"]], marker="o", label=arm)
+        line = axes[0].plot(steps, [m["asked_first"] for m in r["curve"]], marker="o", label=arm)[0]
         axes[1].plot(steps, [m["retrieval_loss"] for m in r["curve"]], marker="o", label=arm)
+        if "landmark_key_id" in r["curve"][0]:
+            for key, style in (("landmark_key_id", "-"), ("query_key_id", ":")):
+                values = [m[key] for m in r["curve"]]
+                axes[2].plot(steps, values, style, color=line.get_color(), label=f"{arm}: {key.split('_')[0]}s")
+    axes[2].axhline(1 / KEY_POOL, color="grey", ls="--", lw=1)
+    axes[2].set(xlabel="step", ylabel="nearest other has the same key", ylim=(0, 1), title="key identity")
+    axes[2].legend(fontsize=7)
     axes[0].axhline(1 / result["num_keys"], color="grey", ls="--", lw=1, label="chance")
     axes[0].set(xlabel="step", ylabel="asked needle first", ylim=(0, 1), title=f"unseen {result['eval_haystack']}")
     axes[1].set(xlabel="step", ylabel="retrieval loss", title="retrieval loss (unseen haystack)")
@@ -274,6 +338,10 @@ def main() -> None:
     eval_samples = [
         eval_task.generate(args.length, depths[i % len(depths)], 10_000_000 + i) for i in range(args.eval_samples)
     ]
+    identity = None
+    if eval_task.key_format == "word" and not eval_task.vary:
+        with pooled_keys(KEY_POOL) as pool:
+            identity = [eval_task.generate(args.length, None, 20_000_000 + i) for i in range(args.eval_samples)], pool
     result = {
         "model": f"fresh {args.fresh}" if args.fresh else args.model,
         "length": args.length,
@@ -297,7 +365,7 @@ def main() -> None:
         plot(result, out.with_suffix(".png"))
 
     for arm in arms:
-        run_arm(args, arm, tok, train_task, eval_samples, result["arms"].setdefault(arm, {}), save)
+        run_arm(args, arm, tok, train_task, eval_samples, result["arms"].setdefault(arm, {}), save, identity)
     print("wrote", out)
 
 

@@ -127,3 +127,19 @@ def test_fresh_model_has_the_named_layout_and_its_seed():
     assert next(a.parameters()).dtype == torch.float32
     args.seed = 5
     assert not torch.equal(next(probe.initial_model(args).parameters()), next(a.parameters()))
+
+
+def test_key_identity_reads_the_nearest_neighbours_key():
+    x = torch.tensor([[1.0, 0.0], [1.1, 0.1], [0.0, 1.0], [0.1, 1.2]])
+    assert probe.same_key_neighbour(x, ["a", "a", "b", "b"]) == 1.0
+    assert probe.same_key_neighbour(x, ["a", "b", "a", "b"]) == 0.0
+    tok = ByteTokenizer()
+    task = make_task("niah_multikey", tok, num_keys=2)
+    with probe.pooled_keys(3) as pool:
+        pooled = [task.generate(512, 0.5, i) for i in range(4)]
+    assert all(sum(k in tok.decode(s.input_ids[a:b]) for k in pool) == 1 for s in pooled for a, b in s.needles)
+    fresh = task.generate(512, 0.5, 0)  # the word maker is restored
+    assert not any(k in tok.decode(fresh.input_ids[a:b]) for k in pool for a, b in fresh.needles)
+    model = small_model(**BYTES)
+    out = probe.key_identity(model, tok, pooled, pool, batch_size=2)
+    assert set(out) == {"landmark_key_id", "query_key_id"} and all(0 <= v <= 1 for v in out.values())
