@@ -24,8 +24,9 @@ Every ``--eval-every`` steps it scores fixed samples of an unseen haystack (defa
 chance 1 / keys), ``asked_in_topk`` (it is among the model's top-K visible chunks, as selection would read it)
 and the retrieval loss, beside the mean training retrieval loss since the last evaluation. And where the key is
 lost: on samples whose keys come from a pool of ``KEY_POOL`` words, how often the nearest other landmark of a
-needle's key chunk (``landmark_key_id``) and the nearest other query at an answer (``query_key_id``) have the same
-key (centred cosine; chance about 1 / ``KEY_POOL``). A match needs the key on both sides. Only the part below
+needle's key chunk (``landmark_key_id``), the nearest other query at an answer (``query_key_id``) and the nearest
+other hidden state at a needle key's last byte, the retrieval layer's input (``hidden_key_id``) have the same key
+(centred cosine; chance about 1 / ``KEY_POOL``). A match needs the key on both sides. Only the part below
 the retrieval layer runs (no LM head, no HSA). float32 on the CPU (about 3 s a step of 8 x 2K for ``encoder``,
 10 s for ``below``, on 2 cores) or ``--device cuda``. Writes JSON (per arm, the curve, rewritten at every
 evaluation) and a PNG beside it; ``--save-dir`` keeps each arm's model for `ramba eval tasks` (only the arm's
@@ -117,9 +118,10 @@ def trainable(model, arm: str) -> list[torch.nn.Parameter]:
     return params
 
 
-def queries_and_landmarks(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids [B, T]`` -> the first retrieval layer's queries ``q_r [B, T, R, Dr]`` and the landmarks ``[B, C, R,
-    Dr]`` it scores; runs only the layers up to it (under bf16 autocast on CUDA, as training does)."""
+def queries_and_landmarks(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``input_ids [B, T]`` -> the first retrieval layer's queries ``q_r [B, T, R, Dr]``, the landmarks ``[B, C, R,
+    Dr]`` it scores and its input ``hidden [B, T, d]``; runs only the layers up to it (under bf16 autocast on CUDA, as
+    training does)."""
     r = retrieval_index(model)
     cuda = input_ids.device.type == "cuda"
     with torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext():
@@ -127,13 +129,13 @@ def queries_and_landmarks(model, input_ids: torch.Tensor) -> tuple[torch.Tensor,
         ctx = LayerContext(positions=torch.arange(input_ids.shape[1], device=input_ids.device))
         for layer in model.model.layers[:r]:
             hidden, ctx = layer(hidden, ctx)
-        return model.model.layers[r].queries(hidden), ctx.memory.landmarks
+        return model.model.layers[r].queries(hidden), ctx.memory.landmarks, hidden
 
 
 def scores_and_loss(model, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids [B, T]``, ``targets [B, T, 2]`` -> the first retrieval layer's chunk scores ``[B, T, R, C]`` and
     its retrieval loss ``[]`` (both float32)."""
-    q_r, landmarks = queries_and_landmarks(model, input_ids)
+    q_r, landmarks, _ = queries_and_landmarks(model, input_ids)
     return chunk_scores(q_r, landmarks), retrieval_target_loss(q_r, landmarks, targets, model.config.chunk_size)
 
 
@@ -183,21 +185,25 @@ def same_key_neighbour(x: torch.Tensor, keys: list[str]) -> float:
 
 
 def key_identity(model, tok, samples: list, pool: list[str], batch_size: int) -> dict:
-    """``landmark_key_id`` and ``query_key_id`` (head 0) on pooled-key ``samples`` (see the module docstring)."""
+    """``landmark_key_id``, ``query_key_id`` (head 0) and ``hidden_key_id`` (the retrieval layer's input at each
+    needle key's last byte) on pooled-key ``samples`` (see the module docstring)."""
     S = model.config.chunk_size
-    landmarks, landmark_keys, queries, query_keys = [], [], [], []
+    landmarks, landmark_keys, queries, query_keys, at_keys, at_key_keys = [], [], [], [], [], []
     with torch.no_grad():
         for i in range(0, len(samples), batch_size):
             part = samples[i : i + batch_size]
             ids, targets = batch(part, tok, S, model.device)
-            q_r, lm = queries_and_landmarks(model, ids)
+            q_r, lm, hidden = queries_and_landmarks(model, ids)
             for b, s in enumerate(part):
                 needle_keys = []
                 for start, end in s.needles:
                     text = tok.decode(s.input_ids[start:end])
                     key = next(k for k in pool if k in text)  # byte tokens: characters are positions
                     needle_keys.append(key)
-                    c = (start + text.index(key) + len(key) - 1) // S  # the chunk of the key's last byte
+                    last = start + text.index(key) + len(key) - 1  # the key's last byte
+                    at_keys.append(hidden[b, last].float().cpu())
+                    at_key_keys.append(key)
+                    c = last // S
                     if c < lm.shape[1]:
                         landmarks.append(lm[b, c, 0].float().cpu())
                         landmark_keys.append(key)
@@ -207,6 +213,7 @@ def key_identity(model, tok, samples: list, pool: list[str], batch_size: int) ->
     return {
         "landmark_key_id": same_key_neighbour(torch.stack(landmarks), landmark_keys),
         "query_key_id": same_key_neighbour(torch.stack(queries), query_keys),
+        "hidden_key_id": same_key_neighbour(torch.stack(at_keys), at_key_keys),
     }
 
 
@@ -258,7 +265,8 @@ def run_arm(args, arm: str, tok, train_task, eval_samples: list, record: dict, s
             samples.append(train_task.generate(args.length, None, seed))
             seed += 1
         ids, targets = batch(samples, tok, model.config.chunk_size, args.device)
-        loss = retrieval_target_loss(*queries_and_landmarks(model, ids), targets, model.config.chunk_size)
+        q_r, landmarks, _ = queries_and_landmarks(model, ids)
+        loss = retrieval_target_loss(q_r, landmarks, targets, model.config.chunk_size)
         train_losses.append(loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -281,8 +289,8 @@ def plot(result: dict, path: Path) -> None:
         line = axes[0].plot(steps, [m["asked_first"] for m in r["curve"]], marker="o", label=arm)[0]
         axes[1].plot(steps, [m["retrieval_loss"] for m in r["curve"]], marker="o", label=arm)
         if "landmark_key_id" in r["curve"][0]:
-            for key, style in (("landmark_key_id", "-"), ("query_key_id", ":")):
-                values = [m[key] for m in r["curve"]]
+            for key, style in (("landmark_key_id", "-"), ("query_key_id", ":"), ("hidden_key_id", "--")):
+                values = [m.get(key) for m in r["curve"]]
                 axes[2].plot(steps, values, style, color=line.get_color(), label=f"{arm}: {key.split('_')[0]}s")
     axes[2].axhline(1 / KEY_POOL, color="grey", ls="--", lw=1)
     axes[2].set(xlabel="step", ylabel="nearest other has the same key", ylim=(0, 1), title="key identity")

@@ -142,4 +142,4 @@ def test_key_identity_reads_the_nearest_neighbours_key():
     assert not any(k in tok.decode(fresh.input_ids[a:b]) for k in pool for a, b in fresh.needles)
     model = small_model(**BYTES)
     out = probe.key_identity(model, tok, pooled, pool, batch_size=2)
-    assert set(out) == {"landmark_key_id", "query_key_id"} and all(0 <= v <= 1 for v in out.values())
+    assert set(out) == {"landmark_key_id", "query_key_id", "hidden_key_id"} and all(0 <= v <= 1 for v in out.values())
