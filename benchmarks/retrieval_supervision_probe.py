@@ -16,6 +16,8 @@ from the training haystacks:
 - ``below``: the query, the chunk encoder and every layer below the retrieval layer, embeddings included: is the
   key in the hidden states at all, at the needle and at the question?
 
+``--landmarks max`` asks a what-if of the layout: a chunk scores the best of its tokens' landmarks (the landmark
+projection applied to every token's encoder output, not only the summary token's), so a key's own token can match.
 ``--fresh PRESET[:key=value...]`` starts every arm from a freshly initialised model of that layout instead (with
 ``below``: can this layout learn the match from the retrieval loss alone, without features trained for the LM?).
 
@@ -54,7 +56,7 @@ from ramba.layers.attention import Attention, AttentionBlock
 from ramba.layers.base import LayerContext
 from ramba.model.loading import load_model
 from ramba.model.single_file import save_model_file
-from ramba.ops.retrieval import chunk_scores, retrieval_target_loss
+from ramba.ops.retrieval import chunk_scores, scores_target_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("query", "encoder", "encoder2", "below")
@@ -118,25 +120,52 @@ def trainable(model, arm: str) -> list[torch.nn.Parameter]:
     return params
 
 
-def queries_and_landmarks(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def queries_and_landmarks(
+    model, input_ids: torch.Tensor, token_landmarks: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``input_ids [B, T]`` -> the first retrieval layer's queries ``q_r [B, T, R, Dr]``, the landmarks ``[B, C, R,
     Dr]`` it scores and its input ``hidden [B, T, d]``; runs only the layers up to it (under bf16 autocast on CUDA, as
-    training does)."""
+    training does). ``token_landmarks``: instead of the chunk's landmark, the landmark projection of every token's
+    encoder output ``[B, C, S, R, Dr]`` (the ``--landmarks max`` what-if)."""
     r = retrieval_index(model)
+    encoder = chunk_encoders(model)[0]
+    outputs = []  # the encoder's normed outputs [B * C, S + 1, d]
+    hook = encoder.norm.register_forward_hook(lambda m, i, out: outputs.append(out)) if token_landmarks else None
     cuda = input_ids.device.type == "cuda"
-    with torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext():
-        hidden = model.model.embeddings(input_ids)
-        ctx = LayerContext(positions=torch.arange(input_ids.shape[1], device=input_ids.device))
-        for layer in model.model.layers[:r]:
-            hidden, ctx = layer(hidden, ctx)
-        return model.model.layers[r].queries(hidden), ctx.memory.landmarks, hidden
+    try:
+        with torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext():
+            hidden = model.model.embeddings(input_ids)
+            ctx = LayerContext(positions=torch.arange(input_ids.shape[1], device=input_ids.device))
+            for layer in model.model.layers[:r]:
+                hidden, ctx = layer(hidden, ctx)
+            landmarks = ctx.memory.landmarks
+            if token_landmarks:
+                B, C, R, Dr = landmarks.shape
+                landmarks = encoder.landmark_proj(outputs[0][:, :-1]).view(B, C, -1, R, Dr)
+            return model.model.layers[r].queries(hidden), landmarks, hidden
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
-def scores_and_loss(model, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_scores(q_r: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+    """Chunk scores ``[B, T, R, C]`` (float32): the model's (:func:`chunk_scores`) for chunk landmarks ``[B, C, R,
+    Dr]``; for token landmarks ``[B, C, S, R, Dr]`` a chunk scores its best token's ``q_r · landmark / sqrt(Dr)``."""
+    if landmarks.dim() == 4:
+        return chunk_scores(q_r, landmarks)
+    with torch.autocast(q_r.device.type, enabled=False):
+        products = torch.einsum("btrd,bcsrd->btrcs", q_r.float(), landmarks.float())
+    return products.amax(-1) / q_r.shape[-1] ** 0.5
+
+
+def scores_and_loss(
+    model, input_ids: torch.Tensor, targets: torch.Tensor, token_landmarks: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids [B, T]``, ``targets [B, T, 2]`` -> the first retrieval layer's chunk scores ``[B, T, R, C]`` and
-    its retrieval loss ``[]`` (both float32)."""
-    q_r, landmarks, _ = queries_and_landmarks(model, input_ids)
-    return chunk_scores(q_r, landmarks), retrieval_target_loss(q_r, landmarks, targets, model.config.chunk_size)
+    its retrieval loss ``[]`` (both float32; see :func:`queries_and_landmarks` for ``token_landmarks``)."""
+    q_r, landmarks, _ = queries_and_landmarks(model, input_ids, token_landmarks)
+    scores = probe_scores(q_r, landmarks)
+    return scores, scores_target_loss(scores, targets, model.config.chunk_size)
 
 
 def batch(samples: list, tok, chunk_size: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +213,7 @@ def same_key_neighbour(x: torch.Tensor, keys: list[str]) -> float:
     return float(np.mean([keys[j] == keys[i] for i, j in enumerate(sim.argmax(1).tolist())]))
 
 
-def key_identity(model, tok, samples: list, pool: list[str], batch_size: int) -> dict:
+def key_identity(model, tok, samples: list, pool: list[str], batch_size: int, token_landmarks: bool = False) -> dict:
     """``landmark_key_id``, ``query_key_id`` (head 0) and ``hidden_key_id`` (the retrieval layer's input at each
     needle key's last byte) on pooled-key ``samples`` (see the module docstring)."""
     S = model.config.chunk_size
@@ -193,7 +222,7 @@ def key_identity(model, tok, samples: list, pool: list[str], batch_size: int) ->
         for i in range(0, len(samples), batch_size):
             part = samples[i : i + batch_size]
             ids, targets = batch(part, tok, S, model.device)
-            q_r, lm, hidden = queries_and_landmarks(model, ids)
+            q_r, lm, hidden = queries_and_landmarks(model, ids, token_landmarks)
             for b, s in enumerate(part):
                 needle_keys = []
                 for start, end in s.needles:
@@ -204,8 +233,8 @@ def key_identity(model, tok, samples: list, pool: list[str], batch_size: int) ->
                     at_keys.append(hidden[b, last].float().cpu())
                     at_key_keys.append(key)
                     c = last // S
-                    if c < lm.shape[1]:
-                        landmarks.append(lm[b, c, 0].float().cpu())
+                    if c < lm.shape[1]:  # the chunk's landmark, or the token landmark of the key's last byte
+                        landmarks.append((lm[b, c, last % S] if token_landmarks else lm[b, c])[0].float().cpu())
                         landmark_keys.append(key)
                 for p in torch.nonzero(targets[b, :, 0] >= 0).flatten().tolist()[:1]:
                     queries.append(q_r[b, p, 0].float().cpu())
@@ -217,7 +246,7 @@ def key_identity(model, tok, samples: list, pool: list[str], batch_size: int) ->
     }
 
 
-def evaluate(model, tok, samples: list, batch_size: int) -> dict:
+def evaluate(model, tok, samples: list, batch_size: int, token_landmarks: bool = False) -> dict:
     """Mean ``asked_first``, ``asked_in_topk`` and retrieval loss over ``samples`` (no gradients)."""
     c = model.config
     rows, losses = [], []
@@ -225,7 +254,7 @@ def evaluate(model, tok, samples: list, batch_size: int) -> dict:
         for i in range(0, len(samples), batch_size):
             part = samples[i : i + batch_size]
             ids, targets = batch(part, tok, c.chunk_size, model.device)
-            scores, loss = scores_and_loss(model, ids, targets)
+            scores, loss = scores_and_loss(model, ids, targets, token_landmarks)
             rows.append((needle_metrics(scores.cpu(), part, targets.cpu(), c.chunk_size, c.topk), len(part)))
             losses.append((float(loss), len(part)))
     n = sum(k for _, k in rows)
@@ -240,6 +269,7 @@ def run_arm(args, arm: str, tok, train_task, eval_samples: list, record: dict, s
     samples, the pool) for :func:`key_identity` at every evaluation too."""
     model = initial_model(args)
     torch.manual_seed(args.seed)
+    tokens = args.landmarks == "max"
     if arm == "encoder2":
         add_encoder_layer(model)
     params = trainable(model, arm)
@@ -250,9 +280,13 @@ def run_arm(args, arm: str, tok, train_task, eval_samples: list, record: dict, s
     t0 = time.time()
     for step in range(args.steps + 1):
         if step % args.eval_every == 0:
-            m = {"step": step, "seconds": round(time.time() - t0, 1), **evaluate(model, tok, eval_samples, args.batch)}
+            m = {
+                "step": step,
+                "seconds": round(time.time() - t0, 1),
+                **evaluate(model, tok, eval_samples, args.batch, tokens),
+            }
             if identity is not None:
-                m.update(key_identity(model, tok, *identity, args.batch))
+                m.update(key_identity(model, tok, *identity, args.batch, tokens))
             m["train_retrieval_loss"] = float(np.mean(train_losses)) if train_losses else None
             train_losses = []
             curve.append(m)
@@ -265,8 +299,7 @@ def run_arm(args, arm: str, tok, train_task, eval_samples: list, record: dict, s
             samples.append(train_task.generate(args.length, None, seed))
             seed += 1
         ids, targets = batch(samples, tok, model.config.chunk_size, args.device)
-        q_r, landmarks, _ = queries_and_landmarks(model, ids)
-        loss = retrieval_target_loss(q_r, landmarks, targets, model.config.chunk_size)
+        _, loss = scores_and_loss(model, ids, targets, tokens)
         train_losses.append(loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -321,6 +354,13 @@ def main() -> None:
     ap.add_argument(
         "--task", default="niah_multikey", help="a task spec (4 keys unless it says), e.g. niah_multikey:phrasing=1"
     )
+    ap.add_argument(
+        "--landmarks",
+        default="cls",
+        choices=("cls", "max"),
+        help="cls: the model's chunk landmarks; max: a what-if, a chunk scores its best token (the landmark projection "
+        "of every token's encoder output), not what the model does",
+    )
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=300)
@@ -357,6 +397,7 @@ def main() -> None:
         "num_keys": params["num_keys"],
         "batch": args.batch,
         "lr": args.lr,
+        "landmarks": args.landmarks,
         "train_haystacks": args.train_haystacks,
         "eval_haystack": Path(args.eval_haystack).name,
         "date": time.strftime("%Y-%m-%d"),

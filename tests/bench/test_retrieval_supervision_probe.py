@@ -100,6 +100,7 @@ def test_run_arm_trains_its_part_and_records_every_evaluation(tmp_path):
     args = argparse.Namespace(
         model=str(path),
         fresh="",
+        landmarks="cls",
         device="cpu",
         seed=0,
         lr=1e-2,
@@ -143,3 +144,21 @@ def test_key_identity_reads_the_nearest_neighbours_key():
     model = small_model(**BYTES)
     out = probe.key_identity(model, tok, pooled, pool, batch_size=2)
     assert set(out) == {"landmark_key_id", "query_key_id", "hidden_key_id"} and all(0 <= v <= 1 for v in out.values())
+
+
+def test_token_landmarks_what_if():
+    """--landmarks max: every token's landmark, [B, C, S, R, Dr]; a chunk whose tokens all had its own landmark
+    would score as the model scores it; the loss trains the encoder's landmark projection; no hook is left behind."""
+    tok, batch = samples(2, seed=13)
+    model = small_model(**BYTES)
+    ids, targets = probe.batch(batch, tok, model.config.chunk_size)
+    q_r, chunk_landmarks, _ = probe.queries_and_landmarks(model, ids)
+    _, token_landmarks, _ = probe.queries_and_landmarks(model, ids, token_landmarks=True)
+    B, C, R, Dr = chunk_landmarks.shape
+    assert token_landmarks.shape == (B, C, model.config.chunk_size, R, Dr)
+    assert not probe.chunk_encoders(model)[0].norm._forward_hooks
+    same = chunk_landmarks[:, :, None].expand(B, C, 3, R, Dr)
+    torch.testing.assert_close(probe.probe_scores(q_r, same), probe.chunk_scores(q_r, chunk_landmarks))
+    _, loss = probe.scores_and_loss(model, ids, targets, token_landmarks=True)
+    loss.backward()
+    assert probe.chunk_encoders(model)[0].landmark_proj.weight.grad.abs().sum() > 0

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ramba.ops.retrieval import retrieval_target_loss
+from ramba.ops.retrieval import retrieval_target_loss, scores_target_loss
 
 
 def _reference(q_r, landmarks, targets, S):
@@ -91,3 +91,30 @@ def test_autocast_leaves_the_scores_in_float32():
     torch.testing.assert_close(cast, plain, rtol=0, atol=0)
     for got, want in zip(torch.autograd.grad(cast, (q, lm)), grads):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_from_any_scores():
+    """scores_target_loss on scores that are no single product (the max over a chunk's 4 token landmarks) equals
+    the loop on those scores, values and gradients."""
+    q, lm, targets = _inputs(7, 2, 48, 2, 8, 8, 12)
+    tokens = torch.randn(2, lm.shape[1], 4, 2, 8, dtype=torch.float64, requires_grad=True)  # [B, C, 4, R, Dr]
+    scores = torch.einsum("btrd,bcsrd->btrcs", q, tokens).amax(-1) / math.sqrt(8)
+    got = scores_target_loss(scores, targets, 8)
+    terms = []
+    for b in range(2):
+        for t in range(48):
+            lo, hi = targets[b, t].tolist()
+            visible = [c for c in range(lm.shape[1]) if (c + 1) * 8 <= t]
+            wanted = [c for c in visible if lo <= c <= hi]
+            if lo >= 0 and wanted:
+                for r in range(2):
+                    p = torch.softmax(scores[b, t, r, visible], 0)
+                    terms.append(-torch.log(p[[visible.index(c) for c in wanted]].sum()))
+    want = torch.stack(terms).mean()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        torch.autograd.grad(got, tokens, retain_graph=True)[0],
+        torch.autograd.grad(want, tokens)[0],
+        rtol=1e-9,
+        atol=1e-12,
+    )

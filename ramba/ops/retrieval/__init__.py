@@ -2,7 +2,8 @@
 
 ``select_chunks`` runs the streaming implementation (memory O(T·K), any device);
 ``select_chunks_naive`` is its readable reference, ``chunk_scores`` the scores it ranks,
-``retrieval_target_loss`` the training loss on them (docs/design.md §6).
+``retrieval_target_loss`` the training loss on them (docs/design.md §6), ``scores_target_loss`` the same loss
+from any chunk scores.
 ``stick_breaking_weights`` and ``softmax_weights`` are the slot-weight normalisers, shared with the
 model's layers.
 """
@@ -11,6 +12,7 @@ from ramba.ops.retrieval.naive import (
     NORMS,
     chunk_scores,
     retrieval_target_loss,
+    scores_target_loss,
     select_chunks_naive,
     softmax_weights,
     stick_breaking_weights,
@@ -22,6 +24,7 @@ __all__ = [
     "select_chunks_naive",
     "chunk_scores",
     "retrieval_target_loss",
+    "scores_target_loss",
     "stick_breaking_weights",
     "softmax_weights",
     "NORMS",

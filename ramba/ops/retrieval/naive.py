@@ -140,12 +140,16 @@ def retrieval_target_loss(
     int (``-1``: none) -> ``[]`` float32 (float64 for float64 inputs); 0, with zero gradients, when no position
     has a visible target. No host sync (CUDA-graph safe)."""
     B, T, R, _ = q_r.shape
-    C = landmarks.shape[1]
     if targets.shape != (B, T, 2):
         raise ValueError(f"retrieval_target_loss: targets must be [B={B}, T={T}, 2], got {tuple(targets.shape)}")
-    scores = chunk_scores(q_r, landmarks)  # [B, T, R, C]
-    c = torch.arange(C, device=q_r.device)
-    visible = ((c + 1) * chunk_size <= torch.arange(T, device=q_r.device)[:, None])[None]  # [1, T, C]
+    return scores_target_loss(chunk_scores(q_r, landmarks), targets, chunk_size)
+
+
+def scores_target_loss(scores: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """:func:`retrieval_target_loss` from given chunk scores ``[B, T, R, C]`` (however they were computed)."""
+    B, T, R, C = scores.shape
+    c = torch.arange(C, device=scores.device)
+    visible = ((c + 1) * chunk_size <= torch.arange(T, device=scores.device)[:, None])[None]  # [1, T, C]
     lo, hi = targets[..., :1], targets[..., 1:]
     positive = (c >= lo) & (c <= hi) & visible  # [B, T, C]
     has = positive.any(-1)  # [B, T]
