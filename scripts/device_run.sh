@@ -51,12 +51,14 @@
 #   disk-tier[:LENGTH[:BUDGET]]
 #                issue 16: the same passkey at LENGTH (default 128m), depth 0.5, with the disk tier (--offload-dir
 #                /tmp/ramba-disk, --host-budget BUDGET, default 8g), then bench_inference.py at LENGTH with the same
-#   retrieval-probe[:STEPS[:ARMS[:SECONDS[:LR[:TASK[:FRESH]]]]]]
+#   retrieval-probe[:STEPS[:ARMS[:SECONDS[:LR[:LANDMARKS[:TASK[:FRESH]]]]]]]
 #                issue 22: benchmarks/retrieval_supervision_probe.py on the GPU (run corpus first): the retrieval loss alone
 #                trains one part of the shipped model (ARMS, default encoder,below; STEPS default 3000, 32 x 2K a step,
-#                evaluated every STEPS/20) at LR (default 1e-3) on TASK (default niah_multikey), bounded by SECONDS
+#                evaluated every STEPS/20) at LR (default 1e-3) with the probe's --landmarks LANDMARKS (cls, the default,
+#                or max) on TASK (default niah_multikey), bounded by SECONDS
 #                (default 500); FRESH (e.g. tiny/chunk_size=32): from a fresh model of that layout instead; TASK and
-#                FRESH write their colons as '/'; retrieval_supervision_probe_gpu[-lrLR][-TASK][-fresh-FRESH].json/.png
+#                FRESH write their colons as '/';
+#                retrieval_supervision_probe_gpu[-lrLR][-TASK][-fresh-FRESH][-landmarks-LANDMARKS].json/.png
 #   save-cache   the Triton kernel cache as $OUT/triton-cache.tgz.part-* (copy them into .carry/ for the
 #                next fresh machine: the kernels of the last run then need no compiling or autotuning)
 #   corpus[:NAME] unpack the corpora carried in .carry/corpus/ (only NAME's) and prepare their token files under data/
@@ -385,15 +387,17 @@ EOF
             (cd "$OUT" && shopt -s nullglob && files=($globs) &&  # nothing matched: nothing to pack
                 { [ ${#files[@]} -eq 0 ] || { tar -czf "$stem.tgz" "${files[@]}" && rm -f "${files[@]}"; }; }) ;;
         retrieval-probe)
-            local arms lr task fresh stem=retrieval_supervision_probe_gpu
-            IFS=: read -r _ steps arms seconds lr task fresh <<<"$1"
+            local arms lr landmarks task fresh stem=retrieval_supervision_probe_gpu
+            IFS=: read -r _ steps arms seconds lr landmarks task fresh <<<"$1"
             steps=${steps:-3000} task=${task//\//:} fresh=${fresh//\//:}
             [ -z "$lr" ] || stem+=-lr$lr
             [ -z "$task" ] || stem+=-$(tr ':=,' '---' <<<"$task")
             [ -z "$fresh" ] || stem+=-fresh-$(tr ':=,' '---' <<<"$fresh")
+            [ -z "$landmarks" ] || stem+=-landmarks-$landmarks
             timeout -k 30 "${seconds:-500}" python3 benchmarks/retrieval_supervision_probe.py --device cuda --steps "$steps" \
                 --arms "${arms:-encoder,below}" --batch 32 --eval-every $((steps / 20 > 0 ? steps / 20 : 1)) \
-                --lr "${lr:-1e-3}" --task "${task:-niah_multikey}" ${fresh:+--fresh "$fresh"} --out "$OUT/$stem.json" ;;
+                --lr "${lr:-1e-3}" --task "${task:-niah_multikey}" ${fresh:+--fresh "$fresh"} \
+                --landmarks "${landmarks:-cls}" --out "$OUT/$stem.json" ;;
         save-cache) tar -czf - -C "$TRITON_CACHE_DIR" . | split -b 15000000 - "$OUT/triton-cache.tgz.part-" && ls -la "$OUT" ;;
         *) echo "unknown section: $name"; return 2 ;;
     esac
