@@ -324,7 +324,7 @@ def plot(result: dict, path: Path) -> None:
         if "landmark_key_id" in r["curve"][0]:
             for key, style in (("landmark_key_id", "-"), ("query_key_id", ":"), ("hidden_key_id", "--")):
                 values = [m.get(key) for m in r["curve"]]
-                axes[2].plot(steps, values, style, color=line.get_color(), label=f"{arm}: {key.split('_')[0]}s")
+                axes[2].plot(steps, values, style, color=line.get_color(), label=f"{arm}: {key.split('_')[0]}")
     axes[2].axhline(1 / KEY_POOL, color="grey", ls="--", lw=1)
     axes[2].set(xlabel="step", ylabel="nearest other has the same key", ylim=(0, 1), title="key identity")
     axes[2].legend(fontsize=7)
@@ -334,7 +334,7 @@ def plot(result: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(
         f"retrieval loss alone, one part trained ({result['model']}, {result.get('task', 'niah_multikey')}, "
-        f"{result['length']} tokens)",
+        f"{result['length']} tokens, landmarks {result.get('landmarks', 'cls')}, lr {result['lr']:g})",
         fontsize=10,
     )
     fig.tight_layout()
