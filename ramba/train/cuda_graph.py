@@ -33,8 +33,9 @@ class GraphedLoss:
 
     Args:
         loss_fn: ``(*inputs) -> loss []``, or a tuple ``(loss, *more)`` whose first tensor is differentiated and the
-            rest returned beside it (parts of the loss to log, detached). It must be capturable: no device-to-host syncs, no shapes that depend on
-            the data, the same kernels on every call. Run autocast with ``cache_enabled=False`` inside it.
+            rest returned beside it (parts of the loss to log, detached). It must be capturable: no device-to-host
+            syncs, no shapes that depend on the data, the same kernels on every call. Run autocast with
+            ``cache_enabled=False`` inside it.
         params: the parameters to differentiate. Their ``.grad`` tensors must stay the ones captured: zero them
             with ``optimizer.zero_grad(set_to_none=False)``, never set them to None.
         warmup: eager calls on a side stream before the capture (Triton autotuning and torch.compile happen
@@ -45,7 +46,12 @@ class GraphedLoss:
     ``loss_fn`` returns (detached), overwritten by the next call (clone it to keep it).
     """
 
-    def __init__(self, loss_fn: Callable[..., torch.Tensor], params: Iterable[torch.nn.Parameter], warmup: int = 2):
+    def __init__(
+        self,
+        loss_fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+        params: Iterable[torch.nn.Parameter],
+        warmup: int = 2,
+    ):
         if not isinstance(warmup, int) or warmup < 1:
             raise ValueError(
                 f"GraphedLoss: warmup must be a positive int (Triton and torch.compile must run before the "

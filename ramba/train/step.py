@@ -3,8 +3,8 @@
 :class:`TrainStep` runs a step's micro-batches (forward under autocast, backward; DDP's ``no_sync`` on all
 but the last; or forward and backward replayed from one CUDA graph), clips the global gradient norm, sets
 the learning rate of the step and steps the optimizer, without a device-to-host sync: the loss, its retrieval
-part and the gradient norm come back as device tensors (:class:`StepResult`), read when the caller logs. :func:`make_optimizer` chooses AdamW's
-implementation in one place.
+part and the gradient norm come back as device tensors (:class:`StepResult`), read when the caller logs.
+:func:`make_optimizer` chooses AdamW's implementation in one place.
 """
 
 from __future__ import annotations
@@ -129,8 +129,11 @@ class TrainStep:
             token = self.loss_average == "token"
             out = self.model(input_ids=ids, labels=labels if token else None, retrieval_targets=retrieval_targets)
             loss = out.loss if token else sequence_mean_loss(out.logits, labels)
-            retrieval = out.retrieval_loss if retrieval_targets is not None else loss.new_zeros(())
-            loss = loss + self.retrieval_loss * retrieval
+            if retrieval_targets is None:
+                retrieval = loss.new_zeros(())
+            else:
+                retrieval = out.retrieval_loss
+                loss = loss + self.retrieval_loss * retrieval
         return loss / self.grad_accum, retrieval.detach() / self.grad_accum
 
     def __call__(self, micro_batches: Iterable[tuple[torch.Tensor, ...]], lr: float) -> StepResult:
