@@ -1,8 +1,8 @@
 """Can a model's retrieval learn the key-to-needle match when told it directly? A diagnosis of multi-key (issue 22).
 
 Usage: python benchmarks/retrieval_supervision_probe.py [--model tiny-ruler | --fresh tiny:chunk_size=32]
-       [--arms query,encoder,below] [--task niah_multikey] [--steps 300] [--length 2048] [--batch 8] [--lr 1e-3]
-       [--device cpu] [--out PATH]
+       [--arms query,encoder,below] [--task niah_multikey] [--landmarks cls|max] [--steps 300] [--length 2048]
+       [--batch 8] [--lr 1e-3] [--device cpu] [--out PATH]
 
 From a trained model, each arm trains one part of the model with the retrieval loss alone (docs/design.md §6: at
 the token that predicts an answer's first character, the cross-entropy of the first retrieval layer's chunk scores
