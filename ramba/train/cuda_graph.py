@@ -32,26 +32,19 @@ class GraphedLoss:
     """``loss_fn(*inputs)`` and its backward into the parameters' ``.grad``, as one CUDA graph.
 
     Args:
-        loss_fn: ``(*inputs) -> loss []``, or a tuple ``(loss, *more)`` whose first tensor is differentiated and the
-            rest returned beside it (parts of the loss to log, detached). It must be capturable: no device-to-host
-            syncs, no shapes that depend on the data, the same kernels on every call. Run autocast with
-            ``cache_enabled=False`` inside it.
+        loss_fn: ``(*inputs) -> loss []``. It must be capturable: no device-to-host syncs, no shapes that depend on
+            the data, the same kernels on every call. Run autocast with ``cache_enabled=False`` inside it.
         params: the parameters to differentiate. Their ``.grad`` tensors must stay the ones captured: zero them
             with ``optimizer.zero_grad(set_to_none=False)``, never set them to None.
         warmup: eager calls on a side stream before the capture (Triton autotuning and torch.compile happen
             there). Their gradients are taken back out.
 
     The first call captures the graph for its inputs' shapes and dtypes; every call takes inputs of those
-    shapes and dtypes, adds this batch's gradients to ``.grad`` (as ``loss.backward()`` would) and returns what
-    ``loss_fn`` returns (detached), overwritten by the next call (clone it to keep it).
+    shapes and dtypes, adds this batch's gradients to ``.grad`` (as ``loss.backward()`` would) and returns the
+    loss: one tensor, overwritten by the next call (clone it to keep it).
     """
 
-    def __init__(
-        self,
-        loss_fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
-        params: Iterable[torch.nn.Parameter],
-        warmup: int = 2,
-    ):
+    def __init__(self, loss_fn: Callable[..., torch.Tensor], params: Iterable[torch.nn.Parameter], warmup: int = 2):
         if not isinstance(warmup, int) or warmup < 1:
             raise ValueError(
                 f"GraphedLoss: warmup must be a positive int (Triton and torch.compile must run before the "
@@ -62,12 +55,11 @@ class GraphedLoss:
         self.warmup = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_inputs: list[torch.Tensor] = []
-        self.static_out: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+        self.static_loss: torch.Tensor | None = None
         self.grads: list[torch.Tensor | None] = []
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """``inputs`` (tensors of the captured shapes and dtypes) -> ``loss []`` (or ``loss_fn``'s tuple); gradients
-        added to ``.grad``."""
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs`` (tensors of the captured shapes and dtypes) -> ``loss []``; gradients added to ``.grad``."""
         if self.graph is None:
             self._capture(inputs)
         else:
@@ -75,7 +67,7 @@ class GraphedLoss:
             for static, x in zip(self.static_inputs, inputs):
                 static.copy_(x)
         self.graph.replay()
-        return self.static_out
+        return self.static_loss
 
     def _check(self, inputs: tuple[torch.Tensor, ...]) -> None:
         got = [(tuple(x.shape), x.dtype, x.device) for x in inputs]
@@ -106,7 +98,7 @@ class GraphedLoss:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                _first(self.loss_fn(*self.static_inputs)).backward()
+                self.loss_fn(*self.static_inputs).backward()
         torch.cuda.current_stream(device).wait_stream(side)
         # the warmup's activations sit in the allocator's cache; the graph takes its own pool: hand them back
         torch.cuda.empty_cache()
@@ -120,11 +112,6 @@ class GraphedLoss:
         self.grads = [p.grad for p in self.params]
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            out = self.loss_fn(*self.static_inputs)
-            _first(out).backward()
-        self.static_out = tuple(t.detach() for t in out) if isinstance(out, tuple) else out.detach()
-
-
-def _first(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The loss to differentiate: ``out`` itself or its first tensor."""
-    return out[0] if isinstance(out, tuple) else out
+            loss = self.loss_fn(*self.static_inputs)
+            loss.backward()
+        self.static_loss = loss.detach()

@@ -48,7 +48,7 @@ from ramba.train.evaluate import eval_loss, eval_task
 from ramba.train.flops import flops_per_token, peak_flops
 from ramba.train.lock import RunLock
 from ramba.train.schedule import WarmupCosine
-from ramba.train.step import StepResult, TrainStep, make_optimizer
+from ramba.train.step import TrainStep, make_optimizer
 
 __all__ = ["train", "build_model", "build_data"]
 
@@ -444,22 +444,19 @@ class Trainer:
             self.info.is_main,
         )
 
-    def metrics(self, result: StepResult, seconds: float, steps: int) -> dict:
-        """The logged metrics of the last step (loss, its retrieval part when trained with one, lr, gradient norm)
-        and of the last ``steps`` steps (rates)."""
-        loss_val = all_reduce_mean(result.loss).item()
+    def metrics(self, loss: torch.Tensor, grad_norm: torch.Tensor, seconds: float, steps: int) -> dict:
+        """The logged metrics of the last step (loss, lr, gradient norm) and of the last ``steps`` steps (rates)."""
+        loss_val = all_reduce_mean(loss).item()
         if not math.isfinite(loss_val):
             raise FloatingPointError(f"step {self.step}: loss is {loss_val}; lower optim.lr or check the data")
         tokens_per_s = steps * self.sampler.examples_per_step * self.cfg.data.seq_len / max(seconds, 1e-9)
         out = {
             "loss": loss_val,
             "lr": self.schedule(self.step - 1),
-            "grad_norm": float(result.grad_norm),
+            "grad_norm": float(grad_norm),
             "tokens_per_s": tokens_per_s,
             "tokens": self.examples * self.cfg.data.seq_len,
         }
-        if result.retrieval_loss is not None:
-            out["retrieval_loss"] = all_reduce_mean(result.retrieval_loss).item()
         if self.peak_flops is not None:  # model FLOPs utilisation against the data sheet's bf16 peak of every GPU
             out["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.info.world_size)
         return out
@@ -509,7 +506,7 @@ class Trainer:
                     micro = [
                         [t.to(info.device, non_blocking=True) for t in next(batches)] for _ in range(cfg.grad_accum)
                     ]
-                    result = self.train_step(micro, self.schedule(self.step))
+                    loss, grad_norm = self.train_step(micro, self.schedule(self.step))
                     self.step, window = self.step + 1, window + 1
                     self.examples += self.sampler.examples_per_step
                     bar.update(1)
@@ -522,7 +519,7 @@ class Trainer:
                         continue
                     timer.stop()
                     if logging_now:
-                        last, window = self.metrics(result, timer.read(), window), 0
+                        last, window = self.metrics(loss, grad_norm, timer.read(), window), 0
                         if info.is_main:
                             log.write(self.step, last)
                             bar.set_postfix(

@@ -2,16 +2,15 @@
 
 :class:`TrainStep` runs a step's micro-batches (forward under autocast, backward; DDP's ``no_sync`` on all
 but the last; or forward and backward replayed from one CUDA graph), clips the global gradient norm, sets
-the learning rate of the step and steps the optimizer, without a device-to-host sync: the loss, its retrieval
-part and the gradient norm come back as device tensors (:class:`StepResult`), read when the caller logs.
-:func:`make_optimizer` chooses AdamW's implementation in one place.
+the learning rate of the step and steps the optimizer, without a device-to-host sync: the loss and the
+gradient norm come back as device tensors, read when the caller logs. :func:`make_optimizer` chooses AdamW's
+implementation in one place.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,7 @@ from torch import nn
 
 from ramba.train.cuda_graph import GraphedLoss
 
-__all__ = ["TrainStep", "StepResult", "make_optimizer", "sequence_mean_loss", "LOSS_AVERAGES"]
+__all__ = ["TrainStep", "make_optimizer", "sequence_mean_loss", "LOSS_AVERAGES"]
 
 LOSS_AVERAGES = ("token", "sequence")
 
@@ -52,18 +51,8 @@ def sequence_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return per_sequence.sum() / (counts > 0).sum().clamp_min(1)
 
 
-class StepResult(NamedTuple):
-    """One step's device tensors: ``loss []`` (the step's mean loss, its retrieval part included), ``grad_norm []``
-    (before clipping) and ``retrieval_loss []`` (the step's mean of the model's retrieval loss, unweighted; None
-    without a ``retrieval_loss`` weight)."""
-
-    loss: torch.Tensor
-    grad_norm: torch.Tensor
-    retrieval_loss: torch.Tensor | None = None
-
-
 class TrainStep:
-    """``step(micro_batches, lr) -> StepResult``: one optimizer step over ``micro_batches``, an
+    """``step(micro_batches, lr) -> (loss [], grad_norm [])``: one optimizer step over ``micro_batches``, an
     iterable of ``(input_ids [B, T], labels [B, T])``, or ``(input_ids, labels, retrieval_targets [B, T, 2])``
     with a ``retrieval_loss`` weight, already on the model's device.
 
@@ -80,8 +69,7 @@ class TrainStep:
         retrieval_loss: the weight of the model's retrieval loss (docs/design.md §6) added to the LM loss; the
             micro-batches then carry ``retrieval_targets``.
 
-    The returned loss is the sum of the scaled micro-batch losses (the step's mean loss), as a device tensor;
-    the retrieval loss likewise.
+    The returned loss is the sum of the scaled micro-batch losses (the step's mean loss), as a device tensor.
     """
 
     def __init__(
@@ -113,9 +101,8 @@ class TrainStep:
 
     def micro_loss(
         self, ids: torch.Tensor, labels: torch.Tensor, retrieval_targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One micro-batch's loss and its model's retrieval loss (0 without targets), each divided by
-        ``grad_accum`` ``[]``; the first is differentiated."""
+    ) -> torch.Tensor:
+        """One micro-batch's loss divided by ``grad_accum`` ``[]``."""
         autocast = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=self._autocast_cache)
             if self.autocast_dtype is not None
@@ -129,27 +116,24 @@ class TrainStep:
             token = self.loss_average == "token"
             out = self.model(input_ids=ids, labels=labels if token else None, retrieval_targets=retrieval_targets)
             loss = out.loss if token else sequence_mean_loss(out.logits, labels)
-            if retrieval_targets is None:
-                retrieval = loss.new_zeros(())
-            else:
-                retrieval = out.retrieval_loss
-                loss = loss + self.retrieval_loss * retrieval
-        return loss / self.grad_accum, retrieval.detach() / self.grad_accum
+            if retrieval_targets is not None:
+                loss = loss + self.retrieval_loss * out.retrieval_loss
+        return loss / self.grad_accum
 
-    def __call__(self, micro_batches: Iterable[tuple[torch.Tensor, ...]], lr: float) -> StepResult:
+    def __call__(
+        self, micro_batches: Iterable[tuple[torch.Tensor, ...]], lr: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         loss_sum = torch.zeros((), device=self.device)
-        retrieval_sum = torch.zeros((), device=self.device)
         n = 0
         for n, batch in enumerate(micro_batches, start=1):
             if self.graphed is not None:
-                loss, retrieval = self.graphed(*batch)
+                loss = self.graphed(*batch)
             else:
                 last = n == self.grad_accum or not hasattr(self.model, "no_sync")
                 with contextlib.nullcontext() if last else self.model.no_sync():
-                    loss, retrieval = self.micro_loss(*batch)
+                    loss = self.micro_loss(*batch)
                 loss.backward()
             loss_sum += loss.detach().float()
-            retrieval_sum += retrieval.float()
         if n != self.grad_accum:
             raise ValueError(f"TrainStep: expected {self.grad_accum} micro-batches, got {n}")
         grad_norm = self._clip()
@@ -158,7 +142,7 @@ class TrainStep:
         self.optimizer.step()
         # a CUDA graph writes the .grad tensors it captured: zero them, keep them
         self.optimizer.zero_grad(set_to_none=self.graphed is None)
-        return StepResult(loss_sum, grad_norm, retrieval_sum if self.retrieval_loss else None)
+        return loss_sum, grad_norm
 
     def _clip(self) -> torch.Tensor:
         if self.grad_clip > 0:

@@ -108,17 +108,13 @@ def test_sequence_average_trains(config_dict, tmp_path):
 
 
 def test_retrieval_loss_trains_on_task_targets(config_dict, tmp_path):
-    """A run with a task source and retrieval_loss > 0 trains (the step gets retrieval targets) and logs the
-    retrieval loss beside the total; a model without a retrieval layer is refused with one line."""
+    """A run with a task source and retrieval_loss > 0 trains (the step gets retrieval targets); a model without
+    a retrieval layer is refused with one line."""
     config_dict["data"]["sources"].append({"task": "niah_multikey", "weight": 1.0})
     config_dict.update(max_steps=2, retrieval_loss=1.0)
     config_dict["data"]["seq_len"] = 512
     config_dict["micro_batch"] = 2
     assert all(np.isfinite(v) for v in losses_of(config_dict, tmp_path / "rl").values())
-    logged = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in logged if "loss" in r]
-    assert steps and all(0 <= r["retrieval_loss"] < r["loss"] for r in steps)
-    assert any(r["retrieval_loss"] > 0 for r in steps)
     config_dict["model"]["overrides"]["architecture"] = "mamba2"
     with pytest.raises(ConfigError, match="'retrieval_loss': the model .architecture 'mamba2'. has no retrieval layer"):
         train(config_from_dict({**config_dict, "out_dir": str(tmp_path / "rl-mamba2")}))

@@ -147,7 +147,7 @@ def retrieval_target_loss(
 
 def scores_target_loss(scores: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """:func:`retrieval_target_loss` from given chunk scores ``[B, T, R, C]`` (however they were computed)."""
-    B, T, R, C = scores.shape
+    _, T, R, C = scores.shape
     c = torch.arange(C, device=scores.device)
     visible = ((c + 1) * chunk_size <= torch.arange(T, device=scores.device)[:, None])[None]  # [1, T, C]
     lo, hi = targets[..., :1], targets[..., 1:]
